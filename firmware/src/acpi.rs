@@ -1,0 +1,318 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), DSDT and MADT.
+//!
+//! The tables are laid out one after another from [`RSDP_START`] inside the
+//! reserved BIOS area. Later devices (a PCI host bridge's MCFG, more DSDT
+//! devices) are added through [`AcpiTables::add_table`] and
+//! [`AcpiTables::add_dsdt_device`] without touching the rest.
+
+use acpi_tables::aml;
+use acpi_tables::Aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::layout::*;
+use crate::FirmwareError;
+
+const OEM_ID: [u8; 6] = *b"KILN  ";
+const OEM_TABLE_ID: [u8; 8] = *b"KILNVM  ";
+const OEM_REVISION: u32 = 1;
+/// FADT IAPC_BOOT_ARCH bit: "VGA not present" (we have no VGA).
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// The platform's ACPI tables, ready to be written into guest memory.
+pub struct AcpiTables {
+    cpus: u8,
+    dsdt_devices: Vec<Vec<u8>>,
+    extra_tables: Vec<Vec<u8>>,
+}
+
+impl AcpiTables {
+    /// Tables for `cpus` vCPUs with the legacy devices every Kiln VM has
+    /// (COM1 serial, CMOS RTC) already declared in the DSDT.
+    pub fn new(cpus: u8) -> Self {
+        let mut tables = AcpiTables { cpus, dsdt_devices: Vec::new(), extra_tables: Vec::new() };
+        tables.add_dsdt_device(com1_device());
+        tables.add_dsdt_device(rtc_device());
+        tables
+    }
+
+    /// Adds an AML `Device` (already encoded) under `\_SB`.
+    pub fn add_dsdt_device(&mut self, aml_bytes: Vec<u8>) {
+        self.dsdt_devices.push(aml_bytes);
+    }
+
+    /// Adds a complete table (header and checksum included), listed in the XSDT.
+    pub fn add_table(&mut self, table: Vec<u8>) {
+        self.extra_tables.push(table);
+    }
+
+    /// Writes all tables at [`RSDP_START`] and returns the RSDP address.
+    pub fn write<M: GuestMemory>(&self, mem: &M) -> Result<u64, FirmwareError> {
+        // Layout: RSDP, then DSDT, FADT, MADT, extra tables, XSDT last (it
+        // needs everyone's address).
+        let rsdp_len = Rsdp::len() as u64;
+        let mut next = align8(RSDP_START + rsdp_len);
+        let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
+
+        let dsdt = self.dsdt();
+        let dsdt_addr = next;
+        next = align8(next + dsdt.len() as u64);
+        blobs.push((dsdt_addr, dsdt));
+
+        let mut listed = Vec::new();
+        let fadt = to_bytes(&fadt(dsdt_addr));
+        listed.push(next);
+        blobs.push((next, fadt));
+        next = align8(next + blobs.last().map_or(0, |b| b.1.len() as u64));
+
+        let madt = to_bytes(&self.madt());
+        listed.push(next);
+        blobs.push((next, madt));
+        next = align8(next + blobs.last().map_or(0, |b| b.1.len() as u64));
+
+        for table in &self.extra_tables {
+            listed.push(next);
+            blobs.push((next, table.clone()));
+            next = align8(next + table.len() as u64);
+        }
+
+        let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        for addr in &listed {
+            xsdt.add_entry(*addr);
+        }
+        let xsdt_addr = next;
+        let xsdt = to_bytes(&xsdt);
+        next += xsdt.len() as u64;
+        blobs.push((xsdt_addr, xsdt));
+
+        if next > BIOS_AREA_END {
+            return Err(FirmwareError::AcpiTooLarge {
+                needed: (next - RSDP_START) as usize,
+                available: (BIOS_AREA_END - RSDP_START) as usize,
+            });
+        }
+        blobs.push((RSDP_START, to_bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
+
+        for (addr, bytes) in blobs {
+            mem.write_slice(&bytes, GuestAddress(addr))
+                .map_err(|source| FirmwareError::Write { what: "ACPI tables", source })?;
+        }
+        Ok(RSDP_START)
+    }
+
+    fn dsdt(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        // \_S5_: the SLP_TYP the guest writes to the sleep control register.
+        aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8]))
+            .to_aml_bytes(&mut body);
+        let devices: Vec<RawAml> = self.dsdt_devices.iter().map(|d| RawAml(d)).collect();
+        let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+        aml::Scope::new("_SB_".into(), children).to_aml_bytes(&mut body);
+
+        let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        dsdt.append_slice(&body);
+        dsdt.update_checksum();
+        dsdt.as_slice().to_vec()
+    }
+
+    fn madt(&self) -> MADT {
+        let mut madt = MADT::new(
+            OEM_ID,
+            OEM_TABLE_ID,
+            OEM_REVISION,
+            LocalInterruptController::Address(APIC_START as u32),
+        );
+        for id in 0..self.cpus {
+            madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+        }
+        madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+        madt
+    }
+}
+
+/// Hardware-reduced FADT: power off and reset through our own I/O ports,
+/// no PM timer, no legacy fixed hardware.
+fn fadt(dsdt_addr: u64) -> impl Aml {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.sleep_control_reg = io_port_gas(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_port_gas(ACPI_SLEEP_STATUS_PORT);
+    fadt.reset_reg = io_port_gas(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.century = CMOS_CENTURY_REGISTER;
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"KILNVMM\0").into();
+    fadt.finalize()
+}
+
+fn io_port_gas(port: u16) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into())
+}
+
+fn com1_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+fn rtc_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(CMOS_PORT, CMOS_PORT, 1, 2)]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// Already-encoded AML spliced into a larger object.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.0);
+    }
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut out = Vec::new();
+    table.to_aml_bytes(&mut out);
+    out
+}
+
+fn align8(addr: u64) -> u64 {
+    (addr + 7) & !7
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    /// Walks RSDP -> XSDT -> tables the way a guest does.
+    fn tables(mem: &GuestMemoryMmap<()>) -> Vec<(String, Vec<u8>)> {
+        let rsdp = read(mem, RSDP_START, 36);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[0..20]), "RSDP v1 checksum");
+        assert!(checksum_ok(&rsdp), "RSDP extended checksum");
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let hdr = read(mem, xsdt_addr, 36);
+        let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+        let xsdt = read(mem, xsdt_addr, len);
+        assert!(checksum_ok(&xsdt));
+        let mut out = Vec::new();
+        for entry in xsdt[36..].chunks(8) {
+            let addr = u64::from_le_bytes(entry.try_into().unwrap());
+            let hdr = read(mem, addr, 36);
+            let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+            let table = read(mem, addr, len);
+            assert!(checksum_ok(&table), "checksum of {:?}", &table[0..4]);
+            out.push((String::from_utf8_lossy(&table[0..4]).into_owned(), table));
+        }
+        out
+    }
+
+    #[test]
+    fn guest_finds_fadt_madt_and_dsdt() {
+        let mem = mem();
+        AcpiTables::new(4).write(&mem).unwrap();
+        let t = tables(&mem);
+        let names: Vec<&str> = t.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(names, ["FACP", "APIC"]);
+
+        let fadt = &t[0].1;
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+        let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt_hdr = read(&mem, x_dsdt, 36);
+        assert_eq!(&dsdt_hdr[0..4], b"DSDT");
+        let len = u32::from_le_bytes(dsdt_hdr[4..8].try_into().unwrap()) as usize;
+        let dsdt = read(&mem, x_dsdt, len);
+        assert!(checksum_ok(&dsdt));
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_and_the_ioapic() {
+        let mem = mem();
+        AcpiTables::new(3).write(&mem).unwrap();
+        let t = tables(&mem);
+        let madt = &t[1].1;
+        let mut lapics = 0;
+        let mut ioapics = 0;
+        let mut off = 44;
+        while off < madt.len() {
+            match madt[off] {
+                0 => lapics += 1,
+                1 => ioapics += 1,
+                _ => {}
+            }
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!((lapics, ioapics), (3, 1));
+    }
+
+    #[test]
+    fn extra_tables_are_listed_in_the_xsdt() {
+        let mem = mem();
+        let mut acpi = AcpiTables::new(1);
+        let mut mcfg = Sdt::new(*b"MCFG", 60, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.update_checksum();
+        acpi.add_table(mcfg.as_slice().to_vec());
+        acpi.write(&mem).unwrap();
+        let names: Vec<String> = tables(&mem).into_iter().map(|x| x.0).collect();
+        assert_eq!(names, ["FACP", "APIC", "MCFG"]);
+    }
+
+    #[test]
+    fn oversized_tables_are_an_error_not_a_corruption() {
+        let mem = mem();
+        let mut acpi = AcpiTables::new(1);
+        acpi.add_dsdt_device(vec![0; 200 * 1024]);
+        assert!(matches!(acpi.write(&mem), Err(FirmwareError::AcpiTooLarge { .. })));
+    }
+}

@@ -1,1 +1,18 @@
-//! kiln-policy
+//! kiln-policy: Kiln's policy engine.
+//!
+//! From telemetry ([`telemetry`], [`live`]) the engine ([`engine`]) decides
+//! where each vCPU runs, how big each guest's balloon is and where each
+//! device's I/O worker runs ([`decision`]), using small ONNX models
+//! ([`model`]) behind guardrails ([`guardrails`]) that fall back to heuristics,
+//! and records every decision ([`audit`]). The simulator ([`sim`]) replays
+//! traces ([`trace`], [`tracegen`]) on a described host ([`host`]) to compare
+//! the engine with baseline policies ([`policies`]) in [`eval`].
+
+pub mod decision;
+pub mod host;
+pub mod live;
+pub mod sim;
+pub mod telemetry;
+pub mod trace;
+pub mod tracegen;
+pub mod util;

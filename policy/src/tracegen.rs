@@ -1,0 +1,364 @@
+//! Synthetic, seeded traces with documented workload shapes (policy/README.md).
+//!
+//! Every VM draws its parameters from its own PRNG stream derived from
+//! (seed, vm index), so adding VMs never changes existing ones. Each shape has
+//! two disjoint parameter ranges: `Split::Train` and `Split::Eval`, so models are
+//! judged on workloads whose periods, sizes and rates they have not seen.
+
+use crate::trace::{default_floor_mib, Trace, VmClass, VmInfo};
+use crate::util::Prng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// Request-serving guest: CPU and working set follow a daily cycle.
+    DiurnalService,
+    /// Batch guest: jobs arrive at random, run near full CPU, grow memory while running.
+    BatchBurst,
+    /// A service whose working set grows steadily until it is restarted.
+    MemoryLeak,
+    /// A desktop: mostly idle, short interactive bursts, occasional app launches.
+    IdleDesktop,
+    /// Latency-critical guest: steady moderate load, steady memory, heavy I/O.
+    LatencyCritical,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 5] = [
+        Shape::DiurnalService,
+        Shape::BatchBurst,
+        Shape::MemoryLeak,
+        Shape::IdleDesktop,
+        Shape::LatencyCritical,
+    ];
+
+    pub fn class(self) -> VmClass {
+        match self {
+            Shape::DiurnalService | Shape::MemoryLeak => VmClass::Service,
+            Shape::BatchBurst => VmClass::Batch,
+            Shape::IdleDesktop => VmClass::Desktop,
+            Shape::LatencyCritical => VmClass::LatencyCritical,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenSpec {
+    pub vms: usize,
+    pub hours: f64,
+    pub step_s: f64,
+    pub seed: u64,
+    pub split: Split,
+    /// Relative weights of the shapes in the mix (order of `Shape::ALL`).
+    pub mix: [f64; 5],
+}
+
+impl Default for GenSpec {
+    fn default() -> Self {
+        GenSpec { vms: 50, hours: 24.0, step_s: 10.0, seed: 1, split: Split::Eval, mix: DEFAULT_MIX }
+    }
+}
+
+/// Weights in `Shape::ALL` order (service, batch, leak, desktop, LC): the mix of a
+/// mixed workstation/server host (see README).
+pub const DEFAULT_MIX: [f64; 5] = [14.0, 10.0, 8.0, 12.0, 6.0];
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("trace generator: {0}")]
+    Invalid(String),
+}
+
+/// Picks `lo..hi` from one of two disjoint halves of a range depending on the split.
+fn split_range(rng: &mut Prng, split: Split, lo: f64, mid: f64, hi: f64) -> f64 {
+    match split {
+        Split::Train => rng.range(lo, mid),
+        Split::Eval => rng.range(mid, hi),
+    }
+}
+
+/// Smooth AR(1) noise, so per-step values wander rather than jump.
+struct Wander {
+    x: f64,
+    keep: f64,
+    scale: f64,
+}
+
+impl Wander {
+    fn new(keep: f64, scale: f64) -> Self {
+        Wander { x: 0.0, keep, scale }
+    }
+    fn next(&mut self, rng: &mut Prng) -> f64 {
+        self.x = self.keep * self.x + (1.0 - self.keep * self.keep).sqrt() * rng.normal();
+        self.x * self.scale
+    }
+}
+
+const DAY_S: f64 = 86_400.0;
+
+pub fn generate(spec: &GenSpec) -> Result<Trace, GenError> {
+    if spec.vms == 0 || spec.vms > 5000 {
+        return Err(GenError::Invalid(format!("vms = {} must be 1..=5000", spec.vms)));
+    }
+    if !(spec.step_s >= 1.0 && spec.hours > 0.0 && spec.hours <= 24.0 * 14.0) {
+        return Err(GenError::Invalid("need step_s >= 1 and 0 < hours <= 336".into()));
+    }
+    let total: f64 = spec.mix.iter().sum();
+    if !(total > 0.0) || spec.mix.iter().any(|w| !(*w >= 0.0)) {
+        return Err(GenError::Invalid("mix weights must be non-negative with a positive sum".into()));
+    }
+    let steps = ((spec.hours * 3600.0) / spec.step_s).round().max(1.0) as usize;
+    let n = spec.vms;
+    let shapes = assign_shapes(n, &spec.mix);
+    let mut trace = Trace {
+        step_s: spec.step_s,
+        start_s: 0.0,
+        vms: Vec::with_capacity(n),
+        steps,
+        cpu: vec![0.0; steps * n],
+        ws: vec![0.0; steps * n],
+        iops: vec![0.0; steps * n],
+    };
+    for (v, shape) in shapes.into_iter().enumerate() {
+        let mut rng = Prng::new(spec.seed.wrapping_mul(0x1000_0001).wrapping_add(v as u64 * 7919 + 1));
+        let series = gen_vm(shape, spec.split, steps, spec.step_s, &mut rng);
+        trace.vms.push(VmInfo {
+            name: format!("{}-{v:02}", short(shape)),
+            vcpus: series.vcpus,
+            mem_mib: series.mem_mib,
+            class: shape.class(),
+            floor_mib: default_floor_mib(series.mem_mib),
+        });
+        for s in 0..steps {
+            let i = s * n + v;
+            trace.cpu[i] = series.cpu[s];
+            trace.ws[i] = series.ws[s];
+            trace.iops[i] = series.iops[s];
+        }
+    }
+    Ok(trace)
+}
+
+fn short(shape: Shape) -> &'static str {
+    match shape {
+        Shape::DiurnalService => "svc",
+        Shape::BatchBurst => "batch",
+        Shape::MemoryLeak => "leak",
+        Shape::IdleDesktop => "desk",
+        Shape::LatencyCritical => "lc",
+    }
+}
+
+/// Largest-remainder apportionment so a mix of 50 VMs is exactly reproducible.
+fn assign_shapes(n: usize, mix: &[f64; 5]) -> Vec<Shape> {
+    let total: f64 = mix.iter().sum();
+    let quotas: Vec<f64> = mix.iter().map(|w| w / total * n as f64).collect();
+    let mut counts: Vec<usize> = quotas.iter().map(|q| q.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..5).collect();
+    order.sort_by(|&a, &b| (quotas[b] - quotas[b].floor()).total_cmp(&(quotas[a] - quotas[a].floor())));
+    let mut missing = n - counts.iter().sum::<usize>();
+    for &k in order.iter().cycle() {
+        if missing == 0 {
+            break;
+        }
+        counts[k] += 1;
+        missing -= 1;
+    }
+    // Interleave shapes so VM names do not cluster by kind.
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        for (k, c) in counts.iter_mut().enumerate() {
+            if *c > 0 {
+                *c -= 1;
+                out.push(Shape::ALL[k]);
+            }
+        }
+    }
+    out
+}
+
+struct Series {
+    vcpus: u32,
+    mem_mib: f64,
+    cpu: Vec<f64>,
+    ws: Vec<f64>,
+    iops: Vec<f64>,
+}
+
+fn gen_vm(shape: Shape, split: Split, steps: usize, dt: f64, rng: &mut Prng) -> Series {
+    let pick = |rng: &mut Prng, options: &[f64]| options[rng.int(0, options.len() as u64 - 1) as usize];
+    let (vcpus, mem_mib) = match shape {
+        Shape::DiurnalService => (pick(rng, &[2.0, 4.0]), pick(rng, &[4096.0, 8192.0])),
+        Shape::BatchBurst => (pick(rng, &[4.0, 6.0]), pick(rng, &[8192.0, 12288.0])),
+        Shape::MemoryLeak => (2.0, pick(rng, &[4096.0, 6144.0])),
+        Shape::IdleDesktop => (pick(rng, &[2.0, 4.0]), pick(rng, &[4096.0, 8192.0])),
+        Shape::LatencyCritical => (2.0, pick(rng, &[4096.0, 8192.0])),
+    };
+    let mut cpu = vec![0.0; steps];
+    let mut ws = vec![0.0; steps];
+    let mut iops = vec![0.0; steps];
+    let phase = rng.range(0.0, DAY_S);
+    let day = |t: f64, phase: f64| 0.5 + 0.5 * (2.0 * std::f64::consts::PI * (t - phase) / DAY_S).sin();
+    match shape {
+        Shape::DiurnalService => {
+            let base = split_range(rng, split, 0.05, 0.12, 0.2) * vcpus;
+            let amp = split_range(rng, split, 0.2, 0.35, 0.5) * vcpus;
+            let ws_base = split_range(rng, split, 0.2, 0.3, 0.4) * mem_mib;
+            let ws_amp = split_range(rng, split, 0.1, 0.2, 0.3) * mem_mib;
+            let io_per_cpu = rng.range(100.0, 400.0);
+            let mut n1 = Wander::new(0.95, 0.06 * vcpus);
+            let mut n2 = Wander::new(0.995, 0.02 * mem_mib);
+            for s in 0..steps {
+                let t = s as f64 * dt;
+                let d = day(t, phase);
+                cpu[s] = base + amp * d + n1.next(rng);
+                // Caches warm up behind load: the working set lags by an hour.
+                ws[s] = ws_base + ws_amp * day(t - 3600.0, phase) + n2.next(rng);
+                iops[s] = io_per_cpu * cpu[s].max(0.0) * rng.range(0.8, 1.2);
+            }
+        }
+        Shape::BatchBurst => {
+            let mean_gap_s = split_range(rng, split, 1800.0, 3600.0, 7200.0);
+            let job_len_s = (split_range(rng, split, 1200.0, 2700.0, 5400.0), 0.5);
+            let ws_idle = rng.range(0.08, 0.15) * mem_mib;
+            let ws_job = split_range(rng, split, 0.4, 0.55, 0.7) * mem_mib;
+            let ramp_s = split_range(rng, split, 60.0, 240.0, 600.0);
+            let mut remaining = 0.0;
+            let mut idle_left = rng.range(0.0, mean_gap_s);
+            let mut level = ws_idle;
+            let mut n1 = Wander::new(0.9, 0.05 * vcpus);
+            for s in 0..steps {
+                if remaining > 0.0 {
+                    remaining -= dt;
+                    cpu[s] = (0.9 * vcpus + n1.next(rng)).min(vcpus);
+                    level += (ws_job - level).max(0.0) * (dt / ramp_s).min(1.0);
+                    iops[s] = rng.range(200.0, 800.0);
+                } else {
+                    idle_left -= dt;
+                    if idle_left <= 0.0 {
+                        remaining = job_len_s.0 * rng.range(1.0 - job_len_s.1, 1.0 + job_len_s.1);
+                        idle_left = -mean_gap_s * rng.unit().max(1e-9).ln();
+                    }
+                    cpu[s] = 0.03 * vcpus;
+                    // Memory is freed when the job ends, the page cache lingers.
+                    level = (level - 0.02 * mem_mib * dt / 10.0).max(ws_idle);
+                    iops[s] = rng.range(0.0, 20.0);
+                }
+                ws[s] = level;
+            }
+        }
+        Shape::MemoryLeak => {
+            let base = rng.range(0.15, 0.25) * mem_mib;
+            let leak_per_h = split_range(rng, split, 0.03, 0.06, 0.1) * mem_mib;
+            let restart_at = rng.range(0.75, 0.85) * mem_mib;
+            let mut level = rng.range(base, restart_at);
+            let mut n1 = Wander::new(0.95, 0.05 * vcpus);
+            for s in 0..steps {
+                level += leak_per_h * dt / 3600.0;
+                if level > restart_at {
+                    level = base;
+                }
+                cpu[s] = 0.15 * vcpus + n1.next(rng);
+                ws[s] = level;
+                iops[s] = rng.range(20.0, 80.0);
+            }
+        }
+        Shape::IdleDesktop => {
+            let ws_base = split_range(rng, split, 0.15, 0.22, 0.3) * mem_mib;
+            let app_ws = split_range(rng, split, 0.05, 0.1, 0.15) * mem_mib;
+            let burst_p = split_range(rng, split, 0.002, 0.005, 0.01);
+            let mut burst_left = 0.0;
+            let mut apps: f64 = 0.0;
+            for s in 0..steps {
+                if burst_left > 0.0 {
+                    burst_left -= dt;
+                    cpu[s] = rng.range(0.5, 1.0) * vcpus;
+                    iops[s] = rng.range(50.0, 300.0);
+                } else {
+                    if rng.chance(burst_p) {
+                        burst_left = rng.range(30.0, 300.0);
+                        // An app launch adds to the working set; closing one frees it.
+                        if rng.chance(0.5) && apps < 4.0 {
+                            apps += 1.0;
+                        } else if apps > 0.0 {
+                            apps -= 1.0;
+                        }
+                    }
+                    cpu[s] = rng.range(0.01, 0.05) * vcpus;
+                    iops[s] = rng.range(0.0, 10.0);
+                }
+                ws[s] = ws_base + apps * app_ws;
+            }
+        }
+        Shape::LatencyCritical => {
+            let load = split_range(rng, split, 0.25, 0.35, 0.5) * vcpus;
+            let ws_level = split_range(rng, split, 0.45, 0.55, 0.65) * mem_mib;
+            let io = split_range(rng, split, 2000.0, 4000.0, 8000.0);
+            let mut n1 = Wander::new(0.9, 0.05 * vcpus);
+            let mut n2 = Wander::new(0.99, 0.01 * mem_mib);
+            for s in 0..steps {
+                let d = day(s as f64 * dt, phase);
+                cpu[s] = load * (0.7 + 0.6 * d) + n1.next(rng);
+                ws[s] = ws_level + n2.next(rng);
+                iops[s] = io * (0.6 + 0.8 * d) * rng.range(0.9, 1.1);
+            }
+        }
+    }
+    for s in 0..steps {
+        cpu[s] = cpu[s].clamp(0.0, vcpus);
+        ws[s] = ws[s].clamp(64.0, mem_mib * 0.95);
+        iops[s] = iops[s].max(0.0);
+    }
+    Series { vcpus: vcpus as u32, mem_mib, cpu, ws, iops }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_trace_other_seed_differs() {
+        let spec = GenSpec { vms: 10, hours: 2.0, ..GenSpec::default() };
+        let a = generate(&spec).unwrap();
+        assert_eq!(a, generate(&spec).unwrap());
+        let b = generate(&GenSpec { seed: 2, ..spec.clone() }).unwrap();
+        assert_ne!(a.ws, b.ws);
+        assert_eq!(a.steps, 720);
+    }
+
+    #[test]
+    fn mix_is_apportioned_exactly() {
+        let shapes = assign_shapes(50, &DEFAULT_MIX);
+        let count = |s| shapes.iter().filter(|x| **x == s).count();
+        assert_eq!(count(Shape::LatencyCritical) + count(Shape::BatchBurst) + count(Shape::DiurnalService) + count(Shape::IdleDesktop) + count(Shape::MemoryLeak), 50);
+        assert_eq!(count(Shape::DiurnalService), 14);
+        assert_eq!(count(Shape::LatencyCritical), 6);
+    }
+
+    #[test]
+    fn values_stay_within_the_vm() {
+        let t = generate(&GenSpec { vms: 25, hours: 6.0, split: Split::Train, ..GenSpec::default() }).unwrap();
+        for s in 0..t.steps {
+            for (v, vm) in t.vms.iter().enumerate() {
+                let i = t.at(s, v);
+                assert!(t.cpu[i] >= 0.0 && t.cpu[i] <= vm.vcpus as f64);
+                assert!(t.ws[i] > 0.0 && t.ws[i] < vm.mem_mib);
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_silly_specs() {
+        assert!(generate(&GenSpec { vms: 0, ..GenSpec::default() }).is_err());
+        assert!(generate(&GenSpec { mix: [0.0; 5], ..GenSpec::default() }).is_err());
+        assert!(generate(&GenSpec { step_s: 0.0, ..GenSpec::default() }).is_err());
+    }
+}

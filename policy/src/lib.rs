@@ -8,9 +8,14 @@
 //! traces ([`trace`], [`tracegen`]) on a described host ([`host`]) to compare
 //! the engine with baseline policies ([`policies`]) in [`eval`].
 
+pub mod cli;
 pub mod decision;
+pub mod eval;
 pub mod host;
+pub mod features;
 pub mod live;
+pub mod model;
+pub mod policies;
 pub mod sim;
 pub mod telemetry;
 pub mod trace;

@@ -4,6 +4,9 @@ use crate::eval::{run_policy, table, targets, PolicyResult};
 use crate::host::Host;
 use crate::trace::Trace;
 use crate::tracegen::{generate, GenSpec, Split, DEFAULT_MIX};
+use crate::audit::{AuditLog, AuditQuery, Lever};
+use crate::engine::{Engine, Mode, Models};
+use crate::guardrails::GuardConfig;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -13,6 +16,61 @@ pub enum PolicyCommand {
     Eval(EvalArgs),
     /// Write a synthetic, seeded trace (shapes documented in policy/README.md).
     GenTrace(GenTraceArgs),
+    /// Write training data (the engine's features and the outcomes that followed) from a trace.
+    Dataset(DatasetArgs),
+    /// Query an audit log written by `eval --audit`.
+    Audit(AuditArgs),
+    /// Print this host's topology, memory and pressure as the live reader sees them.
+    Host(HostArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DatasetArgs {
+    #[arg(long)]
+    pub host: PathBuf,
+    #[arg(long)]
+    pub trace: PathBuf,
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Seed of the exploration of device placements.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Keep one row in this many steps.
+    #[arg(long, default_value_t = 3)]
+    pub every: usize,
+    /// Append to existing files instead of replacing them.
+    #[arg(long)]
+    pub append: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// JSON-lines audit file.
+    #[arg(long)]
+    pub file: PathBuf,
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[arg(long, value_enum)]
+    pub lever: Option<Lever>,
+    #[arg(long)]
+    pub since_s: Option<f64>,
+    #[arg(long)]
+    pub until_s: Option<f64>,
+    /// Only decisions where a guardrail fired.
+    #[arg(long)]
+    pub guardrails: bool,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print full JSON records instead of one line each.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// Also print it as HOST.toml.
+    #[arg(long)]
+    pub toml: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,6 +90,12 @@ pub struct EvalArgs {
     /// Write a markdown report with PNG plots into this directory.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Mode of the learned engine.
+    #[arg(long, value_enum, default_value_t = Mode::Active)]
+    pub mode: Mode,
+    /// Append the learned engine's audit log to this JSON-lines file.
+    #[arg(long)]
+    pub audit: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,7 +127,58 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
     match cmd {
         PolicyCommand::Eval(a) => eval(a),
         PolicyCommand::GenTrace(a) => gen_trace(a),
+        PolicyCommand::Dataset(a) => dataset(a),
+        PolicyCommand::Audit(a) => audit(a),
+        PolicyCommand::Host(a) => host(a),
     }
+}
+
+fn dataset(a: DatasetArgs) -> Result<()> {
+    let host = Host::load(&a.host).context("loading the host description")?;
+    let trace = Trace::load(&a.trace).context("loading the trace")?;
+    let s = crate::dataset::write_dataset(&host, &trace, &a.out_dir, a.seed, a.every, a.append)?;
+    eprintln!(
+        "{}: {} balloon, {} cpu, {} device rows into {}",
+        a.trace.display(),
+        s.balloon_rows,
+        s.cpu_rows,
+        s.device_rows,
+        a.out_dir.display()
+    );
+    Ok(())
+}
+
+fn audit(a: AuditArgs) -> Result<()> {
+    let q = AuditQuery { vm: a.vm, lever: a.lever, since_s: a.since_s, until_s: a.until_s, guardrail_only: a.guardrails, limit: Some(a.limit) };
+    for r in AuditLog::query_file(&a.file, &q)? {
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            let guards = if r.guardrails.is_empty() { String::new() } else { format!(" [{}]", r.guardrails.join(",")) };
+            println!("t={:>8.0}s {:<10} {:?} {}{} ({})", r.t_s, r.vm, r.lever, r.reason, guards, r.model.as_deref().unwrap_or("heuristic"));
+        }
+    }
+    Ok(())
+}
+
+fn host(a: HostArgs) -> Result<()> {
+    use crate::telemetry::TelemetrySource;
+    let mut live = crate::live::LiveHost::open().context("reading this host's sysfs/procfs")?;
+    let snap = live.sample().context("sampling this host")?;
+    let h = live.host();
+    println!("{} CPUs, {} cache groups, {} NUMA nodes, {} MiB", h.cpus, h.cache_groups.len(), h.numa_nodes.len(), h.memory_mib);
+    for (i, g) in h.cache_groups.iter().enumerate() {
+        println!("  cache group {i}: CPUs {g} (node {})", h.group_node[i]);
+    }
+    let t = &snap.host;
+    println!(
+        "memory available {:.0} of {:.0} MiB; pressure avg10 some: cpu {:.2}% memory {:.2}% io {:.2}%",
+        t.mem_available_mib, t.mem_total_mib, t.psi_cpu.some_avg10, t.psi_memory.some_avg10, t.psi_io.some_avg10
+    );
+    if a.toml {
+        print!("{}", h.to_toml());
+    }
+    Ok(())
 }
 
 fn gen_trace(a: GenTraceArgs) -> Result<()> {
@@ -85,6 +200,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut results: Vec<PolicyResult> = Vec::new();
     for name in &a.policies {
         let mut policy: Box<dyn crate::policies::Policy> = match name.as_str() {
+            "learned" => {
+                let mut log = AuditLog::new(10_000);
+                if let Some(p) = &a.audit {
+                    log = log.with_file(p)?;
+                }
+                let models = Models::load_or_heuristic(&a.models);
+                let label = if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() { "learned(heuristic)" } else { "learned" };
+                Box::new(Engine::new(a.mode, GuardConfig::default(), models, log).with_name(label))
+            }
             n => match crate::policies::baseline(n) {
                 Some(p) => Box::new(p),
                 None => bail!("unknown policy {n:?}; known: {}, learned", crate::policies::BASELINES.join(", ")),

@@ -144,14 +144,16 @@ fn stats<'a>(it: impl Iterator<Item = f64> + Clone) -> Stats {
     }
 }
 
-pub const BALLOON_FEATURES: [&str; 15] = [
-    "ws_frac", "actual_frac", "ws_mean_5m_rel", "ws_max_5m_rel", "ws_max_1h_rel", "ws_min_1h_rel",
-    "ws_slope_10m", "cpu_frac", "cpu_mean_1h_frac", "swap_in_5m", "io_log", "is_lc", "is_batch",
-    "is_service", "is_desktop",
+/// No feature describes the balloon itself (memory in force, swap-ins): the
+/// model predicts the guest's demand, which must not depend on what the
+/// balloon currently allows (training data is collected with no balloon).
+pub const BALLOON_FEATURES: [&str; 13] = [
+    "ws_frac", "ws_mean_5m_rel", "ws_max_5m_rel", "ws_max_1h_rel", "ws_min_1h_rel", "ws_slope_10m",
+    "cpu_frac", "cpu_mean_1h_frac", "io_log", "is_lc", "is_batch", "is_service", "is_desktop",
 ];
 
 /// Balloon model inputs: working-set history relative to the current working set.
-pub fn balloon_features(h: &History, v: usize) -> Option<[f32; 15]> {
+pub fn balloon_features(h: &History, v: usize) -> Option<[f32; 13]> {
     let vm = h.vms.get(v)?;
     let last = vm.last()?;
     let ws = last.ws_mib.max(1.0);
@@ -164,11 +166,9 @@ pub fn balloon_features(h: &History, v: usize) -> Option<[f32; 15]> {
     let span_min = (vm.window(ten).count().max(2) - 1) as f64 * h.step_s / 60.0;
     let slope = (last.ws_mib - first) / span_min.max(1e-3) / mem;
     let cpu1h = stats(vm.window(h.steps(3600.0)).map(|o| o.cpu));
-    let swap5 = stats(vm.window(h.steps(300.0)).map(|o| o.swap_in_mib_per_min));
     let f = class_flags(vm.class);
     Some([
         (last.ws_mib / mem) as f32,
-        (last.actual_mib / mem) as f32,
         (w5.mean / ws) as f32,
         (w5.max / ws) as f32,
         (w1h.max / ws) as f32,
@@ -176,7 +176,6 @@ pub fn balloon_features(h: &History, v: usize) -> Option<[f32; 15]> {
         slope as f32,
         (last.cpu / vcpus) as f32,
         (cpu1h.mean / vcpus) as f32,
-        (swap5.mean / mem) as f32,
         (last.iops.ln_1p()) as f32,
         f[0], f[1], f[2], f[3],
     ])
@@ -258,7 +257,7 @@ mod tests {
         assert!((o.wait_ms - 25.0).abs() < 1e-9);
         let f = balloon_features(&h, 0).unwrap();
         assert!((f[0] - 2000.0 / 4096.0).abs() < 1e-6);
-        assert_eq!(f[12], 1.0, "batch flag");
+        assert_eq!(f[10], 1.0, "batch flag");
         assert_eq!(cpu_features(&h, 0).unwrap()[0], 0.5);
     }
 }

@@ -8,11 +8,15 @@
 //! traces ([`trace`], [`tracegen`]) on a described host ([`host`]) to compare
 //! the engine with baseline policies ([`policies`]) in [`eval`].
 
+pub mod audit;
 pub mod cli;
+pub mod dataset;
 pub mod decision;
+pub mod engine;
 pub mod eval;
 pub mod host;
 pub mod features;
+pub mod guardrails;
 pub mod live;
 pub mod model;
 pub mod policies;

@@ -92,6 +92,8 @@ pub struct Vpa {
     pub window_s: f64,
     pub half_life_s: f64,
     pub margin: f64,
+    /// Percentile of the samples the target is set to.
+    pub target_p: f64,
     pub min_mib: f64,
     samples: Vec<Vec<(f64, f64)>>,
     window_peak: Vec<f64>,
@@ -106,6 +108,7 @@ impl Default for Vpa {
             window_s: 300.0,
             half_life_s: 86_400.0,
             margin: 0.15,
+            target_p: 0.90,
             min_mib: 250.0,
             samples: Vec::new(),
             window_peak: Vec::new(),
@@ -131,6 +134,15 @@ fn weighted_percentiles<const N: usize>(samples: &[(f64, f64)], ps: [f64; N]) ->
         }
     }
     out
+}
+
+impl Vpa {
+    /// The engine's fallback: the same recommender, sized for safety rather
+    /// than packing (p98 of peaks, 30% margin), since it takes over exactly
+    /// when a model was unsure or made things worse.
+    pub fn conservative() -> Self {
+        Vpa { margin: 0.30, target_p: 0.98, ..Vpa::default() }
+    }
 }
 
 impl BalloonRule for Vpa {
@@ -164,8 +176,10 @@ impl BalloonRule for Vpa {
             self.window_start[v] = t;
         }
         if self.samples[v].len() != before {
-            let [p50, p90, p95] = weighted_percentiles(&self.samples[v], [0.5, 0.9, 0.95]);
-            self.cached[v] = Some((p50, p90, p95));
+            let tp = self.target_p.clamp(0.5, 1.0);
+            let [p50, pt, p95] = weighted_percentiles(&self.samples[v], [0.5, tp.min(0.95), 0.95]);
+            let pt = if tp > 0.95 { weighted_percentiles(&self.samples[v], [tp])[0] } else { pt };
+            self.cached[v] = Some((p50, pt, p95.max(pt)));
         }
         let (p50, p90, p95) = self.cached[v]?;
         let m = 1.0 + self.margin;

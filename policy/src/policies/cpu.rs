@@ -96,6 +96,12 @@ impl Default for PackSpread {
     }
 }
 
+impl PackSpread {
+    pub fn reset_timer(&mut self) {
+        self.last = f64::NEG_INFINITY;
+    }
+}
+
 impl CpuRule for PackSpread {
     fn name(&self) -> &'static str {
         "packspread"

@@ -27,6 +27,10 @@ pub trait Policy {
     fn begin_round(&mut self, _ctx: &Ctx) {}
     /// Decides for VM `v`.
     fn decide_vm(&mut self, ctx: &Ctx, v: usize) -> VmActions;
+    /// Wall time of each decision, µs, when the policy measures it itself.
+    fn decision_latencies(&self) -> Option<&[f32]> {
+        None
+    }
     /// Guardrail interventions so far (only the engine has guardrails).
     fn interventions(&self) -> u64 {
         0
@@ -155,7 +159,7 @@ pub fn baseline(name: &str) -> Option<Composite> {
 pub fn heuristic() -> Composite {
     Composite::new(
         "heuristic",
-        Some(Box::new(balloon::Vpa::default())),
+        Some(Box::new(balloon::Vpa::conservative())),
         Some(Box::new(cpu::PackSpread::default())),
         Some(Box::new(device::LocalNotify)),
     )

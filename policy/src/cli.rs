@@ -198,6 +198,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let host = Host::load(&a.host).context("loading the host description")?;
     let trace = Trace::load(&a.trace).context("loading the trace")?;
     let mut results: Vec<PolicyResult> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     for name in &a.policies {
         let mut policy: Box<dyn crate::policies::Policy> = match name.as_str() {
             "learned" => {
@@ -216,21 +217,34 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         };
         let r = run_policy(&host, &trace, policy.as_mut())?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
+        if let Some(b) = policy.intervention_breakdown() {
+            notes.push(format!("{}: {b}", r.name));
+        }
         results.push(r);
     }
-    println!(
-        "trace {} ({} VMs x {} steps of {} s) on host {} ({} CPUs, {} MiB)\n",
+    let header = format!(
+        "trace {} ({} VMs x {} steps of {} s) on host {} ({} CPUs, {} cache groups, {} NUMA nodes, {} MiB)",
         a.trace.display(),
         trace.vms.len(),
         trace.steps,
         trace.step_s,
         a.host.display(),
         host.cpus,
+        host.cache_groups.len(),
+        host.numa_nodes.len(),
         host.memory_mib
     );
+    println!("{header}\n");
     print!("{}", table(&results));
     for line in targets(&results) {
         println!("{line}");
+    }
+    for n in &notes {
+        println!("guardrails {n}");
+    }
+    if let Some(dir) = &a.report {
+        let path = crate::report::write_report(dir, &header, &results, &notes)?;
+        eprintln!("report written to {}", path.display());
     }
     Ok(())
 }

@@ -459,8 +459,9 @@ impl Engine {
         }
         let weight = |c: VmClass| match c {
             VmClass::LatencyCritical => 4.0,
-            VmClass::Service | VmClass::Desktop => 1.5,
-            VmClass::General | VmClass::Batch => 1.0,
+            // Shared-pool guests compete as equals: favouring one class would
+            // move throughput between classes, not create it.
+            _ => 1.0,
         };
         let mut plan: Vec<Vec<VcpuPlacement>> = Vec::with_capacity(n);
         for (v, l) in lc.into_iter().enumerate() {
@@ -676,6 +677,11 @@ impl Policy for Engine {
             Mode::Active => VmActions { vcpus, balloon_target_mib, devices },
             _ => VmActions::default(),
         }
+    }
+
+    fn intervention_breakdown(&self) -> Option<String> {
+        let parts: Vec<String> = self.interventions.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        Some(if parts.is_empty() { "none".into() } else { parts.join(", ") })
     }
 
     fn decision_latencies(&self) -> Option<&[f32]> {

@@ -20,6 +20,7 @@ pub mod guardrails;
 pub mod live;
 pub mod model;
 pub mod policies;
+pub mod report;
 pub mod sim;
 pub mod telemetry;
 pub mod trace;

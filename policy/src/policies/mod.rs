@@ -31,6 +31,10 @@ pub trait Policy {
     fn decision_latencies(&self) -> Option<&[f32]> {
         None
     }
+    /// Interventions by guardrail, in words.
+    fn intervention_breakdown(&self) -> Option<String> {
+        None
+    }
     /// Guardrail interventions so far (only the engine has guardrails).
     fn interventions(&self) -> u64 {
         0

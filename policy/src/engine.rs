@@ -16,7 +16,7 @@ use crate::util::CpuSet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -50,6 +50,7 @@ pub struct Models {
 
 /// How many times the "runtime unavailable" warning was printed (once per process).
 pub static RUNTIME_WARNINGS: AtomicU32 = AtomicU32::new(0);
+static RUNTIME_WARNED: AtomicBool = AtomicBool::new(false);
 
 impl Models {
     /// Loads and checks all three models; any failure is an error.
@@ -70,7 +71,8 @@ impl Models {
     /// returns no models, so the engine runs the heuristic.
     pub fn load_or_heuristic(dir: &Path) -> Models {
         if let Err(e) = runtime() {
-            if RUNTIME_WARNINGS.fetch_add(1, Ordering::SeqCst) == 0 {
+            if !RUNTIME_WARNED.swap(true, Ordering::SeqCst) {
+                RUNTIME_WARNINGS.fetch_add(1, Ordering::SeqCst);
                 tracing::warn!("{e}; the policy engine runs the heuristic policy instead of the learned models");
                 eprintln!("kiln policy: {e}; running the heuristic policy instead of the learned models");
             }
@@ -544,7 +546,11 @@ impl Engine {
         } else if g::too_soon(self.last_device_change[v], ctx.snap.t_s, self.cfg.device_min_interval_s) {
             return None;
         }
-        if !self.model_for(Lever::Device) {
+        let obs = ctx.hist.vms.get(v).and_then(|h| h.last()).copied();
+        if !self.model_for(Lever::Device) || obs.is_none() {
+            if obs.is_none() && !on_exclusive {
+                return None;
+            }
             let p = self.fb_device.place(ctx, v, vcpus, &self.load)?;
             if p == cur || p.cpus.intersects(&excl) {
                 return None;
@@ -555,7 +561,7 @@ impl Engine {
             self.record(ctx, v, Lever::Device, (&[], &[]), false, None, action.clone(), vec![], format!("{action}: heuristic: notify on the vCPUs' cache group"));
             return Some(p);
         }
-        let o = *ctx.hist.vms.get(v)?.last()?;
+        let o = obs?;
         let others_poll = CpuSet::new(self.poll_cpu.iter().enumerate().filter(|(k, _)| *k != v).filter_map(|(_, c)| *c).collect());
         let avoid = excl.union(&others_poll);
         let gi = home_group(host, vcpus);

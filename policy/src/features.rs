@@ -106,9 +106,12 @@ fn observe(prev: &VmTelemetry, now: &VmTelemetry, dt: f64, t_s: f64) -> Obs {
         .saturating_sub(prev.devices.iter().map(|d| d.requests).sum::<u64>());
     let lat: f64 = now.devices.iter().map(|d| d.latency_sum_us).sum::<f64>() - prev.devices.iter().map(|d| d.latency_sum_us).sum::<f64>();
     let b = &now.balloon;
+    // Guest-reported numbers are hostile input: a non-finite value stays NaN
+    // so the engine's input validation sees it (f64::max would hide it).
+    let ws = b.actual_mib - b.available_mib;
     Obs {
         t_s,
-        ws_mib: (b.actual_mib - b.available_mib).max(0.0),
+        ws_mib: if ws.is_finite() { ws.max(0.0) } else { f64::NAN },
         actual_mib: b.actual_mib,
         free_mib: b.free_mib,
         cpu: cpu_ns as f64 / 1e9 / dt,
@@ -254,7 +257,7 @@ mod tests {
         assert_eq!(o.cpu, 1.0, "2 vCPUs x 5 s in 10 s");
         assert_eq!(o.ws_mib, 2000.0);
         assert_eq!(o.swap_in_mib_per_min, 60.0);
-        assert!((o.wait_ms - 25.0).abs() < 1e-9);
+        assert!((o.wait_ms - 50.0).abs() < 1e-9, "1 s of wait per vCPU in 10 s");
         let f = balloon_features(&h, 0).unwrap();
         assert!((f[0] - 2000.0 / 4096.0).abs() < 1e-6);
         assert_eq!(f[10], 1.0, "batch flag");

@@ -74,7 +74,7 @@ pub fn write_dataset(host: &Host, trace: &Trace, out: &Path, seed: u64, every: u
             let excl = exclusive_cpus(&ctx);
             for v in 0..n {
                 let pos = series[v].len();
-                if pos > 0 && step % every == 0 {
+                if pos > 0 && step.is_multiple_of(every) {
                     if let Some(f) = balloon_features(&hist, v) {
                         balloon_rows[v].push((pos - 1, f));
                     }

@@ -274,6 +274,7 @@ impl Engine {
         Some(format!("{}@{}", m.schema.name, m.schema.version))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(&mut self, ctx: &Ctx, v: usize, lever: Lever, inputs: (&[&str], &[f32]), model: bool, raw: Option<f32>, action: String, guards: Vec<&'static str>, reason: String) {
         self.audit.record(AuditRecord {
             t_s: ctx.snap.t_s,
@@ -660,8 +661,8 @@ impl Policy for Engine {
         let warm = ctx.snap.t_s - start < self.cfg.warmup_s;
         self.watch_metrics(ctx);
         let present = [self.models.balloon.is_some(), self.models.cpu.is_some(), self.models.device.is_some()];
-        for k in 0..3 {
-            self.model_on[k] = present[k] && !warm && self.now_s >= self.rolled_back_until[k];
+        for (k, on) in self.model_on.iter_mut().enumerate() {
+            *on = present[k] && !warm && self.now_s >= self.rolled_back_until[k];
         }
         self.fb_balloon.begin_round(ctx);
         self.plan = self.plan_cpus(ctx);

@@ -135,7 +135,7 @@ struct Stats {
     std: f64,
 }
 
-fn stats<'a>(it: impl Iterator<Item = f64> + Clone) -> Stats {
+fn stats(it: impl Iterator<Item = f64> + Clone) -> Stats {
     let n = it.clone().count().max(1) as f64;
     let mean = it.clone().sum::<f64>() / n;
     let var = it.clone().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;

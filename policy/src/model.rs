@@ -166,7 +166,7 @@ impl Model {
     pub fn predict(&mut self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         let k = self.schema.features.len();
         let fail = |msg: String| ModelError::Inference { name: self.schema.name.clone(), msg };
-        if rows.is_empty() || rows.len() % k != 0 {
+        if rows.is_empty() || !rows.len().is_multiple_of(k) {
             return Err(fail(format!("{} values is not a whole number of {k}-feature rows", rows.len())));
         }
         let n = rows.len() / k;

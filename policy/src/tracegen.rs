@@ -112,7 +112,7 @@ pub fn generate(spec: &GenSpec) -> Result<Trace, GenError> {
         return Err(GenError::Invalid("need step_s >= 1 and 0 < hours <= 336".into()));
     }
     let total: f64 = spec.mix.iter().sum();
-    if !(total > 0.0) || spec.mix.iter().any(|w| !(*w >= 0.0)) {
+    if total.is_nan() || total <= 0.0 || spec.mix.iter().any(|w| w.is_nan() || *w < 0.0) {
         return Err(GenError::Invalid("mix weights must be non-negative with a positive sum".into()));
     }
     let steps = ((spec.hours * 3600.0) / spec.step_s).round().max(1.0) as usize;

@@ -40,8 +40,11 @@ fn replay(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> (SimMetrics, V
     (sim.metrics.clone(), sim.state().to_vec())
 }
 
-/// A trace of one VM per spec: (class, vcpus, mem, floor, per-step (cpu, ws, iops)).
-fn trace_of(step_s: f64, vms: Vec<(VmClass, u32, f64, f64, Vec<(f64, f64, f64)>)>) -> Trace {
+/// (class, vcpus, mem, floor, per-step (cpu, ws, iops))
+type VmSpec = (VmClass, u32, f64, f64, Vec<(f64, f64, f64)>);
+
+/// A trace with one VM per spec.
+fn trace_of(step_s: f64, vms: Vec<VmSpec>) -> Trace {
     let steps = vms[0].4.len();
     let n = vms.len();
     let mut t = Trace {

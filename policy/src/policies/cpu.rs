@@ -63,7 +63,7 @@ pub fn lc_exclusive(host: &Host, classes: &[(VmClass, usize)]) -> (Vec<Option<Ve
         }
         // The next group (round robin) with room for the whole VM.
         let ng = free.len();
-        let Some(g) = (0..ng).map(|k| (next_group + k) % ng).find(|&g| free[g].len() >= vcpus + 1) else {
+        let Some(g) = (0..ng).map(|k| (next_group + k) % ng).find(|&g| free[g].len() > vcpus) else {
             continue;
         };
         next_group = g + 1;

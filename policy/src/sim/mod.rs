@@ -238,6 +238,8 @@ impl<'a> Simulator<'a> {
     }
 
     /// Simulates the current step and moves to the next one.
+    // Index loops: several parallel per-VM arrays are read and written together.
+    #[allow(clippy::needless_range_loop)]
     pub fn advance(&mut self) {
         if self.done() {
             return;

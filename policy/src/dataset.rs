@@ -48,8 +48,8 @@ pub fn write_dataset(host: &Host, trace: &Trace, out: &Path, seed: u64, every: u
     let mut balloon_rows: Vec<Vec<(usize, [f32; 13])>> = vec![Vec::new(); n];
     let mut cpu_rows: Vec<Vec<(usize, [f32; 13])>> = vec![Vec::new(); n];
     let mut series: Vec<Vec<Obs>> = vec![Vec::new(); n];
-    let mut device_pending: Vec<Option<[f32; 6]>> = vec![None; n];
-    let mut device_out: Vec<([f32; 6], f32)> = Vec::new();
+    let mut device_pending: Vec<Option<[f32; 7]>> = vec![None; n];
+    let mut device_out: Vec<([f32; 7], f32)> = Vec::new();
     let mut poll_cpu: Vec<Option<u32>> = vec![None; n];
     let mut step = 0usize;
     while !sim.done() {
@@ -97,11 +97,22 @@ pub fn write_dataset(host: &Host, trace: &Trace, out: &Path, seed: u64, every: u
                         host.all_cpus().minus(&avoid),
                         host.cache_groups[rng.int(0, host.cache_groups.len() as u64 - 1) as usize].minus(&avoid),
                     ];
-                    let k = rng.int(0, options.len() as u64) as usize;
+                    let pollers: Vec<u32> = {
+                        let mut p: Vec<u32> = poll_cpu.iter().enumerate().filter(|(k, _)| *k != v).filter_map(|(_, c)| *c).collect();
+                        p.sort_unstable();
+                        p.dedup();
+                        p
+                    };
+                    let k = rng.int(0, options.len() as u64 + 1) as usize;
                     if k < options.len() && !options[k].is_empty() {
                         chosen = DevicePlacement { cpus: options[k].clone(), mode: IoMode::Notify };
                         poll_cpu[v] = None;
-                    } else if poll_cpu.iter().filter(|c| c.is_some()).count() < (host.cpus as usize / 8).max(1) {
+                    } else if k == options.len() && !pollers.is_empty() {
+                        // Join an existing polling thread.
+                        let c = pollers[rng.int(0, pollers.len() as u64 - 1) as usize];
+                        chosen = DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll };
+                        poll_cpu[v] = Some(c);
+                    } else if pollers.len() < (host.cpus as usize / 16).max(1) {
                         let pool = &options[0];
                         if let Some(c) = pool.cpus().iter().copied().min_by(|a, b| load[*a as usize].total_cmp(&load[*b as usize])) {
                             chosen = DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll };
@@ -112,12 +123,31 @@ pub fn write_dataset(host: &Host, trace: &Trace, out: &Path, seed: u64, every: u
                         actions.vms[v].devices = vec![(ctx.state[v].devices[0].0.clone(), chosen.clone())];
                     }
                 }
-                device_pending[v] = Some(placement_features(host, &vcpus, &chosen, &load, iops, chosen == cur));
+                let peers: f64 = match (chosen.mode, poll_cpu[v]) {
+                    (IoMode::Poll, Some(c)) => (0..n)
+                        .filter(|&k| k != v && poll_cpu[k] == Some(c))
+                        .map(|k| hist.vms[k].last().map(|o| o.iops).unwrap_or(0.0))
+                        .sum(),
+                    _ => 0.0,
+                };
+                device_pending[v] = Some(placement_features(host, &vcpus, &chosen, &load, iops, chosen == cur, peers));
             }
-            if let Some(p) = plan {
-                for (v, a) in actions.vms.iter_mut().enumerate() {
-                    a.vcpus = Some(p[v].clone());
-                }
+            // As the engine does, pollers' CPUs leave the shared vCPU pools.
+            let polls = CpuSet::new(poll_cpu.iter().flatten().copied().collect());
+            let plan = plan.unwrap_or_else(|| ctx.state.iter().map(|s| s.vcpus.clone()).collect());
+            for (v, a) in actions.vms.iter_mut().enumerate() {
+                let placed: Vec<_> = plan[v]
+                    .iter()
+                    .map(|p| {
+                        let mut p = p.clone();
+                        let rest = p.cpus.minus(&polls);
+                        if !p.exclusive && !rest.is_empty() {
+                            p.cpus = rest;
+                        }
+                        p
+                    })
+                    .collect();
+                a.vcpus = Some(placed);
             }
         }
         sim.apply(&actions).map_err(|e| DatasetError::Sim(e.to_string()))?;

@@ -104,10 +104,12 @@ fn lever_index(l: Lever) -> usize {
     }
 }
 
-/// At most one busy-polling I/O worker per this many host CPUs.
-pub const POLL_CPUS_PER_WORKER: usize = 16;
-/// Only devices this busy are worth a whole CPU.
+/// At most one busy-polling thread per this many host CPUs.
+pub const HOST_CPUS_PER_POLLER: usize = 32;
+/// Only devices this busy are worth polling.
 pub const POLL_MIN_IOPS: f64 = 2000.0;
+/// Most requests per second one polling thread takes on (keeps its queue short).
+pub const POLLER_MAX_IOPS: f64 = 40_000.0;
 
 /// Headroom over the predicted working-set peak the balloon leaves the guest.
 pub const BALLOON_HEADROOM: f64 = 0.10;
@@ -563,8 +565,8 @@ impl Engine {
             return Some(p);
         }
         let o = obs?;
-        let others_poll = CpuSet::new(self.poll_cpu.iter().enumerate().filter(|(k, _)| *k != v).filter_map(|(_, c)| *c).collect());
-        let avoid = excl.union(&others_poll);
+        let pollers = CpuSet::new(self.poll_cpu.iter().enumerate().filter(|(k, _)| *k != v).filter_map(|(_, c)| *c).collect());
+        let avoid = excl.union(&pollers);
         let gi = home_group(host, vcpus);
         let node = host.group_node[gi];
         let group = host.cache_groups[gi].minus(&avoid);
@@ -576,20 +578,33 @@ impl Engine {
                 cands.push(DevicePlacement { cpus: s.clone(), mode: IoMode::Notify });
             }
         }
-        let polling = self.poll_cpu.iter().filter(|c| c.is_some()).count();
-        let budget = (host.cpus as usize / POLL_CPUS_PER_WORKER).max(1);
-        let poll_cpu = self.poll_cpu[v].or_else(|| {
-            let pool = if group.is_empty() { &node_set } else { &group };
-            (polling < budget && o.iops >= POLL_MIN_IOPS)
-                .then(|| pool.cpus().iter().copied().min_by(|a, b| self.load[*a as usize].total_cmp(&self.load[*b as usize])))
-                .flatten()
-        });
-        if let Some(c) = poll_cpu {
-            cands.push(DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll });
+        // Traffic each polling thread already serves (other VMs' devices).
+        let peer_iops = |c: u32| -> f64 {
+            self.poll_cpu.iter().enumerate()
+                .filter(|(k, p)| *k != v && **p == Some(c))
+                .map(|(k, _)| ctx.hist.vms.get(k).and_then(|h| h.last()).map(|o| o.iops).unwrap_or(0.0))
+                .sum()
+        };
+        if o.iops >= POLL_MIN_IOPS {
+            // Join a poller on this VM's NUMA node with room...
+            for &c in pollers.cpus() {
+                if host.cpu_node[c as usize] == node && peer_iops(c) + o.iops <= POLLER_MAX_IOPS {
+                    cands.push(DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll });
+                }
+            }
+            // ...or start one, within the budget.
+            let budget = (host.cpus as usize / HOST_CPUS_PER_POLLER).max(1);
+            if self.poll_cpu[v].is_none() && pollers.len() < budget {
+                let pool = if group.is_empty() { &node_set } else { &group };
+                if let Some(c) = pool.cpus().iter().copied().min_by(|a, b| self.load[*a as usize].total_cmp(&self.load[*b as usize])) {
+                    cands.push(DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll });
+                }
+            }
         }
         let mut rows = Vec::with_capacity(cands.len() * DEVICE_FEATURES.len());
         for d in &cands {
-            rows.extend_from_slice(&placement_features(host, vcpus, d, &self.load, o.iops, d == &cur));
+            let peers = if d.mode == IoMode::Poll { peer_iops(d.cpus.cpus()[0]) } else { 0.0 };
+            rows.extend_from_slice(&placement_features(host, vcpus, d, &self.load, o.iops, d == &cur, peers));
         }
         let pred = match self.infer(Lever::Device, &rows) {
             Ok(p) => p,
@@ -607,7 +622,7 @@ impl Engine {
         };
         let best = (1..cands.len()).min_by(|&a, &b| pred[a].total_cmp(&pred[b]))?;
         let gain = (pred[0] - pred[best]) as f64;
-        let cur_invalid = on_exclusive || cur.cpus.intersects(&avoid);
+        let cur_invalid = on_exclusive || (cur.mode == IoMode::Notify && cur.cpus.intersects(&avoid));
         if !cur_invalid && gain < self.cfg.device_min_gain_us {
             self.fire(names::HYSTERESIS);
             return None;
@@ -702,8 +717,9 @@ impl Policy for Engine {
 
 /// Device model inputs for worker placement `d` of a VM whose vCPUs are
 /// `vcpus`, given estimated CPU loads (which include the worker in force when
-/// `in_force`, so its own load is taken out).
-pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: &DevicePlacement, load: &[f64], iops: f64, in_force: bool) -> [f32; 6] {
+/// `in_force`, so its own load is taken out). `peer_iops`: traffic of other
+/// devices on the same polling thread.
+pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: &DevicePlacement, load: &[f64], iops: f64, in_force: bool, peer_iops: f64) -> [f32; 7] {
     let mut vg = vec![0.0; host.cache_groups.len()];
     let mut vn = vec![0.0; host.numa_nodes.len()];
     for p in vcpus {
@@ -714,7 +730,11 @@ pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: 
     }
     let size = d.cpus.len().max(1) as f64;
     let mut other = d.cpus.cpus().iter().map(|&c| load.get(c as usize).copied().unwrap_or(0.0)).sum::<f64>() / size;
-    if in_force {
+    if d.mode == IoMode::Poll {
+        // A polling thread's CPU is taken out of the shared vCPU pools (the
+        // engine re-plans as soon as a poller appears), so nothing else runs there.
+        other = 0.0;
+    } else if in_force {
         let own = if d.mode == IoMode::Poll { 1.0 } else { iops * crate::sim::model::IO_CPU_US * 1e-6 };
         other -= own / size;
     }
@@ -723,5 +743,5 @@ pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: 
         sg += vg[host.cpu_group[c as usize]] / size;
         sn += vn[host.cpu_node[c as usize]] / size;
     }
-    device_features(iops, d.mode == IoMode::Poll, other.max(0.0), d.cpus.len(), sg, sn)
+    device_features(iops, d.mode == IoMode::Poll, other.max(0.0), d.cpus.len(), sg, sn, peer_iops)
 }

@@ -212,10 +212,12 @@ pub fn cpu_features(h: &History, v: usize) -> Option<[f32; 13]> {
     ])
 }
 
-pub const DEVICE_FEATURES: [&str; 6] = ["iops_log", "poll", "other_load", "set_size_log", "same_group", "same_node"];
+pub const DEVICE_FEATURES: [&str; 7] =
+    ["iops_log", "poll", "other_load", "set_size_log", "same_group", "same_node", "peer_iops_log"];
 
-/// Device model inputs for one candidate worker placement.
-pub fn device_features(iops: f64, poll: bool, other_load: f64, set_size: usize, same_group: f64, same_node: f64) -> [f32; 6] {
+/// Device model inputs for one candidate worker placement; `peer_iops` is the
+/// traffic of other devices served by the same polling thread.
+pub fn device_features(iops: f64, poll: bool, other_load: f64, set_size: usize, same_group: f64, same_node: f64, peer_iops: f64) -> [f32; 7] {
     [
         iops.ln_1p() as f32,
         if poll { 1.0 } else { 0.0 },
@@ -223,6 +225,7 @@ pub fn device_features(iops: f64, poll: bool, other_load: f64, set_size: usize, 
         (set_size as f64).ln() as f32,
         same_group as f32,
         same_node as f32,
+        peer_iops.ln_1p() as f32,
     ]
 }
 

@@ -114,6 +114,7 @@ impl Policy for Composite {
 /// over its (planned or current) vCPU sets, plus I/O workers.
 pub fn estimate_cpu_load(ctx: &Ctx, plan: Option<&[Vec<VcpuPlacement>]>) -> Vec<f64> {
     let mut load = vec![0.0; ctx.host.cpus as usize];
+    let mut pollers: Vec<&crate::util::CpuSet> = Vec::new();
     for (v, st) in ctx.state.iter().enumerate() {
         let obs = ctx.hist.vms.get(v).and_then(|h| h.last());
         let cpu = obs.map(|o| o.cpu).unwrap_or(0.0);
@@ -129,7 +130,11 @@ pub fn estimate_cpu_load(ctx: &Ctx, plan: Option<&[Vec<VcpuPlacement>]>) -> Vec<
         }
         for (_, d) in &st.devices {
             let w = match d.mode {
-                crate::decision::IoMode::Poll => 1.0,
+                crate::decision::IoMode::Poll if pollers.contains(&&d.cpus) => 0.0,
+                crate::decision::IoMode::Poll => {
+                    pollers.push(&d.cpus);
+                    1.0
+                }
                 crate::decision::IoMode::Notify => obs.map(|o| o.iops).unwrap_or(0.0) * crate::sim::model::IO_CPU_US * 1e-6,
             };
             for &c in d.cpus.cpus() {

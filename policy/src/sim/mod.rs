@@ -255,6 +255,10 @@ impl<'a> Simulator<'a> {
         let mut vcpu_set: Vec<Vec<usize>> = Vec::with_capacity(n);
         let mut worker_set: Vec<usize> = Vec::with_capacity(n);
         let mut worker_load: Vec<f64> = Vec::with_capacity(n);
+        // Devices set to poll on the same CPUs share one polling thread (as a
+        // vhost-user/SPDK poller serves several queues): its CPU is counted once.
+        let mut pollers: Vec<(CpuSet, f64)> = Vec::new();
+        let mut poller_of: Vec<Option<usize>> = vec![None; n];
         for v in 0..n {
             let i = trace.at(s, v);
             let dv = (trace.cpu[i] / trace.vms[v].vcpus as f64).min(1.0);
@@ -267,13 +271,27 @@ impl<'a> Simulator<'a> {
             }
             vcpu_set.push(idx);
             let dev = &self.state[v].devices[0].1;
-            let wl = match dev.mode {
-                IoMode::Poll => 1.0,
-                IoMode::Notify => trace.iops[i] * IO_CPU_US * 1e-6,
+            let (wl, added) = match dev.mode {
+                IoMode::Poll => match pollers.iter().position(|p| p.0 == dev.cpus) {
+                    Some(p) => {
+                        pollers[p].1 += trace.iops[i];
+                        poller_of[v] = Some(p);
+                        (1.0, 0.0)
+                    }
+                    None => {
+                        pollers.push((dev.cpus.clone(), trace.iops[i]));
+                        poller_of[v] = Some(pollers.len() - 1);
+                        (1.0, 1.0)
+                    }
+                },
+                IoMode::Notify => {
+                    let w = trace.iops[i] * IO_CPU_US * 1e-6;
+                    (w, w)
+                }
             };
             let k = self.set_index(&mut sets, &dev.cpus);
-            sets[k].load += wl;
-            sets[k].wload += wl;
+            sets[k].load += added;
+            sets[k].wload += added;
             worker_set.push(k);
             worker_load.push(wl);
         }
@@ -420,7 +438,7 @@ impl<'a> Simulator<'a> {
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
             let own = worker_load[v] / dev.cpus.len() as f64;
             let excess = io_excess_latency_us(&IoInputs {
-                iops: q,
+                iops: poller_of[v].map(|p| pollers[p].1).unwrap_or(q),
                 poll: dev.mode == IoMode::Poll,
                 other_load: (set_avg(&dev.cpus, &load) - own).max(0.0),
                 set_size: dev.cpus.len(),

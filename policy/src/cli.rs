@@ -22,6 +22,29 @@ pub enum PolicyCommand {
     Audit(AuditArgs),
     /// Print this host's topology, memory and pressure as the live reader sees them.
     Host(HostArgs),
+    /// Generate held-out traces (evaluation split, given seeds), evaluate every
+    /// policy on each and print per-trace figures and their medians.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub host: PathBuf,
+    /// Seeds of the held-out traces (training uses 1-4).
+    #[arg(long, value_delimiter = ',', default_value = "1001,1002,1003,1004,1005")]
+    pub seeds: Vec<u64>,
+    #[arg(long, default_value_t = 50)]
+    pub vms: usize,
+    #[arg(long, default_value_t = 24.0)]
+    pub hours: f64,
+    #[arg(long, value_delimiter = ',', default_value = "static,static-pin,mom,vpa,packspread,learned")]
+    pub policies: Vec<String>,
+    #[arg(long, default_value = default_models_dir())]
+    pub models: PathBuf,
+    /// Write the first trace's report (markdown + PNG) into this directory.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,7 +153,63 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
         PolicyCommand::Dataset(a) => dataset(a),
         PolicyCommand::Audit(a) => audit(a),
         PolicyCommand::Host(a) => host(a),
+        PolicyCommand::Bench(a) => bench(a),
     }
+}
+
+fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Option<&std::path::Path>) -> Result<Box<dyn crate::policies::Policy>> {
+    Ok(match name {
+        "learned" => {
+            let mut log = AuditLog::new(10_000);
+            if let Some(p) = audit {
+                log = log.with_file(p)?;
+            }
+            let models = Models::load_or_heuristic(models_dir);
+            let label = if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() { "learned(heuristic)" } else { "learned" };
+            Box::new(Engine::new(mode, GuardConfig::default(), models, log).with_name(label))
+        }
+        n => match crate::policies::baseline(n) {
+            Some(p) => Box::new(p),
+            None => bail!("unknown policy {n:?}; known: {}, learned", crate::policies::BASELINES.join(", ")),
+        },
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let host = Host::load(&a.host).context("loading the host description")?;
+    let mut all: Vec<Vec<PolicyResult>> = Vec::new();
+    for (k, &seed) in a.seeds.iter().enumerate() {
+        let spec = GenSpec { vms: a.vms, hours: a.hours, seed, split: Split::Eval, ..GenSpec::default() };
+        let trace = generate(&spec)?;
+        let mut results = Vec::new();
+        let mut notes = Vec::new();
+        for name in &a.policies {
+            let mut p = make_policy(name, &a.models, Mode::Active, None)?;
+            let r = run_policy(&host, &trace, p.as_mut())?;
+            if let Some(b) = p.intervention_breakdown() {
+                notes.push(format!("{}: {b}", r.name));
+            }
+            results.push(r);
+        }
+        let header = format!("held-out trace seed {seed} (split eval, {} VMs x {} h) on {}", a.vms, a.hours, a.host.display());
+        println!("{header}\n{}", table(&results));
+        for line in targets(&results) {
+            println!("  {line}");
+        }
+        println!();
+        if k == 0 {
+            if let Some(dir) = &a.report {
+                let path = crate::report::write_report(dir, &header, &results, &notes)?;
+                eprintln!("report written to {}", path.display());
+            }
+        }
+        all.push(results);
+    }
+    println!("medians over seeds {:?}:\n{}", a.seeds, crate::eval::median_table(&all));
+    for line in crate::eval::median_targets(&all) {
+        println!("  {line}");
+    }
+    Ok(())
 }
 
 fn dataset(a: DatasetArgs) -> Result<()> {
@@ -200,21 +279,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut results: Vec<PolicyResult> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for name in &a.policies {
-        let mut policy: Box<dyn crate::policies::Policy> = match name.as_str() {
-            "learned" => {
-                let mut log = AuditLog::new(10_000);
-                if let Some(p) = &a.audit {
-                    log = log.with_file(p)?;
-                }
-                let models = Models::load_or_heuristic(&a.models);
-                let label = if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() { "learned(heuristic)" } else { "learned" };
-                Box::new(Engine::new(a.mode, GuardConfig::default(), models, log).with_name(label))
-            }
-            n => match crate::policies::baseline(n) {
-                Some(p) => Box::new(p),
-                None => bail!("unknown policy {n:?}; known: {}, learned", crate::policies::BASELINES.join(", ")),
-            },
-        };
+        let mut policy = make_policy(name, &a.models, a.mode, a.audit.as_deref())?;
         let r = run_policy(&host, &trace, policy.as_mut())?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
         if let Some(b) = policy.intervention_breakdown() {

@@ -160,3 +160,97 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
     out.push(format!("latency: engine CPU {cpu:.3}% of a core at 1 s for {} VMs (target < 1%): {}", l.vms, verdict(cpu < 1.0)));
     out
 }
+
+/// The figures of one policy run, as printed in the table.
+fn figures(r: &PolicyResult) -> [f64; 9] {
+    let m = &r.metrics;
+    [
+        m.reclaimed_pct(),
+        m.oom_events as f64,
+        m.swap_in_pct_per_min(),
+        m.lc_wait_p99_ms(),
+        m.batch_throughput(),
+        m.io_p99_us(),
+        r.decision_p(50.0),
+        r.decision_p(99.0),
+        r.engine_cpu_pct_at_1s(),
+    ]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Per policy, the median of each figure over several traces (`runs[trace][policy]`).
+pub fn medians(runs: &[Vec<PolicyResult>]) -> Vec<(String, [f64; 9])> {
+    let Some(first) = runs.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(p, r)| {
+            let mut out = [0.0; 9];
+            for (k, slot) in out.iter_mut().enumerate() {
+                *slot = median(runs.iter().filter_map(|t| t.get(p)).map(|r| figures(r)[k]).collect());
+            }
+            (r.name.clone(), out)
+        })
+        .collect()
+}
+
+pub fn median_table(runs: &[Vec<PolicyResult>]) -> String {
+    let mut s = format!(
+        "{:<11} {:>9} {:>5} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8} {:>7}\n",
+        "policy", "reclaim%", "OOM", "swapin%/min", "lcwait99ms", "batch", "io99us", "dec50us", "dec99us", "cpu%@1s"
+    );
+    for (name, f) in medians(runs) {
+        s.push_str(&format!(
+            "{:<11} {:>9.1} {:>5.0} {:>11.4} {:>10.2} {:>9.2} {:>8.1} {:>8.2} {:>8.2} {:>7.3}\n",
+            name, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]
+        ));
+    }
+    s
+}
+
+/// The targets judged on the medians (ratios are medians of per-trace ratios).
+pub fn median_targets(runs: &[Vec<PolicyResult>]) -> Vec<String> {
+    let ratio = |num: &str, den: &str, k: usize| -> Option<f64> {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|t| {
+                let a = t.iter().find(|r| r.name == num)?;
+                let b = t.iter().find(|r| r.name == den)?;
+                Some(figures(a)[k] / figures(b)[k].max(1e-9))
+            })
+            .collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let meds = medians(runs);
+    let get = |n: &str| meds.iter().find(|m| m.0 == n).map(|m| m.1);
+    let mut out = Vec::new();
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let Some(l) = get("learned") {
+        out.push(format!("balloon: median reclaimed {:.1}% (>= 25%): {}", l[0], verdict(l[0] >= 25.0)));
+        if let Some(r) = ratio("learned", "mom", 0) {
+            out.push(format!("balloon: median {r:.2}x MOM (>= 1.5x): {}", verdict(r >= 1.5)));
+        }
+        out.push(format!("balloon: median OOM events {:.0} (0): {}", l[1], verdict(l[1] == 0.0)));
+        out.push(format!("balloon: median swap-ins {:.4}%/min (<= 0.2%): {}", l[2], verdict(l[2] <= 0.2)));
+        if let Some(p) = get("static-pin") {
+            out.push(format!("vcpu: median LC wait p99 {:.2} vs static-pin {:.2} ms/s (within 5%): {}", l[3], p[3], verdict(l[3] <= p[3] * 1.05)));
+        }
+        if let Some(r) = ratio("learned", "static-pin", 4) {
+            out.push(format!("vcpu: median batch throughput {r:.3}x static-pin (>= 1.2x): {}", verdict(r >= 1.2)));
+        }
+        if let Some(r) = ratio("learned", "static", 5) {
+            out.push(format!("device: median I/O p99 {:.1}% lower than unplaced (>= 15%): {}", (1.0 - r) * 100.0, verdict(r <= 0.85)));
+        }
+        out.push(format!("latency: median decision p99 {:.2} us (< 20 us): {}", l[7], verdict(l[7] < 20.0)));
+        out.push(format!("latency: median engine CPU {:.3}% of a core at 1 s (< 1%): {}", l[8], verdict(l[8] < 1.0)));
+    }
+    out
+}

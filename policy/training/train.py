@@ -84,6 +84,9 @@ def train_one(name, data_dir, out_dir, traces):
     onx = convert_lightgbm(
         model, initial_types=[("input", FloatTensorType([None, x.shape[1]]))], target_opset=15
     )
+    # The converter names the graph with a random UUID; a fixed name keeps
+    # rebuilt models byte-identical.
+    onx.graph.name = f"kiln_{name}"
     path = os.path.join(out_dir, f"{name}.onnx")
     onnx.save_model(onx, path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

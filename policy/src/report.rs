@@ -176,3 +176,29 @@ pub fn write_report(dir: &Path, header: &str, results: &[PolicyResult], notes: &
     std::fs::write(&path, md).map_err(|source| ReportError::Io { path: path.display().to_string(), source })?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::run_policy;
+    use crate::host::Host;
+    use crate::tracegen::{generate, GenSpec};
+
+    /// Needs a TrueType font (Debian: fonts-dejavu-core); fails saying so otherwise.
+    #[test]
+    fn writes_markdown_and_three_pngs() {
+        let host = Host::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/host-32.toml")).unwrap();
+        let trace = generate(&GenSpec { vms: 6, hours: 1.0, ..GenSpec::default() }).unwrap();
+        let results: Vec<PolicyResult> = ["static", "mom"]
+            .iter()
+            .map(|n| run_policy(&host, &trace, &mut crate::policies::baseline(n).unwrap()).unwrap())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let md = write_report(dir.path(), "test", &results, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(std::fs::read_to_string(md).unwrap().contains("![memory](memory.png)"));
+        for png in ["memory.png", "lc_wait_cdf.png", "io_latency_cdf.png"] {
+            let bytes = std::fs::read(dir.path().join(png)).unwrap();
+            assert!(bytes.len() > 5000 && bytes.starts_with(b"\x89PNG"), "{png} is a real image");
+        }
+    }
+}

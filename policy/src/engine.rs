@@ -400,7 +400,9 @@ impl Engine {
 
     fn predict_cpu_vm(&mut self, ctx: &Ctx, v: usize) -> (f64, Option<f32>, Vec<f32>) {
         {
-            let h = &ctx.hist.vms[v];
+            let Some(h) = ctx.hist.vms.get(v) else {
+                return (0.0, None, Vec::new());
+            };
             let w = ctx.hist.steps(300.0);
             let recent = h.window(w).map(|o| o.cpu).sum::<f64>() / h.window(w).count().max(1) as f64;
             let Some(row) = cpu_features(ctx.hist, v) else {
@@ -694,7 +696,10 @@ impl Policy for Engine {
         let in_force = vcpus.clone().unwrap_or_else(|| ctx.state[v].vcpus.clone());
         let device = self.decide_device(ctx, v, &in_force, plan.as_deref());
         self.plan = plan;
-        let devices = device.map(|d| vec![(ctx.state[v].devices[0].0.clone(), d)]).unwrap_or_default();
+        let devices = match (device, ctx.state[v].devices.first()) {
+            (Some(d), Some((name, _))) => vec![(name.clone(), d)],
+            _ => Vec::new(),
+        };
         match self.mode {
             Mode::Active => VmActions { vcpus, balloon_target_mib, devices },
             _ => VmActions::default(),

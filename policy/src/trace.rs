@@ -93,7 +93,7 @@ pub struct Trace {
 
 /// Limits on what a trace file may ask of us (hostile input).
 const MAX_VMS: usize = 10_000;
-const MAX_CELLS: usize = 50_000_000;
+const MAX_CELLS: usize = 20_000_000;
 const MAX_VCPUS: u32 = 1024;
 
 impl Trace {

@@ -100,10 +100,10 @@ impl Policy for Composite {
         let balloon_target_mib = self.balloon.as_mut().and_then(|b| b.target(ctx, v));
         let in_force = vcpus.as_deref().unwrap_or(&ctx.state[v].vcpus);
         let devices = match &mut self.device {
-            Some(d) => d
-                .place(ctx, v, in_force, &self.load)
-                .map(|p| vec![(ctx.state[v].devices[0].0.clone(), p)])
-                .unwrap_or_default(),
+            Some(d) => match ctx.state[v].devices.first() {
+                Some((name, _)) => d.place(ctx, v, in_force, &self.load).map(|p| vec![(name.clone(), p)]).unwrap_or_default(),
+                None => Vec::new(),
+            },
             None => Vec::new(),
         };
         VmActions { vcpus, balloon_target_mib, devices }

@@ -25,7 +25,7 @@ pub use progress::{NoProgress, Progress, StderrProgress};
 pub use recipe::ImageKind;
 
 /// Bumped whenever the build steps change what they produce.
-const BUILDER_VERSION: &str = "kiln-images-1";
+const BUILDER_VERSION: &str = "kiln-images-2";
 
 /// Default timestamp for everything in the image (2025-01-01T00:00:00Z),
 /// overridden by SOURCE_DATE_EPOCH.
@@ -230,6 +230,19 @@ pub fn build_image(kind: ImageKind, opts: &BuildOptions, progress: &dyn Progress
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| ImageError::io(&dir, e))?;
+    match build_into(kind, opts, &dir, started, progress) {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            // A failed build leaves nothing half-made in the cache.
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+fn build_into(kind: ImageKind, opts: &BuildOptions, dir: &Path, started: Instant, progress: &dyn Progress) -> Result<ImageArtifacts, ImageError> {
+    let dir = dir.to_path_buf();
+    let done_marker = dir.join("complete");
     let root = dir.join("root");
 
     progress.step(1, STEPS, &format!("{kind}: installing Debian {} packages with mmdebstrap ({})", rootfs::SUITE, kind.packages().join(" ")));
@@ -256,6 +269,7 @@ pub fn build_image(kind: ImageKind, opts: &BuildOptions, progress: &dyn Progress
     )?;
     std::fs::write(&packages, listing.join("\n") + "\n").map_err(|e| ImageError::io(&packages, e))?;
     manifest::clamp_mtimes(&root, opts.epoch)?;
+    keep_wine_prefixes_current(&root)?;
     let manifest_sha = manifest::write_manifest(&root, &dir.join("manifest.txt"), VOLATILE_PATHS)?;
     std::fs::write(dir.join("manifest.sha256"), format!("{manifest_sha}\n")).map_err(|e| ImageError::io(&dir, e))?;
 
@@ -267,6 +281,22 @@ pub fn build_image(kind: ImageKind, opts: &BuildOptions, progress: &dyn Progress
     std::fs::write(&done_marker, b"").map_err(|e| ImageError::io(&done_marker, e))?;
     progress.step(STEPS, STEPS, &format!("{kind}: done"));
     load_artifacts(kind, &dir, false)
+}
+
+/// Wine re-runs its (seconds-long) prefix update when wine.inf's mtime differs
+/// from the one recorded in the prefix; clamping timestamps changed it, so
+/// record the clamped value.
+fn keep_wine_prefixes_current(root: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let inf = root.join("usr/share/wine/wine.inf");
+    let Ok(meta) = std::fs::metadata(&inf) else { return Ok(()) };
+    for prefix in [recipe::AGENT_WINE_PREFIX.to_string(), format!("{}/.wine", recipe::CLAY_HOME)] {
+        let stamp = root.join(prefix.trim_start_matches('/')).join(".update-timestamp");
+        if stamp.is_file() {
+            std::fs::write(&stamp, format!("{}\n", meta.mtime())).map_err(|e| ImageError::io(&stamp, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn find_kernel(root: &Path) -> Result<(String, PathBuf), ImageError> {

@@ -70,8 +70,12 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), ImageError> {
             if meta.is_dir() {
                 stack.push(path.clone());
             }
-            if meta.mtime() as u64 > epoch || meta.atime() as u64 > epoch {
-                set_times(&path, &times)?;
+            // Only times after the epoch move; older ones (from packages) stay.
+            let keep = libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT };
+            let atime = if meta.atime() as u64 > epoch { ts } else { keep };
+            let mtime = if meta.mtime() as u64 > epoch { ts } else { keep };
+            if meta.atime() as u64 > epoch || meta.mtime() as u64 > epoch {
+                set_times(&path, &[atime, mtime])?;
             }
         }
     }
@@ -117,8 +121,16 @@ mod tests {
     fn clamp_sets_newer_times_to_the_epoch() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f"), b"x").expect("write");
+        std::fs::write(dir.path().join("old"), b"x").expect("write");
+        let old = [libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 0 }; 2];
+        set_times(&dir.path().join("old"), &old).expect("age");
+        // Touch the old file's atime only: its mtime must survive the clamp.
+        let _ = std::fs::read(dir.path().join("old"));
         clamp_mtimes(dir.path(), 1_700_000_000).expect("clamp");
         let m = std::fs::metadata(dir.path().join("f")).expect("meta");
         assert_eq!(m.mtime(), 1_700_000_000);
+        let o = std::fs::metadata(dir.path().join("old")).expect("meta");
+        assert_eq!(o.mtime(), 1_000_000_000);
+        assert!(o.atime() <= 1_700_000_000);
     }
 }

@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod boot;
 pub mod e820;
 pub mod layout;
+pub mod reset_vector;
 
 pub use e820::{E820Entry, E820Type};
 

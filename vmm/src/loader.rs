@@ -108,6 +108,7 @@ fn read_elf_entry(file: &mut File) -> Result<u64> {
 }
 
 fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<LoadedKernel> {
+    check_bzimage_complete(file, path)?;
     let high = GuestAddress(layout::HIGH_MEMORY_START);
     let loaded = BzImage::load(mem, Some(high), file, Some(high)).map_err(|e| {
         anyhow::anyhow!(
@@ -134,6 +135,31 @@ fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<L
         header: Some(header),
         end,
     })
+}
+
+/// A truncated bzImage would load and then crash in the decompressor;
+/// the header says how long the image must be (`syssize`, protocol 2.04+).
+fn check_bzimage_complete(file: &mut File, path: &Path) -> Result<()> {
+    let mut hdr = [0u8; 0x20];
+    file.seek(SeekFrom::Start(0x1f1))?;
+    file.read_exact(&mut hdr)
+        .with_context(|| format!("kernel {} is truncated inside its boot header", path.display()))?;
+    file.rewind()?;
+    let setup_sects = match hdr[0] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    // syssize: 32-bit count of 16-byte paragraphs at offset 0x1f4.
+    let syssize = u64::from(u32::from_le_bytes([hdr[3], hdr[4], hdr[5], hdr[6]]));
+    let expected = (setup_sects + 1) * 512 + syssize * 16;
+    let actual = file.metadata()?.len();
+    if actual < expected {
+        bail!(
+            "kernel {} is truncated: {actual} bytes, its header says at least {expected}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Loads the initrd as high as possible below 4 GiB (and below the kernel's
@@ -192,6 +218,7 @@ pub fn write_boot_structures(
         .unwrap_or(2048);
     boot::write_cmdline(mem, cmdline, max_cmdline)?;
     let rsdp = kiln_firmware::acpi::AcpiTables::new(cpus).write(mem)?;
+    kiln_firmware::reset_vector::write_reset_stub(mem)?;
     let map = e820::memory_map(mem_size);
     match kernel.entry {
         EntryPoint::Linux64 { .. } => {

@@ -77,6 +77,7 @@ fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, lifecycle: &VmLifecycle, 
                 None
             }
             VcpuExit::IoOut(port, data) => {
+                tracing::trace!("vCPU {index}: out {port:#x} <- {data:x?}");
                 bus.write(port, data);
                 None
             }

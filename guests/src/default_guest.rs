@@ -1,0 +1,189 @@
+//! The default guest: Debian's cloud kernel (bzImage, and the vmlinux
+//! inside it for PVH) and a busybox initramfs that loads the virtio
+//! modules.
+//!
+//! The `/init` contract (tests and the boot benchmark rely on it):
+//! 1. prints `KILN_INIT_OK` first thing;
+//! 2. mounts proc/sys/devtmpfs and loads the virtio modules;
+//! 3. prints `KILN_CPUS=<online CPUs>` and `KILN_MEM_KB=<MemTotal>`;
+//! 4. `kiln.poweroff` on the command line powers off, `kiln.reboot`
+//!    reboots; otherwise prints `KILN_SHELL_READY` and runs a shell on the
+//!    console, powering off when it exits.
+
+use std::path::{Path, PathBuf};
+
+use kiln_images::cpio::{write_archive, Entry};
+use kiln_images::initramfs::ModuleIndex;
+
+use crate::debian::{fetch_package, find_one};
+use crate::lock::FileLock;
+use crate::{progress, vmlinux, GuestError};
+
+pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// Virtio drivers the initramfs loads (with their dependencies).
+pub const VIRTIO_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_balloon",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+];
+
+#[derive(Clone, Debug)]
+pub struct DefaultGuest {
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    pub kernel_version: String,
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox echo KILN_INIT_OK
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/kiln-modules); do insmod "/lib/modules/$m" 2>/dev/null; done
+echo "KILN_CPUS=$(grep -c ^processor /proc/cpuinfo)"
+echo "KILN_MEM_KB=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+case " $(cat /proc/cmdline) " in
+  *" kiln.poweroff "*) poweroff -f ;;
+  *" kiln.reboot "*) reboot -f ;;
+esac
+echo KILN_SHELL_READY
+setsid cttyhack sh -l
+poweroff -f
+"#;
+
+/// Fetches and builds the default guest if it isn't cached yet.
+pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
+    let kernel = fetch_package(cache, KERNEL_PACKAGE)?;
+    let busybox = fetch_package(cache, BUSYBOX_PACKAGE)?;
+    let vmlinuz = find_one(&kernel.root.join("boot"), "vmlinuz-")?;
+    let kernel_version = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_string();
+
+    let dir = cache
+        .join("default-guest")
+        .join(format!("{}_{}", kernel.version, busybox.version).replace([':', '/'], "_"));
+    let guest = DefaultGuest {
+        bzimage: dir.join("bzImage"),
+        vmlinux: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio"),
+        kernel_version: kernel_version.clone(),
+    };
+    let _lock = FileLock::acquire(&dir.with_extension("lock"))?;
+    if guest.initramfs.is_file() && guest.vmlinux.is_file() && guest.bzimage.is_file() {
+        return Ok(guest);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| GuestError::io(format!("creating {}", dir.display()), e))?;
+
+    let bz = std::fs::read(&vmlinuz).map_err(|e| GuestError::io(format!("reading {}", vmlinuz.display()), e))?;
+    progress("extracting vmlinux (PVH entry) from the bzImage");
+    let elf = vmlinux::extract(&bz)?;
+    if !vmlinux::has_pvh_note(&elf) {
+        return Err(GuestError::Kernel(format!("{} has no PVH entry note", vmlinuz.display())));
+    }
+    write_atomic(&guest.vmlinux, &elf)?;
+    write_atomic(&guest.bzimage, &bz)?;
+
+    progress("building the busybox initramfs");
+    let modules = kernel.root.join("lib/modules").join(&kernel_version);
+    crate::debian::ensure_modules_dep(&kernel.root, &kernel_version)?;
+    let cpio = initramfs(&busybox.root.join("bin/busybox"), &modules)?;
+    write_atomic(&guest.initramfs, &cpio)?;
+    progress(&format!(
+        "default guest ready: kernel {kernel_version} ({} MiB), initramfs {} KiB",
+        bz.len() >> 20,
+        cpio.len() >> 10
+    ));
+    Ok(guest)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, GuestError> {
+    std::fs::read(path).map_err(|e| GuestError::io(format!("reading {}", path.display()), e))
+}
+
+fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Vec<u8>, GuestError> {
+    let dep = String::from_utf8_lossy(&read(&modules_dir.join("modules.dep"))?).into_owned();
+    let builtin = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let order = ModuleIndex::parse(&dep, &builtin).load_order(VIRTIO_MODULES)?;
+
+    let dir = |path: &str| Entry::Dir { path: path.into(), mode: 0o755 };
+    let mut entries = vec![
+        dir("bin"),
+        dir("dev"),
+        Entry::CharDev { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 },
+        dir("etc"),
+        dir("lib"),
+        dir("lib/modules"),
+        dir("proc"),
+        dir("sys"),
+        dir("tmp"),
+        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: read(busybox)? },
+        Entry::File { path: "init".into(), mode: 0o755, data: INIT.as_bytes().to_vec() },
+        Entry::File { path: "etc/kiln-modules".into(), mode: 0o644, data: (order.join("\n") + "\n").into_bytes() },
+    ];
+    let mut made = std::collections::BTreeSet::new();
+    for module in &order {
+        let mut parent = String::from("lib/modules");
+        for part in module.split('/').collect::<Vec<_>>().split_last().map(|x| x.1).unwrap_or_default() {
+            parent = format!("{parent}/{part}");
+            if made.insert(parent.clone()) {
+                entries.push(dir(&parent));
+            }
+        }
+        entries.push(Entry::File {
+            path: format!("lib/modules/{module}"),
+            mode: 0o644,
+            data: read(&modules_dir.join(module))?,
+        });
+    }
+    let mut out = Vec::new();
+    write_archive(&mut out, &entries).map_err(|e| GuestError::io("writing the initramfs", e))?;
+    Ok(out)
+}
+
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), GuestError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| GuestError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| GuestError::io(format!("renaming {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_prints_marker_before_anything_else() {
+        let first_command = INIT.lines().nth(1).unwrap();
+        assert_eq!(first_command, "/bin/busybox echo KILN_INIT_OK");
+        for needle in ["KILN_CPUS=", "KILN_MEM_KB=", "kiln.poweroff", "kiln.reboot", "KILN_SHELL_READY"] {
+            assert!(INIT.contains(needle), "{needle}");
+        }
+    }
+
+    /// Fetches real packages (needs apt and the Debian mirror): the whole
+    /// default guest, built twice to check the cache.
+    #[test]
+    fn default_guest_builds_and_is_cached() {
+        let cache = crate::cache_dir();
+        let g = ensure_default_guest(&cache).expect("default guest must build (needs apt access)");
+        let elf = std::fs::read(&g.vmlinux).unwrap();
+        assert!(vmlinux::has_pvh_note(&elf));
+        let cpio = std::fs::read(&g.initramfs).unwrap();
+        assert!(cpio.windows(11).any(|w| w == b"virtio_pci."));
+        let t0 = std::time::Instant::now();
+        let again = ensure_default_guest(&cache).unwrap();
+        assert_eq!(again.initramfs, g.initramfs);
+        assert!(t0.elapsed().as_secs() < 20, "cached call must not rebuild");
+    }
+}

@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Write the first trace's report (markdown + PNG) into this directory.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// The learned engine runs at most one I/O polling thread per this many host CPUs.
+    #[arg(long, default_value_t = 64)]
+    pub cpus_per_poller: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +122,9 @@ pub struct EvalArgs {
     /// Append the learned engine's audit log to this JSON-lines file.
     #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// The learned engine runs at most one I/O polling thread per this many host CPUs.
+    #[arg(long, default_value_t = 64)]
+    pub cpus_per_poller: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,7 +163,7 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
     }
 }
 
-fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Option<&std::path::Path>) -> Result<Box<dyn crate::policies::Policy>> {
+fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Option<&std::path::Path>, cpus_per_poller: usize) -> Result<Box<dyn crate::policies::Policy>> {
     Ok(match name {
         "learned" => {
             let mut log = AuditLog::new(10_000);
@@ -166,7 +172,8 @@ fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Opti
             }
             let models = Models::load_or_heuristic(models_dir);
             let label = if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() { "learned(heuristic)" } else { "learned" };
-            Box::new(Engine::new(mode, GuardConfig::default(), models, log).with_name(label))
+            let cfg = GuardConfig { cpus_per_poller: cpus_per_poller.max(1), ..GuardConfig::default() };
+            Box::new(Engine::new(mode, cfg, models, log).with_name(label))
         }
         n => match crate::policies::baseline(n) {
             Some(p) => Box::new(p),
@@ -184,7 +191,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let mut results = Vec::new();
         let mut notes = Vec::new();
         for name in &a.policies {
-            let mut p = make_policy(name, &a.models, Mode::Active, None)?;
+            let mut p = make_policy(name, &a.models, Mode::Active, None, a.cpus_per_poller)?;
             let r = run_policy(&host, &trace, p.as_mut())?;
             if let Some(b) = p.intervention_breakdown() {
                 notes.push(format!("{}: {b}", r.name));
@@ -195,6 +202,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{header}\n{}", table(&results));
         for line in targets(&results) {
             println!("  {line}");
+        }
+        for n in &notes {
+            println!("  guardrails {n}");
         }
         println!();
         if k == 0 {
@@ -279,7 +289,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut results: Vec<PolicyResult> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for name in &a.policies {
-        let mut policy = make_policy(name, &a.models, a.mode, a.audit.as_deref())?;
+        let mut policy = make_policy(name, &a.models, a.mode, a.audit.as_deref(), a.cpus_per_poller)?;
         let r = run_policy(&host, &trace, policy.as_mut())?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
         if let Some(b) = policy.intervention_breakdown() {

@@ -104,8 +104,6 @@ fn lever_index(l: Lever) -> usize {
     }
 }
 
-/// At most one busy-polling thread per this many host CPUs.
-pub const HOST_CPUS_PER_POLLER: usize = 32;
 /// Only devices this busy are worth polling.
 pub const POLL_MIN_IOPS: f64 = 2000.0;
 /// Most requests per second one polling thread takes on (keeps its queue short).
@@ -595,7 +593,7 @@ impl Engine {
                 }
             }
             // ...or start one, within the budget.
-            let budget = (host.cpus as usize / HOST_CPUS_PER_POLLER).max(1);
+            let budget = (host.cpus as usize / self.cfg.cpus_per_poller.max(1)).max(1);
             if self.poll_cpu[v].is_none() && pollers.len() < budget {
                 let pool = if group.is_empty() { &node_set } else { &group };
                 if let Some(c) = pool.cpus().iter().copied().min_by(|a, b| self.load[*a as usize].total_cmp(&self.load[*b as usize])) {

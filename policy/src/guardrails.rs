@@ -29,6 +29,8 @@ pub struct GuardConfig {
     pub cpu_hysteresis: f64,
     /// Least time between two placements of one device's worker, s.
     pub device_min_interval_s: f64,
+    /// Hard bound on CPUs burned by polling: one polling thread per this many host CPUs.
+    pub cpus_per_poller: usize,
     /// A device's worker only moves for a predicted gain of at least this, µs.
     pub device_min_gain_us: f64,
     /// A feature further than this share of its training range outside it is out of distribution.
@@ -63,6 +65,7 @@ impl Default for GuardConfig {
             cpu_hysteresis: 0.1,
             device_min_interval_s: 60.0,
             device_min_gain_us: 3.0,
+            cpus_per_poller: 64,
             ood_slack: 0.25,
             time_budget_us: 2000.0,
             warmup_s: 600.0,

@@ -246,6 +246,10 @@ fn exclusive_cpus_are_never_shared() {
     assert!(plan[0].iter().chain(&plan[1]).all(|p| p.exclusive));
     assert!(fired(&e, names::EXCLUSIVE) > 0, "workers started on CPUs that became exclusive and were moved");
     assert_eq!(m.lc_wait_p99_ms(), 0.0);
+    // Both LC devices are busy enough to poll, but 32 CPUs allow one polling thread.
+    let mut pollers: Vec<_> = state.iter().map(|s| &s.devices[0].1).filter(|d| d.mode == kiln_policy::decision::IoMode::Poll).map(|d| d.cpus.clone()).collect();
+    pollers.dedup();
+    assert!(pollers.len() <= 1, "polling threads {pollers:?}");
 }
 
 #[test]
@@ -275,6 +279,7 @@ fn eval_runs_on_the_hand_written_trace() {
         report: None,
         mode: Mode::Active,
         audit: None,
+        cpus_per_poller: 64,
     };
     kiln_policy::cli::eval(args).expect("eval on the hand-written trace");
 }

@@ -99,7 +99,8 @@ fn wincompat_runs_windows_programs_under_wine_in_a_chroot() {
         panic!("console run expected")
     };
     eprintln!("console program under Wine took {:?}", started.elapsed());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The Windows C runtime writes text-mode output: CR LF line ends.
+    let stdout = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
     assert!(
         stdout.starts_with("Hello from the Kiln console test\narg 1: hello\narg 2: two words\nwindows version: "),
         "unexpected output: {stdout:?} / stderr {:?}",
@@ -186,6 +187,7 @@ fn clay_image_shows_the_clay_shell_on_the_display() {
             if background > 10_000 && accent > 500 && bar > 5_000 {
                 img.save_png(&artifact);
                 eprintln!("Clay shell visible ({background} background, {accent} accent, {bar} bar pixels); screenshot {}", artifact.display());
+                ask_for_memory_and_check_the_answer(&vm);
                 return;
             }
             if Instant::now() > deadline {
@@ -200,5 +202,29 @@ fn clay_image_shows_the_clay_shell_on_the_display() {
             panic!("no screendump from QEMU; console tail:\n{}", tail(&vm.console()));
         }
         std::thread::sleep(Duration::from_secs(10));
+    }
+}
+
+/// Types "memory" + Enter on the guest keyboard; the shell must answer in
+/// its success colour (0x8FD694) below the intent bar.
+fn ask_for_memory_and_check_the_answer(vm: &Qemu) {
+    for key in ["m", "e", "m", "o", "r", "y", "ret"] {
+        vm.hmp(&format!("sendkey {key}"));
+    }
+    let artifact = target_dir().join("tmp").join("clay-screendump-answer.png");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let img = vm.screendump().expect("screendump");
+        let good = img.count(0x8FD694);
+        if good > 100 {
+            img.save_png(&artifact);
+            eprintln!("Clay answered the typed request ({good} result pixels); screenshot {}", artifact.display());
+            return;
+        }
+        if Instant::now() > deadline {
+            img.save_png(&artifact);
+            panic!("no answer from the Clay shell after typing a request; screenshot {}", artifact.display());
+        }
+        std::thread::sleep(Duration::from_secs(5));
     }
 }

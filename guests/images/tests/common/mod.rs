@@ -116,7 +116,7 @@ impl Qemu {
         let mut s = UnixStream::connect(&self.monitor).expect("connect to the QEMU monitor");
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
         s.write_all(format!("{command}\n").as_bytes()).expect("send");
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(400));
         let mut buf = vec![0u8; 65536];
         let n = s.read(&mut buf).unwrap_or(0);
         String::from_utf8_lossy(&buf[..n]).into_owned()

@@ -148,6 +148,24 @@ pub struct GenTraceArgs {
     pub out: PathBuf,
 }
 
+/// An error and its causes on one line, leaving out a cause whose text the
+/// message before it already includes (our error types print their source).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !last.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+        last = msg;
+    }
+    out
+}
+
 pub const fn default_models_dir() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/models")
 }

@@ -15,7 +15,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = kiln_policy::cli::run(Args::parse().cmd) {
-        eprintln!("kiln policy: {e:#}");
+        eprintln!("kiln policy: {}", kiln_policy::cli::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::GuestError;
 
-pub struct FileLock(File);
+pub struct FileLock(#[allow(dead_code)] File); // the lock lives as long as the open file
 
 impl FileLock {
     /// Blocks until the lock at `path` is ours; released on drop.

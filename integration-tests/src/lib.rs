@@ -1,1 +1,21 @@
-//! kiln-integration-tests
+//! The end-to-end test rig.
+//!
+//! A test describes a [`Scenario`]: a POSIX shell script plus what it needs.
+//! The rig runs it where real guests can boot:
+//! - on **hardware KVM** directly on this host;
+//! - otherwise inside a **nested KVM host**: QEMU in TCG mode emulating an
+//!   AMD CPU with SVM and nested paging, running Debian's kernel with
+//!   `kvm_amd`, with Kiln, the default guest and the script in its
+//!   initramfs (see DESIGN.md, "The host's KVM, and the nested rig").
+//!
+//! Either way the script sees the same environment (README.md here), and
+//! the test gets an [`Outcome`]. Logs of every run stay under
+//! `target/nested-logs/<scenario>/`.
+
+pub mod host;
+pub mod initrd;
+pub mod nested;
+pub mod scenario;
+
+pub use host::HostKvm;
+pub use scenario::{run, Outcome, RigError, Scenario};

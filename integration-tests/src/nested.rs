@@ -1,0 +1,96 @@
+//! The nested KVM host: Debian's standard kernel with `kvm_amd`, booted by
+//! QEMU in TCG mode with an emulated EPYC CPU that has SVM and nested
+//! paging. One vCPU: with two, the nested host froze about once in a dozen
+//! launches (DESIGN.md).
+
+use std::path::{Path, PathBuf};
+
+use kiln_guests::{debian, DefaultGuest};
+
+use crate::initrd::Tree;
+use crate::RigError;
+
+pub const HOST_KERNEL_PACKAGE: &str = "linux-image-amd64";
+pub const QEMU_CPU: &str = "EPYC-Rome,+svm,+npt";
+/// Modules for KVM on AMD, in load order (DESIGN.md).
+const KVM_MODULES: &[&str] = &[
+    "kernel/virt/lib/irqbypass.ko",
+    "kernel/drivers/crypto/ccp/ccp.ko",
+    "kernel/arch/x86/kvm/kvm.ko",
+    "kernel/arch/x86/kvm/kvm-amd.ko",
+];
+
+/// Paths of the default guest inside the nested host.
+pub const GUEST_DIR: &str = "/guest";
+
+pub const BEGIN_MARKER: &str = "KILN_RIG_SCRIPT_BEGIN";
+pub const EXIT_MARKER: &str = "KILN_RIG_SCRIPT_EXIT=";
+pub const ERROR_MARKER: &str = "KILN_RIG_ERROR=";
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /rig/kvm-modules); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
+if [ ! -e /dev/kvm ]; then echo "KILN_RIG_ERROR=no /dev/kvm in the nested host"; poweroff -f; fi
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+export KILN=/usr/bin/kiln GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio
+export WORKDIR=/tmp/work KILN_RIG_MODE=nested HOME=/root
+mkdir -p "$WORKDIR" /root && cd "$WORKDIR"
+echo KILN_RIG_SCRIPT_BEGIN
+sh /rig/script.sh < /dev/null 2>&1
+echo "KILN_RIG_SCRIPT_EXIT=$?"
+poweroff -f
+"#;
+
+/// The nested host's kernel and the initramfs part shared by all
+/// scenarios (busybox, KVM modules, the default guest, /init).
+pub struct NestedHost {
+    pub kernel: PathBuf,
+    pub base_initrd: PathBuf,
+}
+
+pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigError> {
+    let pkg = debian::fetch_package(cache, HOST_KERNEL_PACKAGE).map_err(|e| RigError::Setup(e.to_string()))?;
+    let kernel = debian::find_one(&pkg.root.join("boot"), "vmlinuz-").map_err(|e| RigError::Setup(e.to_string()))?;
+    let version = kernel.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    let busybox = debian::fetch_package(cache, kiln_guests::default_guest::BUSYBOX_PACKAGE)
+        .map_err(|e| RigError::Setup(e.to_string()))?;
+
+    let guest_key = guest.initramfs.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy().into_owned();
+    let dir = cache.join("rig").join(format!("{}__{guest_key}", pkg.version.replace([':', '/'], "_")));
+    let base_initrd = dir.join("base.cpio");
+    std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
+    let _lock = kiln_guests::lock::FileLock::acquire(&dir.join("lock")).map_err(|e| RigError::Setup(e.to_string()))?;
+    if base_initrd.is_file() {
+        return Ok(NestedHost { kernel, base_initrd });
+    }
+    eprintln!("kiln-rig: building the nested host's initramfs (once per kernel/guest version)");
+    let modules = pkg.root.join("lib/modules").join(&version);
+    let mut tree = Tree::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "root", "usr/bin", "usr/local/bin", "rig/modules"] {
+        tree.dir(d);
+    }
+    tree.entries.push(kiln_images::cpio::Entry::CharDev { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 });
+    tree.file("bin/busybox", 0o755, read(&busybox.root.join("bin/busybox"))?);
+    tree.file("init", 0o755, INIT.as_bytes().to_vec());
+    let mut names = Vec::new();
+    for m in KVM_MODULES {
+        let name = m.rsplit('/').next().unwrap_or(m);
+        tree.file(&format!("rig/modules/{name}"), 0o644, read(&modules.join(m))?);
+        names.push(name);
+    }
+    tree.file("rig/kvm-modules", 0o644, (names.join("\n") + "\n").into_bytes());
+    tree.file("guest/bzImage", 0o644, read(&guest.bzimage)?);
+    tree.file("guest/vmlinux", 0o644, read(&guest.vmlinux)?);
+    tree.file("guest/initramfs.cpio", 0o644, read(&guest.initramfs)?);
+    let tmp = dir.join("base.cpio.tmp");
+    tree.write(&tmp)?;
+    std::fs::rename(&tmp, &base_initrd).map_err(|e| RigError::Setup(format!("renaming {}: {e}", tmp.display())))?;
+    Ok(NestedHost { kernel, base_initrd })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, RigError> {
+    std::fs::read(path).map_err(|e| RigError::Setup(format!("reading {}: {e}", path.display())))
+}

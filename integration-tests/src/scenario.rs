@@ -1,0 +1,315 @@
+//! Scenarios: a script, where it runs, and what came back.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::host::HostKvm;
+use crate::initrd::Tree;
+use crate::nested::{self, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    #[error("rig set-up failed: {0}")]
+    Setup(String),
+    #[error("the nested KVM host stalled: no console output for {silent_s} s (log: {log})")]
+    Stalled { silent_s: u64, log: PathBuf },
+    #[error("scenario timed out after {timeout_s} s (log: {log})")]
+    TimedOut { timeout_s: u64, log: PathBuf },
+    #[error("the nested host failed before the script finished: {reason} (log: {log})")]
+    HostFailed { reason: String, log: PathBuf },
+}
+
+/// What a test asks the rig to run.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Names the log directory; unique per test.
+    pub name: String,
+    /// POSIX sh, run with `set -e` off; its exit status is reported.
+    pub script: String,
+    pub timeout: Duration,
+    /// No console output for this long means the nested host stalled.
+    pub stall_after: Duration,
+    /// Host binaries to make available (with their shared libraries), at
+    /// the same path.
+    pub binaries: Vec<PathBuf>,
+    /// Host files to make available at the same path.
+    pub files: Vec<PathBuf>,
+    /// Nested host memory in MiB.
+    pub nested_memory_mib: u32,
+}
+
+impl Scenario {
+    pub fn new(name: &str, script: &str) -> Scenario {
+        Scenario {
+            name: name.into(),
+            script: script.into(),
+            timeout: Duration::from_secs(600),
+            stall_after: Duration::from_secs(180),
+            binaries: Vec::new(),
+            files: Vec::new(),
+            nested_memory_mib: 3072,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Nested,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub mode: Mode,
+    pub exit_code: i32,
+    /// The script's stdout and stderr.
+    pub output: String,
+    /// Full console log (nested) or the output file (direct).
+    pub log: PathBuf,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Panics with the output and the log path unless `needle` was printed.
+    pub fn expect_output(&self, needle: &str) -> &Self {
+        assert!(
+            self.output.contains(needle),
+            "expected {needle:?} in the scenario output\n--- output ---\n{}\n--- full log: {}",
+            self.output,
+            self.log.display()
+        );
+        self
+    }
+
+    pub fn expect_exit(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.exit_code,
+            code,
+            "scenario script exited {} (wanted {code})\n--- output ---\n{}\n--- full log: {}",
+            self.exit_code,
+            self.output,
+            self.log.display()
+        );
+        self
+    }
+
+    /// The value of the first `KEY=value` line.
+    pub fn value(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.output.lines().find_map(|l| l.trim().strip_prefix(&prefix).map(|v| v.trim().to_string()))
+    }
+}
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// The kiln binary under test: `$KILN_BIN`, else `target/release/kiln`.
+pub fn kiln_binary() -> Result<PathBuf, RigError> {
+    let path = std::env::var_os("KILN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/kiln"));
+    if !path.is_file() {
+        return Err(RigError::Setup(format!(
+            "kiln binary {} not found: run `cargo build --release -p kiln` first (or set KILN_BIN)",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Runs `scenario` on hardware KVM or in the nested host.
+pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
+    let host = HostKvm::detect();
+    eprintln!("kiln-rig: {}: {}", scenario.name, host.describe());
+    let logs = target_dir().join("nested-logs").join(&scenario.name);
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).map_err(|e| RigError::Setup(format!("creating {}: {e}", logs.display())))?;
+    let cache = kiln_guests::cache_dir();
+    let guest = kiln_guests::ensure_default_guest(&cache).map_err(|e| RigError::Setup(e.to_string()))?;
+    let kiln = kiln_binary()?;
+    match host {
+        HostKvm::Hardware => run_direct(scenario, &kiln, &guest, &logs),
+        _ => run_nested(scenario, &kiln, &guest, &cache, &logs),
+    }
+}
+
+fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, logs: &Path) -> Result<Outcome, RigError> {
+    let work = logs.join("work");
+    std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
+    let log = logs.join("output.log");
+    let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
+    let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
+    let start = Instant::now();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(&scenario.script)
+        .current_dir(&work)
+        .env("KILN", kiln)
+        .env("GUEST_BZIMAGE", &guest.bzimage)
+        .env("GUEST_VMLINUX", &guest.vmlinux)
+        .env("GUEST_INITRD", &guest.initramfs)
+        .env("WORKDIR", &work)
+        .env("KILN_RIG_MODE", "direct")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| RigError::Setup(e.to_string()))? {
+            break status;
+        }
+        if start.elapsed() > scenario.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(RigError::TimedOut { timeout_s: scenario.timeout.as_secs(), log });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output, log, elapsed: start.elapsed() })
+}
+
+fn run_nested(
+    scenario: &Scenario,
+    kiln: &Path,
+    guest: &kiln_guests::DefaultGuest,
+    cache: &Path,
+    logs: &Path,
+) -> Result<Outcome, RigError> {
+    let qemu = which("qemu-system-x86_64").ok_or_else(|| {
+        RigError::Setup("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (the test command does)".into())
+    })?;
+    let host = nested::prepare(cache, guest)?;
+
+    // Per-scenario part, appended to the shared base (Linux unpacks
+    // concatenated newc archives in order).
+    let mut tree = Tree::default();
+    tree.dir("usr/bin");
+    let kiln_data = std::fs::read(kiln).map_err(|e| RigError::Setup(format!("reading {}: {e}", kiln.display())))?;
+    tree.file("usr/bin/kiln", 0o755, kiln_data);
+    for lib in crate::initrd::shared_libraries(kiln)? {
+        tree.host_file(Path::new(&lib), 0o755)?;
+    }
+    for bin in &scenario.binaries {
+        tree.host_binary(bin)?;
+    }
+    for file in &scenario.files {
+        tree.host_file(file, 0o644)?;
+    }
+    tree.file("rig/script.sh", 0o755, scenario.script.as_bytes().to_vec());
+    let extra = logs.join("scenario.cpio");
+    tree.write(&extra)?;
+    let initrd = logs.join("initrd.cpio");
+    concat(&[&host.base_initrd, &extra], &initrd)?;
+
+    let log = logs.join("console.log");
+    let mut log_file = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
+    let start = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
+        .arg(scenario.nested_memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
+
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            while reader.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+                let line = String::from_utf8_lossy(&buf).replace('\r', "");
+                buf.clear();
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let mut output = String::new();
+    let mut in_script = false;
+    let mut exit_code = None;
+    let mut host_error = None;
+    let mut last_output = Instant::now();
+    let failure = loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => {
+                last_output = Instant::now();
+                let _ = log_file.write_all(line.as_bytes());
+                let trimmed = line.trim_end();
+                if let Some(code) = trimmed.strip_prefix(EXIT_MARKER) {
+                    exit_code = code.trim().parse::<i32>().ok();
+                    in_script = false;
+                } else if trimmed.ends_with(BEGIN_MARKER) {
+                    in_script = true;
+                } else if in_script {
+                    output.push_str(&line);
+                } else if let Some(e) = trimmed.strip_prefix(ERROR_MARKER) {
+                    host_error.get_or_insert(e.to_string());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if start.elapsed() > scenario.timeout {
+                    break Some(RigError::TimedOut { timeout_s: scenario.timeout.as_secs(), log: log.clone() });
+                }
+                if last_output.elapsed() > scenario.stall_after {
+                    break Some(RigError::Stalled { silent_s: scenario.stall_after.as_secs(), log: log.clone() });
+                }
+            }
+        }
+    };
+    if failure.is_some() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let Some(exit_code) = exit_code else {
+        let reason = host_error.unwrap_or_else(|| "QEMU exited without the script's exit marker".into());
+        return Err(RigError::HostFailed { reason, log });
+    };
+    // The combined initrd is large and rebuilt each time; keep it only
+    // when the scenario failed, for reproduction.
+    if exit_code == 0 {
+        let _ = std::fs::remove_file(&initrd);
+    }
+    Ok(Outcome { mode: Mode::Nested, exit_code, output, log, elapsed: start.elapsed() })
+}
+
+fn concat(parts: &[&Path], out: &Path) -> Result<(), RigError> {
+    let mut file = std::fs::File::create(out).map_err(|e| RigError::Setup(format!("creating {}: {e}", out.display())))?;
+    for part in parts {
+        let mut src = std::fs::File::open(part).map_err(|e| RigError::Setup(format!("opening {}: {e}", part.display())))?;
+        std::io::copy(&mut src, &mut file).map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))?;
+    }
+    Ok(())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}

@@ -14,6 +14,10 @@ venv="$repo/.cache/kiln-policy-venv"
 reqs="$here/requirements.txt"
 stamp="$venv/.requirements.stamp"
 
+if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    echo "setup.sh: needs python3 with venv and ensurepip (Debian: apt-get install python3 python3-venv)" >&2
+    exit 1
+fi
 if [[ ! -f "$stamp" ]] || ! cmp -s "$reqs" "$stamp"; then
     echo "setup.sh: creating Python venv in $venv" >&2
     python3 -m venv "$venv" >&2

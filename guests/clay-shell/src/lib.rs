@@ -7,5 +7,6 @@
 pub mod actions;
 pub mod app;
 pub mod intent;
+pub mod llm;
 pub mod render;
 pub mod shell;

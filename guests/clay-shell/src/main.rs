@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match app::run(Shell::new(ActionContext::from_env()), font) {
+            match app::run(Shell::new(ActionContext::from_env()).with_llm(clay_shell::llm::LlmConfig::from_env()), font) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("clay-shell: {e}");

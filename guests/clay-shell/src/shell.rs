@@ -5,6 +5,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use crate::actions::{self, ActionContext, Outcome};
 use crate::intent;
+use crate::llm::{self, LlmConfig};
 use crate::render::{Entry, View};
 
 /// Results kept on screen.
@@ -16,11 +17,19 @@ pub struct Shell {
     pub view: View,
     ctx: ActionContext,
     pending: Vec<(String, Receiver<Outcome>)>,
+    llm: Option<LlmConfig>,
 }
 
 impl Shell {
     pub fn new(ctx: ActionContext) -> Shell {
-        Shell { view: View::default(), ctx, pending: Vec::new() }
+        Shell { view: View::default(), ctx, pending: Vec::new(), llm: None }
+    }
+
+    /// Sends requests the rules do not understand to a language model
+    /// (off unless configured).
+    pub fn with_llm(mut self, llm: Option<LlmConfig>) -> Shell {
+        self.llm = llm;
+        self
     }
 
     /// Appends typed text; control characters are dropped.
@@ -47,6 +56,20 @@ impl Shell {
         let parsed = intent::parse(&request);
         tracing::info!(request = %request, intent = ?parsed, "request");
         if parsed == intent::Intent::Empty {
+            return;
+        }
+        if let (intent::Intent::Unknown { .. }, Some(cfg)) = (&parsed, &self.llm) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (cfg, ctx, text) = (cfg.clone(), self.ctx.clone(), request.clone());
+            std::thread::spawn(move || {
+                let outcome = match llm::interpret(&cfg, &text) {
+                    Ok(intent) => actions::perform(&intent, &ctx),
+                    Err(e) => Outcome { ok: false, summary: format!("The language model could not help: {e}"), details: vec![], follow_up: None },
+                };
+                let _ = tx.send(outcome);
+            });
+            self.pending.push((request.trim().to_string(), rx));
+            self.push(Entry { request: request.trim().to_string(), ok: true, summary: "Not a known request; asking the language model…".into(), details: vec![] });
             return;
         }
         let mut outcome = actions::perform(&parsed, &self.ctx);

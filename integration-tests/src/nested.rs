@@ -38,6 +38,11 @@ export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/usr/bin/kiln GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio
 export WORKDIR=/tmp/work KILN_RIG_MODE=nested HOME=/root
 mkdir -p "$WORKDIR" /root && cd "$WORKDIR"
+if [ -e /rig/interactive ]; then
+  # A controlling terminal, so Ctrl-C reaches the script's programs.
+  setsid cttyhack sh /rig/script.sh
+  poweroff -f
+fi
 echo KILN_RIG_SCRIPT_BEGIN
 sh /rig/script.sh < /dev/null 2>&1
 echo "KILN_RIG_SCRIPT_EXIT=$?"
@@ -59,7 +64,12 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
         .map_err(|e| RigError::Setup(e.to_string()))?;
 
     let guest_key = guest.initramfs.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy().into_owned();
-    let dir = cache.join("rig").join(format!("{}__{guest_key}", pkg.version.replace([':', '/'], "_")));
+    // The key covers everything baked into the base initramfs, /init too.
+    let dir = cache.join("rig").join(format!(
+        "{}__{guest_key}__init-{:016x}",
+        pkg.version.replace([':', '/'], "_"),
+        fnv1a(INIT.as_bytes())
+    ));
     let base_initrd = dir.join("base.cpio");
     std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
     let _lock = kiln_guests::lock::FileLock::acquire(&dir.join("lock")).map_err(|e| RigError::Setup(e.to_string()))?;
@@ -93,4 +103,9 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
 
 fn read(path: &Path) -> Result<Vec<u8>, RigError> {
     std::fs::read(path).map_err(|e| RigError::Setup(format!("reading {}: {e}", path.display())))
+}
+
+/// A stable 64-bit hash (FNV-1a) for cache keys.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

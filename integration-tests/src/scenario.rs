@@ -39,6 +39,9 @@ pub struct Scenario {
     pub files: Vec<PathBuf>,
     /// Nested host memory in MiB.
     pub nested_memory_mib: u32,
+    /// Give the script this terminal (stdin/stdout) instead of capturing
+    /// its output: for a person using a guest, not for assertions.
+    pub interactive: bool,
 }
 
 impl Scenario {
@@ -51,6 +54,7 @@ impl Scenario {
             binaries: Vec::new(),
             files: Vec::new(),
             nested_memory_mib: 3072,
+            interactive: false,
         }
     }
 }
@@ -144,6 +148,23 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
 fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, logs: &Path) -> Result<Outcome, RigError> {
     let work = logs.join("work");
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
+    if scenario.interactive {
+        let start = Instant::now();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(&scenario.script)
+            .current_dir(&work)
+            .env("KILN", kiln)
+            .env("GUEST_BZIMAGE", &guest.bzimage)
+            .env("GUEST_VMLINUX", &guest.vmlinux)
+            .env("GUEST_INITRD", &guest.initramfs)
+            .env("WORKDIR", &work)
+            .env("KILN_RIG_MODE", "direct")
+            .status()
+            .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
+        let log = logs.join("output.log");
+        return Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output: String::new(), log, elapsed: start.elapsed() });
+    }
     let log = logs.join("output.log");
     let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
@@ -206,11 +227,17 @@ fn run_nested(
         tree.host_file(file, 0o644)?;
     }
     tree.file("rig/script.sh", 0o755, scenario.script.as_bytes().to_vec());
+    if scenario.interactive {
+        tree.file("rig/interactive", 0o644, Vec::new());
+    }
     let extra = logs.join("scenario.cpio");
     tree.write(&extra)?;
     let initrd = logs.join("initrd.cpio");
     concat(&[&host.base_initrd, &extra], &initrd)?;
 
+    if scenario.interactive {
+        return run_nested_interactive(&qemu, scenario, &host, &initrd, logs);
+    }
     let log = logs.join("console.log");
     let mut log_file = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
@@ -295,6 +322,36 @@ fn run_nested(
         let _ = std::fs::remove_file(&initrd);
     }
     Ok(Outcome { mode: Mode::Nested, exit_code, output, log, elapsed: start.elapsed() })
+}
+
+/// The nested host with this terminal as its serial console: QEMU puts the
+/// terminal in raw mode; Ctrl-A X leaves QEMU.
+fn run_nested_interactive(
+    qemu: &Path,
+    scenario: &Scenario,
+    host: &nested::NestedHost,
+    initrd: &Path,
+    logs: &Path,
+) -> Result<Outcome, RigError> {
+    let start = Instant::now();
+    let status = Command::new(qemu)
+        .args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
+        .arg(scenario.nested_memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+        .status()
+        .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
+    let _ = std::fs::remove_file(initrd);
+    Ok(Outcome {
+        mode: Mode::Nested,
+        exit_code: status.code().unwrap_or(-1),
+        output: String::new(),
+        log: logs.join("console.log"),
+        elapsed: start.elapsed(),
+    })
 }
 
 fn concat(parts: &[&Path], out: &Path) -> Result<(), RigError> {

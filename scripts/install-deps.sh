@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what Kiln's build, guests and tests need on a fresh Debian 12
+# machine. Idempotent: installs only what is missing.
+set -euo pipefail
+
+packages=(
+    qemu-system-x86      # the nested KVM host (and the QEMU peer in benchmarks)
+    python3-venv         # the policy engine's ONNX Runtime / training venv
+    fonts-dejavu-core    # text in the policy report's PNG plots
+    gcc-mingw-w64-x86-64 # Windows test programs (guests/windows-tests)
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "install-deps: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

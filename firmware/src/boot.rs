@@ -51,8 +51,7 @@ pub fn write_zero_page<M: GuestMemory>(
     e820: &[E820Entry],
     rsdp_addr: u64,
 ) -> Result<(), FirmwareError> {
-    let mut params = boot_params::default();
-    params.hdr = *header;
+    let mut params = boot_params { hdr: *header, ..Default::default() };
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
     params.hdr.header = HDRS_MAGIC;
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;

@@ -72,6 +72,15 @@ pub const CMOS_IRQ: u32 = 8;
 /// CMOS register holding the century (announced in the FADT).
 pub const CMOS_CENTURY_REGISTER: u8 = 0x32;
 
+// The fixed boot areas must not overlap; checked when compiling.
+const _: () = {
+    assert!(BOOT_IDT_START + 8 <= PVH_INFO_START);
+    assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
+    assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+};
+
 /// Guest RAM ranges (start, length) for a guest of `mem_size` bytes: RAM
 /// below the MMIO hole, and the rest above 4 GiB.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -101,12 +110,4 @@ mod tests {
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
     }
 
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(BOOT_IDT_START + 8 <= PVH_INFO_START);
-        assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
-        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-    }
 }

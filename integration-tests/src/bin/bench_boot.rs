@@ -1,6 +1,8 @@
 //! `kiln-bench-boot [RUNS]`: boot time to the guest's init marker and VMM
 //! memory outside guest RAM, Kiln against QEMU `-M microvm`, side by side
 //! in one (nested or direct) host, interleaved runs, medians and ratios.
+//! `--pvh` boots the uncompressed ELF vmlinux (PVH entry) instead of the
+//! bzImage, with both VMMs.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +22,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pvh = args.iter().any(|a| a == "--pvh");
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    let kernel_var = if pvh { "$GUEST_VMLINUX" } else { "$GUEST_BZIMAGE" };
     let probe = std::env::current_exe().expect("own path").with_file_name("kiln-boot-probe");
     let probe_path = probe.to_string_lossy();
     let mut script = String::new();
@@ -28,13 +33,13 @@ fn main() {
         for (label, extra) in [("plain", ""), ("blacklist", BLACKLIST)] {
             let cmdline = format!("{BASE_CMDLINE} {extra}").trim().to_string();
             script.push_str(&format!(
-                "echo \"kiln {label} $({probe_path} 256 KILN_INIT_OK -- \"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"$GUEST_INITRD\" --cpus 1 --memory 256M --cmdline '{cmdline}')\"\n\
-                 echo \"qemu {label} $({probe_path} 256 KILN_INIT_OK -- qemu-system-x86_64 -enable-kvm -M microvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -kernel \"$GUEST_BZIMAGE\" -initrd \"$GUEST_INITRD\" -append '{cmdline}')\"\n"
+                "echo \"kiln {label} $({probe_path} 256 KILN_INIT_OK -- \"$KILN\" run --kernel \"{kernel_var}\" --initrd \"$GUEST_INITRD\" --cpus 1 --memory 256M --cmdline '{cmdline}')\"\n\
+                 echo \"qemu {label} $({probe_path} 256 KILN_INIT_OK -- qemu-system-x86_64 -enable-kvm -M microvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -kernel \"{kernel_var}\" -initrd \"$GUEST_INITRD\" -append '{cmdline}')\"\n"
             ));
         }
         script.push_str(&format!("echo run {} of {runs} done >&2\n", i + 1));
     }
-    let mut s = Scenario::new("bench_boot", &script);
+    let mut s = Scenario::new(if pvh { "bench_boot_pvh" } else { "bench_boot" }, &script);
     s.timeout = Duration::from_secs(3000);
     s.binaries = vec![probe.clone(), PathBuf::from("/usr/bin/qemu-system-x86_64")];
     s.files = vec!["/usr/share/qemu/qboot.rom".into(), "/usr/share/qemu/bios-microvm.bin".into()];
@@ -67,7 +72,8 @@ fn main() {
         let qemu = stats("qemu");
         rows.push((label, kiln, qemu));
     }
-    println!("Boot to KILN_INIT_OK (1 vCPU, 256 MiB, Debian cloud kernel + busybox initramfs), {:?} mode, medians", out.mode);
+    let kernel = if pvh { "PVH vmlinux" } else { "bzImage" };
+    println!("Boot to KILN_INIT_OK (1 vCPU, 256 MiB, Debian cloud kernel {kernel} + busybox initramfs), {:?} mode, medians", out.mode);
     println!();
     println!("| command line | runs | Kiln boot (s) | QEMU microvm boot (s) | Kiln/QEMU | Kiln VMM RSS (MiB) | QEMU VMM RSS (MiB) |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");

@@ -42,7 +42,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 fn segment(index: usize) -> kvm_segment {
     let e = GDT[index];
-    let base = (((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000)) as u64;
+    let base = ((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000);
     let raw_limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let g = ((e >> 55) & 1) as u8;
     kvm_segment {

@@ -150,16 +150,7 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
     if scenario.interactive {
         let start = Instant::now();
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(&scenario.script)
-            .current_dir(&work)
-            .env("KILN", kiln)
-            .env("GUEST_BZIMAGE", &guest.bzimage)
-            .env("GUEST_VMLINUX", &guest.vmlinux)
-            .env("GUEST_INITRD", &guest.initramfs)
-            .env("WORKDIR", &work)
-            .env("KILN_RIG_MODE", "direct")
+        let status = direct_command(scenario, kiln, guest, &work)
             .status()
             .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
         let log = logs.join("output.log");
@@ -169,16 +160,7 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
     let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(&scenario.script)
-        .current_dir(&work)
-        .env("KILN", kiln)
-        .env("GUEST_BZIMAGE", &guest.bzimage)
-        .env("GUEST_VMLINUX", &guest.vmlinux)
-        .env("GUEST_INITRD", &guest.initramfs)
-        .env("WORKDIR", &work)
-        .env("KILN_RIG_MODE", "direct")
+    let mut child = direct_command(scenario, kiln, guest, &work)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -197,6 +179,34 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
     Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output, log, elapsed: start.elapsed() })
+}
+
+/// The script as a shell command with the rig's environment, on this host.
+fn direct_command(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, work: &Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&scenario.script)
+        .current_dir(work)
+        .env("KILN", kiln)
+        .env("GUEST_BZIMAGE", &guest.bzimage)
+        .env("GUEST_VMLINUX", &guest.vmlinux)
+        .env("GUEST_INITRD", &guest.initramfs)
+        .env("WORKDIR", work)
+        .env("KILN_RIG_MODE", "direct");
+    cmd
+}
+
+/// QEMU running the nested KVM host with `initrd`, console on stdio.
+fn qemu_command(qemu: &Path, scenario: &Scenario, host: &nested::NestedHost, initrd: &Path) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
+        .arg(scenario.nested_memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
+    cmd
 }
 
 fn run_nested(
@@ -241,14 +251,7 @@ fn run_nested(
     let log = logs.join("console.log");
     let mut log_file = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
-    let mut child = Command::new(qemu)
-        .args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
-        .arg(scenario.nested_memory_mib.to_string())
-        .arg("-kernel")
-        .arg(&host.kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+    let mut child = qemu_command(&qemu, scenario, &host, &initrd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -334,14 +337,7 @@ fn run_nested_interactive(
     logs: &Path,
 ) -> Result<Outcome, RigError> {
     let start = Instant::now();
-    let status = Command::new(qemu)
-        .args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
-        .arg(scenario.nested_memory_mib.to_string())
-        .arg("-kernel")
-        .arg(&host.kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+    let status = qemu_command(qemu, scenario, host, initrd)
         .status()
         .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
     let _ = std::fs::remove_file(initrd);

@@ -4,7 +4,8 @@
 //! `PROBE boot_ms=<ms from spawn to marker> vmm_rss_kib=<resident KiB outside guest RAM>`.
 //! Guest RAM is every mapping at least GUEST_MIB large (the VMM's RAM
 //! block); everything else resident counts as the VMM's own memory. The
-//! VMM is killed afterwards.
+//! VMM is killed afterwards. A VMM that shows no marker within 180 s is
+//! killed and reported as `PROBE failed`.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -47,6 +48,13 @@ fn main() {
         }
     };
     let mut stdout = child.stdout.take().expect("piped stdout");
+    // Watchdog: a stuck boot must fail this run, not hang the benchmark.
+    let pid = child.id() as libc::pid_t;
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(180));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     let found = loop {

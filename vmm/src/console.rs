@@ -103,6 +103,32 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
+/// Flushes a partial line of console output (a prompt, an echoed key)
+/// as soon as the guest wrote it.
+pub struct ConsoleOutputFlush {
+    serial: Arc<Mutex<SerialConsole>>,
+    flush_needed: EventFd,
+}
+
+impl ConsoleOutputFlush {
+    pub fn new(serial: Arc<Mutex<SerialConsole>>, flush_needed: EventFd) -> Self {
+        ConsoleOutputFlush { serial, flush_needed }
+    }
+}
+
+impl MutEventSubscriber for ConsoleOutputFlush {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.flush_needed, EventSet::IN)) {
+            tracing::warn!("console output flushing disabled, partial lines wait for a newline: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.flush_needed.read();
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}
+
 /// Wakes the loop when the guest or a vCPU asks to stop, or when the host
 /// sends SIGINT/SIGTERM/SIGHUP.
 pub struct VmControl {

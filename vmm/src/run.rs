@@ -11,7 +11,7 @@ use kiln_devices::ExitReason;
 use kvm_ioctls::Kvm;
 
 use crate::config::{ConsoleMode, OnReboot, VmConfig};
-use crate::console::{stop_signals_fd, ConsoleInput, VmControl};
+use crate::console::{stop_signals_fd, ConsoleInput, ConsoleOutputFlush, VmControl};
 use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 
@@ -41,6 +41,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
                 )));
             }
         }
+        events.add_subscriber(Box::new(ConsoleOutputFlush::new(vm.serial.clone(), vm.serial_flush.try_clone()?)));
         let control = VmControl::new(vm.lifecycle.clone(), signals.take());
         let control_id = events.add_subscriber(Box::new(control));
         while !vm.lifecycle.is_stopping() {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use kiln_devices::legacy::{AcpiPowerPorts, Cmos, SerialConsole, I8042};
+use kiln_devices::legacy::{AcpiPowerPorts, Cmos, LineBufferedOutput, SerialConsole, I8042};
 use kiln_devices::{PioBus, VmLifecycle};
 use kiln_firmware::layout;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -23,6 +23,8 @@ pub struct RunningVm {
     pub serial: Arc<Mutex<SerialConsole>>,
     /// Fires when the guest drained the serial receive FIFO.
     pub serial_rx_room: EventFd,
+    /// Fires when console output holds a partial line to flush.
+    pub serial_flush: EventFd,
     threads: Vec<vcpu::VcpuThread>,
     stop: Arc<AtomicBool>,
     // Kept alive for as long as the vCPUs run.
@@ -64,6 +66,8 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ).context("registering the COM1 irqfd")?;
     let serial_rx_room = EventFd::new(libc::EFD_NONBLOCK)?;
+    let serial_flush = EventFd::new(libc::EFD_NONBLOCK)?;
+    let serial_out = Box::new(LineBufferedOutput::new(serial_out, serial_flush.try_clone()?));
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         serial_rx_room.try_clone()?,
@@ -123,6 +127,7 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
         lifecycle,
         serial,
         serial_rx_room,
+        serial_flush,
         threads,
         stop,
         _vm: vm,

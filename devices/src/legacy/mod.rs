@@ -2,11 +2,13 @@
 //! CMOS RTC, and the ACPI hardware-reduced power/reset registers.
 
 pub mod cmos;
+pub mod console_output;
 pub mod i8042;
 pub mod power;
 pub mod serial;
 
 pub use cmos::Cmos;
+pub use console_output::LineBufferedOutput;
 pub use i8042::I8042;
 pub use power::AcpiPowerPorts;
 pub use serial::{SerialConsole, SerialOutput};

@@ -89,9 +89,10 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     )?;
     let bus = Arc::new(bus);
 
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
+    cpuid::fill_brand_string(&mut supported, cpuid::host_brand_string());
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
         let fd = vm

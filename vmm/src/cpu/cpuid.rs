@@ -87,6 +87,43 @@ pub fn apply_topology(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+const LEAF_BRAND_FIRST: u32 = 0x8000_0002;
+const LEAF_BRAND_LAST: u32 = 0x8000_0004;
+
+/// Fills the processor brand string (leaves 0x8000_0002..4) with `brand`
+/// when KVM left it empty, so the guest shows a model name rather than
+/// "family/model" numbers.
+pub fn fill_brand_string(cpuid: &mut CpuId, brand: [[u32; 4]; 3]) {
+    let present = cpuid.as_slice().iter().any(|e| {
+        (LEAF_BRAND_FIRST..=LEAF_BRAND_LAST).contains(&e.function) && (e.eax | e.ebx | e.ecx | e.edx) != 0
+    });
+    if present {
+        return;
+    }
+    for (i, regs) in brand.iter().enumerate() {
+        let function = LEAF_BRAND_FIRST + i as u32;
+        let entry = kvm_cpuid_entry2 { function, eax: regs[0], ebx: regs[1], ecx: regs[2], edx: regs[3], ..Default::default() };
+        match cpuid.as_mut_slice().iter_mut().find(|e| e.function == function) {
+            Some(slot) => *slot = entry,
+            None => {
+                // A full table keeps "family/model": cosmetic only.
+                let _ = cpuid.push(entry);
+            }
+        }
+    }
+}
+
+/// This host CPU's brand string leaves.
+pub fn host_brand_string() -> [[u32; 4]; 3] {
+    let mut out = [[0; 4]; 3];
+    for (i, regs) in out.iter_mut().enumerate() {
+        // Extended leaves up to 0x8000_0004 exist on every 64-bit CPU.
+        let r = std::arch::x86_64::__cpuid(LEAF_BRAND_FIRST + i as u32);
+        *regs = [r.eax, r.ebx, r.ecx, r.edx];
+    }
+    out
+}
+
 fn set_ext_topology(entry: &mut kvm_cpuid_entry2, id: u32, count: u32, core_bits: u32) {
     entry.edx = id; // x2APIC id
     match entry.index {
@@ -170,6 +207,20 @@ mod tests {
         assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&c, 0xb, 1).eax, 0);
         assert_eq!(find(&c, 4, 0).eax >> 26, 0);
+    }
+
+    #[test]
+    fn empty_brand_string_is_filled_and_a_real_one_kept() {
+        let brand = [[0x2061_6843; 4], [0x6f6c_6c65; 4], [0; 4]];
+        let mut c = cpuid();
+        fill_brand_string(&mut c, brand);
+        assert_eq!(find(&c, 0x8000_0002, 0).eax, 0x2061_6843);
+        assert_eq!(find(&c, 0x8000_0003, 0).ebx, 0x6f6c_6c65);
+        let mut again = c.clone();
+        fill_brand_string(&mut again, [[7; 4]; 3]);
+        assert_eq!(find(&again, 0x8000_0002, 0).eax, 0x2061_6843, "existing brand kept");
+        let host = host_brand_string();
+        assert!(host.iter().flatten().any(|r| *r != 0), "this CPU has a brand string");
     }
 
     #[test]

@@ -8,6 +8,12 @@ packages=(
     python3-venv         # the policy engine's ONNX Runtime / training venv
     fonts-dejavu-core    # text in the policy report's PNG plots
     gcc-mingw-w64-x86-64 # Windows test programs (guests/windows-tests)
+    mmdebstrap           # guest image builder (guests/images) and its tests
+    e2fsprogs            # mkfs.ext4 -d for guest root disks
+    cpio                 # guest image tests read initramfs listings
+    pkg-config           # finds libxkbcommon for the Clay shell's build
+    libxkbcommon-dev     # Clay shell keyboard handling (smithay-client-toolkit)
+    libwayland-dev       # Clay shell's Wayland client
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -56,6 +56,9 @@ fn concrete_name(package: &str) -> Result<String, GuestError> {
     if !package.starts_with("linux-image-") || package.starts_with("linux-image-6") {
         return Ok(package.to_string());
     }
+    // Asked first so that a machine with empty package lists gets its
+    // `apt-get update` before `apt-cache depends` (which fails outright).
+    candidate_version(package)?;
     let deps = run(Command::new("apt-cache").args(["depends", "--important", package]), package)?;
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))

@@ -71,16 +71,19 @@ pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
         .unwrap_or_default()
         .to_string();
 
-    let dir = cache
-        .join("default-guest")
-        .join(format!("{}_{}", kernel.version, busybox.version).replace([':', '/'], "_"));
+    // The key covers the packages and this file's recipe (/init and the
+    // module list), so editing either rebuilds instead of reusing a stale
+    // initramfs.
+    let recipe = crate::stable_hash(format!("{INIT}\0{}", VIRTIO_MODULES.join(",")).as_bytes());
+    let key = format!("{}_{}_{recipe:016x}", kernel.version, busybox.version).replace([':', '/'], "_");
+    let dir = cache.join("default-guest").join(&key);
     let guest = DefaultGuest {
         bzimage: dir.join("bzImage"),
         vmlinux: dir.join("vmlinux"),
         initramfs: dir.join("initramfs.cpio"),
         kernel_version: kernel_version.clone(),
     };
-    let _lock = FileLock::acquire(&dir.with_extension("lock"))?;
+    let _lock = FileLock::acquire(&cache.join("default-guest").join(format!("{key}.lock")))?;
     if guest.initramfs.is_file() && guest.vmlinux.is_file() && guest.bzimage.is_file() {
         return Ok(guest);
     }
@@ -178,7 +181,9 @@ mod tests {
         let cache = crate::cache_dir();
         let g = ensure_default_guest(&cache).expect("default guest must build (needs apt access)");
         let elf = std::fs::read(&g.vmlinux).unwrap();
-        assert!(vmlinux::has_pvh_note(&elf));
+        let entry = vmlinux::pvh_entry(&elf).expect("Debian's kernel carries XEN_ELFNOTE_PHYS32_ENTRY");
+        // The 32-bit entry lies in the kernel's physical load range (16 MiB up).
+        assert!((0x0100_0000..0x4000_0000).contains(&entry), "PVH entry {entry:#x}");
         let cpio = std::fs::read(&g.initramfs).unwrap();
         assert!(cpio.windows(11).any(|w| w == b"virtio_pci."));
         let t0 = std::time::Instant::now();

@@ -52,6 +52,12 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/kiln")
 }
 
+/// A stable 64-bit hash (FNV-1a) for cache keys: the same on every run and
+/// machine, unlike `std`'s hasher.
+pub fn stable_hash(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Prints a progress line on stderr (these steps take seconds to minutes).
 pub(crate) fn progress(line: &str) {
     eprintln!("kiln-guests: {line}");

@@ -18,4 +18,4 @@ pub mod nested;
 pub mod scenario;
 
 pub use host::HostKvm;
-pub use scenario::{run, Outcome, RigError, Scenario};
+pub use scenario::{run, Mode, Outcome, RigError, Scenario};

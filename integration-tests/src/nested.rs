@@ -26,6 +26,8 @@ pub const GUEST_DIR: &str = "/guest";
 pub const BEGIN_MARKER: &str = "KILN_RIG_SCRIPT_BEGIN";
 pub const EXIT_MARKER: &str = "KILN_RIG_SCRIPT_EXIT=";
 pub const ERROR_MARKER: &str = "KILN_RIG_ERROR=";
+/// Printed once KVM works in the nested host, before the script starts.
+pub const HOST_READY_MARKER: &str = "KILN_RIG_HOST_READY";
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -34,6 +36,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /rig/kvm-modules); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
 if [ ! -e /dev/kvm ]; then echo "KILN_RIG_ERROR=no /dev/kvm in the nested host"; poweroff -f; fi
+npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
+if [ "$npt" != Y ] && [ "$npt" != 1 ]; then echo "KILN_RIG_ERROR=kvm_amd runs without nested paging (npt=$npt)"; poweroff -f; fi
+echo KILN_RIG_HOST_READY
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/usr/bin/kiln GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio
 export WORKDIR=/tmp/work KILN_RIG_MODE=nested HOME=/root
@@ -68,7 +73,7 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
     let dir = cache.join("rig").join(format!(
         "{}__{guest_key}__init-{:016x}",
         pkg.version.replace([':', '/'], "_"),
-        fnv1a(INIT.as_bytes())
+        kiln_guests::stable_hash(INIT.as_bytes())
     ));
     let base_initrd = dir.join("base.cpio");
     std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
@@ -103,9 +108,4 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
 
 fn read(path: &Path) -> Result<Vec<u8>, RigError> {
     std::fs::read(path).map_err(|e| RigError::Setup(format!("reading {}: {e}", path.display())))
-}
-
-/// A stable 64-bit hash (FNV-1a) for cache keys.
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -2,13 +2,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::host::HostKvm;
 use crate::initrd::Tree;
-use crate::nested::{self, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER};
+use crate::nested::{self, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RigError {
@@ -42,6 +43,10 @@ pub struct Scenario {
     /// Give the script this terminal (stdin/stdout) instead of capturing
     /// its output: for a person using a guest, not for assertions.
     pub interactive: bool,
+    /// Run in this mode whatever the host offers. For tests of the rig
+    /// itself (its direct path on a host without hardware KVM); scripts that
+    /// boot guests leave it `None`.
+    pub force_mode: Option<Mode>,
 }
 
 impl Scenario {
@@ -55,6 +60,7 @@ impl Scenario {
             files: Vec::new(),
             nested_memory_mib: 3072,
             interactive: false,
+            force_mode: None,
         }
     }
 }
@@ -74,6 +80,9 @@ pub struct Outcome {
     /// Full console log (nested) or the output file (direct).
     pub log: PathBuf,
     pub elapsed: Duration,
+    /// Nested mode: from QEMU's start until KVM worked in the nested host
+    /// (its boot time). `None` in direct mode.
+    pub host_ready: Option<Duration>,
 }
 
 impl Outcome {
@@ -109,10 +118,13 @@ impl Outcome {
 
 /// The workspace's target directory.
 pub fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+    let dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    };
+    // Without `..` in it: scripts compare `$WORKDIR` with `pwd`, and log
+    // paths printed on failure read better.
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// The kiln binary under test: `$KILN_BIN`, else `target/release/kiln`.
@@ -139,9 +151,16 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
     let cache = kiln_guests::cache_dir();
     let guest = kiln_guests::ensure_default_guest(&cache).map_err(|e| RigError::Setup(e.to_string()))?;
     let kiln = kiln_binary()?;
-    match host {
-        HostKvm::Hardware => run_direct(scenario, &kiln, &guest, &logs),
-        _ => run_nested(scenario, &kiln, &guest, &cache, &logs),
+    let mode = scenario.force_mode.unwrap_or(match host {
+        HostKvm::Hardware => Mode::Direct,
+        HostKvm::Emulating | HostKvm::None => Mode::Nested,
+    });
+    if scenario.force_mode.is_some() {
+        eprintln!("kiln-rig: {}: {mode:?} mode forced by the scenario", scenario.name);
+    }
+    match mode {
+        Mode::Direct => run_direct(scenario, &kiln, &guest, &logs),
+        Mode::Nested => run_nested(scenario, &kiln, &guest, &cache, &logs),
     }
 }
 
@@ -154,13 +173,15 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
             .status()
             .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
         let log = logs.join("output.log");
-        return Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output: String::new(), log, elapsed: start.elapsed() });
+        return Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output: String::new(), log, elapsed: start.elapsed(), host_ready: None });
     }
     let log = logs.join("output.log");
     let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
+    // Its own process group, so a timeout kills the script's children too.
     let mut child = direct_command(scenario, kiln, guest, &work)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -171,14 +192,15 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
             break status;
         }
         if start.elapsed() > scenario.timeout {
-            let _ = child.kill();
+            // SAFETY: kill(2) on the process group we created for the script.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait();
             return Err(RigError::TimedOut { timeout_s: scenario.timeout.as_secs(), log });
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
-    Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output, log, elapsed: start.elapsed() })
+    Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output, log, elapsed: start.elapsed(), host_ready: None })
 }
 
 /// The script as a shell command with the rig's environment, on this host.
@@ -279,6 +301,7 @@ fn run_nested(
     let mut in_script = false;
     let mut exit_code = None;
     let mut host_error = None;
+    let mut host_ready = None;
     let mut last_output = Instant::now();
     let failure = loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
@@ -289,6 +312,8 @@ fn run_nested(
                 if let Some(code) = trimmed.strip_prefix(EXIT_MARKER) {
                     exit_code = code.trim().parse::<i32>().ok();
                     in_script = false;
+                } else if !in_script && host_ready.is_none() && trimmed.ends_with(HOST_READY_MARKER) {
+                    host_ready = Some(start.elapsed());
                 } else if trimmed.ends_with(BEGIN_MARKER) {
                     in_script = true;
                 } else if in_script {
@@ -324,7 +349,7 @@ fn run_nested(
     if exit_code == 0 {
         let _ = std::fs::remove_file(&initrd);
     }
-    Ok(Outcome { mode: Mode::Nested, exit_code, output, log, elapsed: start.elapsed() })
+    Ok(Outcome { mode: Mode::Nested, exit_code, output, log, elapsed: start.elapsed(), host_ready })
 }
 
 /// The nested host with this terminal as its serial console: QEMU puts the
@@ -347,6 +372,7 @@ fn run_nested_interactive(
         output: String::new(),
         log: logs.join("console.log"),
         elapsed: start.elapsed(),
+        host_ready: None,
     })
 }
 

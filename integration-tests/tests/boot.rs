@@ -135,6 +135,10 @@ echo QEMU_EXIT=$?; cat out
     s.files.push(PathBuf::from("/usr/share/qemu/qboot.rom"));
     s.files.push(PathBuf::from("/usr/share/qemu/bios-microvm.bin"));
     let out = run(&s).unwrap();
-    out.expect_output("KILN_INIT_OK");
+    out.expect_exit(0).expect_output("KILN_INIT_OK").expect_output("KILN_CPUS=1").expect_output("KILN_MEM_KB=");
     assert_eq!(out.value("QEMU_EXIT").as_deref(), Some("0"), "log {}", out.log.display());
+    eprintln!(
+        "rig self-test: {:?} mode, nested host ready after {:?}, whole scenario {:?}",
+        out.mode, out.host_ready, out.elapsed
+    );
 }

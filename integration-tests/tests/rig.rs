@@ -1,0 +1,70 @@
+//! Tests of the rig itself: what a scenario script sees, and that exit
+//! codes, output, timeouts and stalls come back as they should. Scripts here
+//! don't boot guests, so the direct path is tested on any host.
+
+use std::time::Duration;
+
+use kiln_integration_tests::{run, Mode, RigError, Scenario};
+
+/// Prints the environment contract and exits 7.
+const ENV_SCRIPT: &str = r#"
+echo "MODE=$KILN_RIG_MODE"
+[ -x "$KILN" ] && echo KILN_OK
+[ -s "$GUEST_BZIMAGE" ] && [ -s "$GUEST_VMLINUX" ] && [ -s "$GUEST_INITRD" ] && echo GUEST_OK
+[ "$(pwd)" = "$WORKDIR" ] && touch "$WORKDIR/w" && echo WORKDIR_OK
+echo to-stderr >&2
+exit 7
+"#;
+
+fn check_env_outcome(mode: Mode, want: &str) {
+    let mut s = Scenario::new(&format!("rig_env_{want}"), ENV_SCRIPT);
+    s.force_mode = Some(mode);
+    let out = run(&s).unwrap();
+    assert_eq!(out.mode, mode);
+    out.expect_exit(7).expect_output("KILN_OK").expect_output("GUEST_OK").expect_output("WORKDIR_OK").expect_output("to-stderr");
+    assert_eq!(out.value("MODE").as_deref(), Some(want), "KILN_RIG_MODE; log {}", out.log.display());
+    assert!(out.log.is_file(), "the log {} must be kept", out.log.display());
+}
+
+#[test]
+fn nested_script_sees_the_environment_and_its_exit_code_comes_back() {
+    check_env_outcome(Mode::Nested, "nested");
+}
+
+#[test]
+fn direct_script_sees_the_environment_and_its_exit_code_comes_back() {
+    check_env_outcome(Mode::Direct, "direct");
+}
+
+/// A nested host that prints nothing for `stall_after` is reported as
+/// stalled: the rig never waits forever and never passes.
+#[test]
+fn silent_nested_host_is_reported_as_stalled() {
+    let mut s = Scenario::new("rig_stall", "sleep 600; echo UNREACHABLE\n");
+    s.force_mode = Some(Mode::Nested);
+    s.stall_after = Duration::from_secs(20);
+    match run(&s) {
+        Err(RigError::Stalled { silent_s, log }) => {
+            assert_eq!(silent_s, 20);
+            assert!(log.is_file(), "stall log {} must be kept", log.display());
+        }
+        other => panic!("a silent nested host must be reported as stalled, got {other:?}"),
+    }
+}
+
+#[test]
+fn direct_script_past_its_timeout_is_killed() {
+    // The marker names this test's sleep, to check it was killed too.
+    let mut s = Scenario::new("rig_timeout_direct", "sleep 601 & sleep 602\n");
+    s.force_mode = Some(Mode::Direct);
+    s.timeout = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    match run(&s) {
+        Err(RigError::TimedOut { timeout_s: 2, .. }) => {}
+        other => panic!("a script past its timeout must be an error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "the rig must not wait for the script");
+    std::thread::sleep(Duration::from_millis(200));
+    let left = std::process::Command::new("pgrep").args(["-f", "^sleep 60[12]$"]).output().unwrap();
+    assert!(left.stdout.is_empty(), "the script's children outlived the timeout: pids {}", String::from_utf8_lossy(&left.stdout));
+}

@@ -26,6 +26,8 @@ pub const GUEST_DIR: &str = "/guest";
 pub const BEGIN_MARKER: &str = "KILN_RIG_SCRIPT_BEGIN";
 pub const EXIT_MARKER: &str = "KILN_RIG_SCRIPT_EXIT=";
 pub const ERROR_MARKER: &str = "KILN_RIG_ERROR=";
+/// Printed every 15 s by the nested host while the script runs.
+pub const ALIVE_MARKER: &str = "KILN_RIG_ALIVE";
 /// Printed once KVM works in the nested host, before the script starts.
 pub const HOST_READY_MARKER: &str = "KILN_RIG_HOST_READY";
 
@@ -48,6 +50,10 @@ if [ -e /rig/interactive ]; then
   setsid cttyhack sh /rig/script.sh
   poweroff -f
 fi
+# A heartbeat, so the rig tells a frozen nested host (no heartbeat) from a
+# script that is merely quiet (the scenario's timeout covers that).
+( while sleep 15; do echo KILN_RIG_ALIVE; done ) &
+echo $! > /rig/heartbeat.pid
 echo KILN_RIG_SCRIPT_BEGIN
 sh /rig/script.sh < /dev/null 2>&1
 echo "KILN_RIG_SCRIPT_EXIT=$?"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::HostKvm;
 use crate::initrd::Tree;
-use crate::nested::{self, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER};
+use crate::nested::{self, ALIVE_MARKER, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RigError {
@@ -31,7 +31,8 @@ pub struct Scenario {
     /// POSIX sh, run with `set -e` off; its exit status is reported.
     pub script: String,
     pub timeout: Duration,
-    /// No console output for this long means the nested host stalled.
+    /// No console output for this long (the nested host prints a heartbeat
+    /// every 15 s while the script runs) means the nested host stalled.
     pub stall_after: Duration,
     /// Host binaries to make available (with their shared libraries), at
     /// the same path.
@@ -302,14 +303,27 @@ fn run_nested(
     let mut exit_code = None;
     let mut host_error = None;
     let mut host_ready = None;
+    let mut partial = String::new();
     let mut last_output = Instant::now();
     let failure = loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(line) => {
                 last_output = Instant::now();
                 let _ = log_file.write_all(line.as_bytes());
+                // A heartbeat may land in the middle of a script's line:
+                // keep the part before it for the line's continuation.
+                let line = std::mem::take(&mut partial) + &line;
+                if let Some(before) = line.trim_end().strip_suffix(ALIVE_MARKER) {
+                    partial = before.to_string();
+                    continue;
+                }
                 let trimmed = line.trim_end();
-                if let Some(code) = trimmed.strip_prefix(EXIT_MARKER) {
+                if let Some((before, code)) = trimmed.split_once(EXIT_MARKER).filter(|_| in_script) {
+                    // The script's last line may lack its newline.
+                    if !before.is_empty() {
+                        output.push_str(before);
+                        output.push('\n');
+                    }
                     exit_code = code.trim().parse::<i32>().ok();
                     in_script = false;
                 } else if !in_script && host_ready.is_none() && trimmed.ends_with(HOST_READY_MARKER) {

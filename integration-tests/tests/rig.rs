@@ -37,10 +37,11 @@ fn direct_script_sees_the_environment_and_its_exit_code_comes_back() {
 }
 
 /// A nested host that prints nothing for `stall_after` is reported as
-/// stalled: the rig never waits forever and never passes.
+/// stalled: the rig never waits forever and never passes. Freezing the
+/// nested host's heartbeat makes it silent, as a frozen kernel would be.
 #[test]
 fn silent_nested_host_is_reported_as_stalled() {
-    let mut s = Scenario::new("rig_stall", "sleep 600; echo UNREACHABLE\n");
+    let mut s = Scenario::new("rig_stall", "kill -STOP $(cat /rig/heartbeat.pid)\nsleep 600; echo UNREACHABLE\n");
     s.force_mode = Some(Mode::Nested);
     s.stall_after = Duration::from_secs(20);
     match run(&s) {
@@ -67,4 +68,19 @@ fn direct_script_past_its_timeout_is_killed() {
     std::thread::sleep(Duration::from_millis(200));
     let left = std::process::Command::new("pgrep").args(["-f", "^sleep 60[12]$"]).output().unwrap();
     assert!(left.stdout.is_empty(), "the script's children outlived the timeout: pids {}", String::from_utf8_lossy(&left.stdout));
+}
+
+/// A quiet script is not a stall while the nested host's heartbeat goes on;
+/// the heartbeat stays out of the output, and a last line without its
+/// newline is kept.
+#[test]
+fn quiet_script_is_not_a_stall_and_output_stays_clean() {
+    let mut s = Scenario::new("rig_quiet", "printf 'first '; sleep 25; printf 'half'; sleep 5; printf ' line\\nLAST=no-newline'\n");
+    s.force_mode = Some(Mode::Nested);
+    s.stall_after = Duration::from_secs(20);
+    let out = run(&s).unwrap();
+    out.expect_exit(0);
+    assert_eq!(out.output, "first half line\nLAST=no-newline\n", "log {}", out.log.display());
+    let log = std::fs::read_to_string(&out.log).unwrap();
+    assert!(log.contains("KILN_RIG_ALIVE"), "the heartbeat must show in the console log {}", out.log.display());
 }

@@ -73,7 +73,13 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     if !found {
-        println!("PROBE failed: marker {marker:?} never appeared");
+        // What the guest printed last tells a hung boot from a slow one.
+        let text = String::from_utf8_lossy(&seen);
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(15)..] {
+            eprintln!("PROBE tail: {line}");
+        }
+        println!("PROBE failed: marker {marker:?} never appeared ({} bytes of output after {boot_ms} ms)", seen.len());
         std::process::exit(1);
     }
     println!("PROBE boot_ms={boot_ms} vmm_rss_kib={}", rss.map_or("?".into(), |r| r.to_string()));

@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod lifecycle;
+pub mod virtio;
 
 pub use bus::{BusError, PioBus, PioDevice};
 pub use lifecycle::{ExitReason, VmLifecycle};

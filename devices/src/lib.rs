@@ -8,7 +8,10 @@
 pub mod bus;
 pub mod legacy;
 pub mod lifecycle;
+pub mod mmio;
+pub mod pci;
 pub mod virtio;
 
 pub use bus::{BusError, PioBus, PioDevice};
+pub use mmio::{MmioBus, MmioBusError, MmioDevice};
 pub use lifecycle::{ExitReason, VmLifecycle};

@@ -9,6 +9,7 @@ use acpi_tables::aml;
 use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -38,6 +39,11 @@ impl AcpiTables {
         let mut tables = AcpiTables { cpus, dsdt_devices: Vec::new(), extra_tables: Vec::new() };
         tables.add_dsdt_device(com1_device());
         tables.add_dsdt_device(rtc_device());
+        tables.add_dsdt_device(pci_root_device());
+        tables.add_dsdt_device(ecam_reservation_device());
+        let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+        tables.add_table(to_bytes(&mcfg));
         tables
     }
 
@@ -194,6 +200,63 @@ fn rtc_device() -> Vec<u8> {
     out
 }
 
+/// The PCIe root bridge of bus 0: its configuration ports and the memory
+/// window its devices' BARs live in. No `_PRT`: devices use MSI-X only.
+fn pci_root_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    let window_end = (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32;
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_LEN as u8),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        PCI_MMIO_START as u32,
+                        window_end,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// A motherboard resource covering the ECAM window: Linux only uses an
+/// MCFG region that firmware reserved.
+fn ecam_reservation_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "MRES".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    PCI_ECAM_START as u32,
+                    PCI_ECAM_SIZE as u32,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 /// Already-encoded AML spliced into a larger object.
 struct RawAml<'a>(&'a [u8]);
 
@@ -261,7 +324,7 @@ mod tests {
         AcpiTables::new(4).write(&mem).unwrap();
         let t = tables(&mem);
         let names: Vec<&str> = t.iter().map(|x| x.0.as_str()).collect();
-        assert_eq!(names, ["FACP", "APIC"]);
+        assert_eq!(names, ["FACP", "APIC", "MCFG"]);
 
         let fadt = &t[0].1;
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
@@ -274,6 +337,9 @@ mod tests {
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+        let mcfg = &t[2].1;
+        assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), PCI_ECAM_START);
     }
 
     #[test]
@@ -300,12 +366,12 @@ mod tests {
     fn extra_tables_are_listed_in_the_xsdt() {
         let mem = mem();
         let mut acpi = AcpiTables::new(1);
-        let mut mcfg = Sdt::new(*b"MCFG", 60, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        let mut mcfg = Sdt::new(*b"TEST", 60, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         mcfg.update_checksum();
         acpi.add_table(mcfg.as_slice().to_vec());
         acpi.write(&mem).unwrap();
         let names: Vec<String> = tables(&mem).into_iter().map(|x| x.0).collect();
-        assert_eq!(names, ["FACP", "APIC", "MCFG"]);
+        assert_eq!(names, ["FACP", "APIC", "MCFG", "TEST"]);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
             kind: E820Type::Reserved,
         },
     ];
+    // The ECAM window is reserved so Linux trusts the MCFG table.
+    let ecam = E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820Type::Reserved };
     for (start, len) in ram_ranges(mem_size) {
         let start = start.max(HIGH_MEMORY_START);
         let end = if start == HIGH_MEMORY_START { len } else { start + len };
@@ -40,6 +42,8 @@ pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
             map.push(E820Entry { addr: start, size: end - start, kind: E820Type::Ram });
         }
     }
+    let at = map.partition_point(|e| e.addr < ecam.addr);
+    map.insert(at, ecam);
     map
 }
 
@@ -56,7 +60,8 @@ mod tests {
         let mem = 512 << 20;
         let map = memory_map(mem);
         assert_eq!(ram_total(&map), mem - (HIGH_MEMORY_START - EBDA_START));
-        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_HOLE_START));
+        assert!(map.iter().filter(|e| e.kind == E820Type::Ram).all(|e| e.addr + e.size <= MMIO_HOLE_START));
+        assert!(map.iter().any(|e| e.addr == PCI_ECAM_START && e.kind == E820Type::Reserved));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! 0x0000_7000  Linux zero page           0x0000_b000  4 page directories (0-4 GiB)
 //! 0x0002_0000  kernel command line       0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  RSDP and ACPI tables      0x0010_0000  kernel (high memory)
-//! 0xc000_0000 .. 0x1_0000_0000  MMIO hole: PCI (later), IOAPIC, LAPIC
+//! 0xc000_0000 .. 0xe000_0000  PCI BARs     0xe000_0000  PCI ECAM (bus 0)
+//! 0xfec0_0000 IOAPIC, 0xfee0_0000 LAPIC (in the MMIO hole up to 4 GiB)
 //! 0x1_0000_0000 ..              RAM beyond the hole
 //! ```
 
@@ -44,6 +45,16 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole; RAM continues here.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Window the PCI devices' memory BARs are allocated from.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// PCIe enhanced configuration space (ECAM) of bus 0, announced in MCFG.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// Legacy PCI configuration ports CONFIG_ADDRESS (0xcf8) and CONFIG_DATA.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_PORT_LEN: u16 = 8;
+
 /// IOAPIC and local APIC default addresses (fixed by the x86 platform).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -79,6 +90,8 @@ const _: () = {
     assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
     assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 };
 
 /// Guest RAM ranges (start, length) for a guest of `mem_size` bytes: RAM

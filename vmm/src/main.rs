@@ -3,6 +3,7 @@
 mod config;
 mod console;
 mod cpu;
+mod devices;
 mod loader;
 mod run;
 mod terminal;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use kiln_devices::legacy::{AcpiPowerPorts, Cmos, LineBufferedOutput, SerialConsole, I8042};
-use kiln_devices::{PioBus, VmLifecycle};
+use kiln_devices::{MmioBus, PioBus, VmLifecycle};
 use kiln_firmware::layout;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -25,11 +25,15 @@ pub struct RunningVm {
     pub serial_rx_room: EventFd,
     /// Fires when console output holds a partial line to flush.
     pub serial_flush: EventFd,
+    /// Runtime handles of the virtio devices (balloon target, I/O worker
+    /// placement), for the control socket.
+    pub handles: crate::devices::DeviceHandles,
     threads: Vec<vcpu::VcpuThread>,
     stop: Arc<AtomicBool>,
-    // Kept alive for as long as the vCPUs run.
-    _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    // Kept alive for as long as the vCPUs run; the PCI root (inside the
+    // buses) owns the devices.
+    _vm: Arc<VmFd>,
+    _memory: Arc<GuestMemoryMmap>,
 }
 
 impl RunningVm {
@@ -51,7 +55,7 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).context("KVM_CREATE_PIT2")?;
 
-    let memory = create_memory(&vm, config.memory)?;
+    let memory = Arc::new(create_memory(&vm, config.memory)?);
 
     let kernel = loader::load_kernel(&memory, &config.kernel)?;
     tracing::info!("kernel {}: {}", config.kernel.display(), kernel.format);
@@ -87,7 +91,13 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
             layout::ACPI_RESET_VALUE,
         ))),
     )?;
+    let vm = Arc::new(vm);
+    let mut mmio = MmioBus::new();
+    let (pci, handles) = crate::devices::build_pci(&vm, &memory, config)?;
+    bus.insert(layout::PCI_CONFIG_PORT, layout::PCI_CONFIG_PORT_LEN, pci.clone())?;
+    mmio.insert(layout::PCI_MMIO_START, layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE - layout::PCI_MMIO_START, pci)?;
     let bus = Arc::new(bus);
+    let mmio = Arc::new(mmio);
 
     let mut supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -115,7 +125,7 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, fd) in vcpus.into_iter().enumerate() {
-        match vcpu::spawn(index as u8, fd, bus.clone(), lifecycle.clone(), stop.clone()) {
+        match vcpu::spawn(index as u8, fd, bus.clone(), mmio.clone(), lifecycle.clone(), stop.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 vcpu::stop_all(threads, &stop);
@@ -129,6 +139,7 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
         serial,
         serial_rx_room,
         serial_flush,
+        handles,
         threads,
         stop,
         _vm: vm,

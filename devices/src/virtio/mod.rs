@@ -18,6 +18,7 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod options;
+pub mod pci;
 pub mod rng;
 pub mod vsock;
 pub mod worker;

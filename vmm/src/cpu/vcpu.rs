@@ -1,5 +1,5 @@
 //! One thread per vCPU (`kiln-vcpu-N`), running KVM_RUN and dispatching
-//! port I/O exits to the bus.
+//! port I/O and MMIO exits to the buses.
 //!
 //! Stopping: the VMM sets the shared stop flag and sends `SIGRTMIN` to each
 //! thread until it exits; the signal makes KVM_RUN return `EINTR`. A kick
@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kiln_devices::{ExitReason, PioBus, VmLifecycle};
+use kiln_devices::{ExitReason, MmioBus, PioBus, VmLifecycle};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -38,12 +38,13 @@ pub fn spawn(
     index: u8,
     vcpu: VcpuFd,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     lifecycle: Arc<VmLifecycle>,
     stop: Arc<AtomicBool>,
 ) -> Result<VcpuThread> {
     let handle = std::thread::Builder::new()
         .name(format!("kiln-vcpu-{index}"))
-        .spawn(move || run_loop(index, vcpu, &bus, &lifecycle, &stop))
+        .spawn(move || run_loop(index, vcpu, &bus, &mmio, &lifecycle, &stop))
         .with_context(|| format!("cannot start thread for vCPU {index}"))?;
     Ok(VcpuThread { handle })
 }
@@ -60,7 +61,7 @@ pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
     }
 }
 
-fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, lifecycle: &VmLifecycle, stop: &AtomicBool) {
+fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, lifecycle: &VmLifecycle, stop: &AtomicBool) {
     let mut unhandled_logged = false;
     while !stop.load(Ordering::SeqCst) {
         let exit = match vcpu.run() {
@@ -81,12 +82,14 @@ fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, lifecycle: &VmLifecycle, 
                 bus.write(port, data);
                 None
             }
-            VcpuExit::MmioRead(_, data) => {
-                // No MMIO devices yet: the bus floats high.
-                data.fill(0xff);
+            VcpuExit::MmioRead(addr, data) => {
+                mmio.read(addr, data);
                 None
             }
-            VcpuExit::MmioWrite(..) => None,
+            VcpuExit::MmioWrite(addr, data) => {
+                mmio.write(addr, data);
+                None
+            }
             VcpuExit::SystemEvent(kind, _) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,

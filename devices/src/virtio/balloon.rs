@@ -819,8 +819,9 @@ struct BalloonWorker {
     warned: Warned,
 }
 
-/// What serving one chain produced.
-enum Served {
+/// What serving one chain produced. Shared with the rng and console
+/// devices (it belongs in a common queue helper module once there is one).
+pub(crate) enum Served {
     /// Return it with this used length.
     Used(u32),
     /// Keep it for later.
@@ -833,7 +834,7 @@ enum Served {
 /// notifications (unless polling) and signalling the driver once at the
 /// end. Returns whether any chain was served; an error means the queue is
 /// broken.
-fn drain_queue(
+pub(crate) fn drain_queue(
     qc: &mut QueueContext,
     mem: &GuestMemoryMmap,
     polling: bool,

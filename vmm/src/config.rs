@@ -32,6 +32,46 @@ pub enum OnReboot {
     Restart,
 }
 
+/// The virtio devices of a VM, one config struct per device (the REST API
+/// will take the same structs).
+#[derive(Clone, Debug, Default)]
+pub struct DeviceConfigs {
+    pub nets: Vec<kiln_devices::virtio::net::NetConfig>,
+    pub balloon: Option<kiln_devices::virtio::balloon::BalloonConfig>,
+    pub rng: Option<kiln_devices::virtio::rng::RngConfig>,
+}
+
+impl DeviceConfigs {
+    /// Parses the `kiln run` device flags, naming the flag in errors.
+    pub fn from_flags(flags: &DeviceFlags) -> Result<DeviceConfigs> {
+        fn parse<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            text.parse().map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e}"))
+        }
+        let mut d = DeviceConfigs::default();
+        for (i, text) in flags.nets.iter().enumerate() {
+            let mut net: kiln_devices::virtio::net::NetConfig = parse("--net", text)?;
+            if net.id.is_empty() {
+                net.id = format!("net{i}");
+            }
+            d.nets.push(net);
+        }
+        d.balloon = flags.balloon.as_deref().map(|t| parse("--balloon", t)).transpose()?;
+        d.rng = flags.rng.as_deref().map(|t| parse("--rng", t)).transpose()?;
+        Ok(d)
+    }
+}
+
+/// The raw device flags of `kiln run`.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFlags {
+    pub nets: Vec<String>,
+    pub balloon: Option<String>,
+    pub rng: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -41,6 +81,9 @@ pub struct VmConfig {
     pub memory: u64,
     pub console: ConsoleMode,
     pub on_reboot: OnReboot,
+    pub devices: DeviceConfigs,
+    /// The VMM's control socket (balloon target, worker placement).
+    pub control: Option<PathBuf>,
 }
 
 /// Parses `512M`, `2G`, `1024K`, `4096` (MiB when no suffix, as QEMU does)

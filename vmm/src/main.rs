@@ -2,6 +2,7 @@
 
 mod config;
 mod console;
+mod control;
 mod cpu;
 mod devices;
 mod loader;
@@ -92,12 +93,28 @@ struct RunArgs {
     /// What a guest reboot does: exit (code 3) or restart the guest.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
+    /// A virtio-net device on a host tap: tap=NAME[,mac=52:54:00:..]
+    /// (created if it does not exist). Repeatable.
+    #[arg(long = "net", value_name = "OPTIONS")]
+    nets: Vec<String>,
+    /// A memory balloon: [deflate_on_oom=on][,stats=SECONDS][,free_page_reporting=on][,target_mib=N].
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long, value_name = "on", num_args = 0..=1, default_missing_value = "on")]
+    rng: Option<String>,
+    /// The VMM's control socket: a Unix socket taking line commands
+    /// (`balloon MIB`, `balloon-stats`, `workers`, `worker NAME ...`, `status`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 impl RunArgs {
     fn into_config(self) -> Result<VmConfig> {
         let memory = config::parse_memory_size(&self.memory)?;
         let console = config::parse_console(&self.console)?;
+        let flags = config::DeviceFlags { nets: self.nets, balloon: self.balloon, rng: self.rng };
+        let devices = config::DeviceConfigs::from_flags(&flags)?;
         config::validate(&self.kernel, self.initrd.as_deref(), self.cpus, memory, config::host_memory())?;
         Ok(VmConfig {
             kernel: self.kernel,
@@ -107,6 +124,8 @@ impl RunArgs {
             memory,
             console,
             on_reboot: self.on_reboot,
+            devices,
+            control: self.control,
         })
     }
 }

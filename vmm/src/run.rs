@@ -30,6 +30,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let mut signals = Some(signals);
     loop {
         let vm = vm::start(&kvm, config, serial_output(&config.console)?)?;
+        let _control = match &config.control {
+            Some(path) => Some(crate::control::ControlSocket::start(path, vm.handles.clone())?),
+            None => None,
+        };
         let mut events: EventManager<Box<dyn MutEventSubscriber>> =
             EventManager::new().context("creating the event loop")?;
         if config.console == ConsoleMode::Stdio {

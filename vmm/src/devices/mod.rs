@@ -9,6 +9,9 @@ use anyhow::{Context, Result};
 use kiln_devices::pci::PciRoot;
 use kiln_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use kiln_devices::virtio::worker::WorkerControl;
+use kiln_devices::virtio::balloon::{BalloonControl, VirtioBalloon};
+use kiln_devices::virtio::net::VirtioNet;
+use kiln_devices::virtio::rng::VirtioRng;
 use kiln_devices::virtio::{Memory, VirtioDevice};
 use kiln_firmware::layout;
 use kvm_ioctls::VmFd;
@@ -23,6 +26,7 @@ pub use kvm_irq::KvmInterrupts;
 pub struct DeviceHandles {
     /// Each device's I/O worker, by device name.
     pub workers: Vec<(String, WorkerControl)>,
+    pub balloon: Option<BalloonControl>,
 }
 
 /// The PCI root bus with every configured device on it.
@@ -42,8 +46,25 @@ pub fn build_pci(vm: &Arc<VmFd>, mem: &Memory, config: &VmConfig) -> Result<(Arc
 }
 
 /// Creates the device models the configuration asks for.
-fn create_devices(_config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceHandles)> {
-    let devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let handles = DeviceHandles::default();
+fn create_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceHandles)> {
+    let cfg = &config.devices;
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut handles = DeviceHandles::default();
+    for net in &cfg.nets {
+        let dev = VirtioNet::new(net.clone()).with_context(|| format!("--net tap={}", net.tap))?;
+        handles.workers.push((net.device_name().to_string(), dev.worker_control()));
+        devices.push(Box::new(dev));
+    }
+    if let Some(b) = &cfg.balloon {
+        let dev = VirtioBalloon::new(b.clone()).context("--balloon")?;
+        handles.workers.push(("balloon0".into(), dev.worker_control()));
+        handles.balloon = Some(dev.control());
+        devices.push(Box::new(dev));
+    }
+    if let Some(r) = &cfg.rng {
+        let dev = VirtioRng::new(r.clone()).context("--rng")?;
+        handles.workers.push(("rng0".into(), dev.worker_control()));
+        devices.push(Box::new(dev));
+    }
     Ok((devices, handles))
 }

@@ -19,7 +19,7 @@ pub struct BlockConfig {
     pub path: PathBuf,
     /// Open the image read-only and offer `VIRTIO_BLK_F_RO`; the guest's
     /// writes fail and never reach the file.
-    #[serde(default)]
+    #[serde(default, alias = "readonly")]
     pub read_only: bool,
     /// The disk's serial number (at most 20 bytes), e.g. for
     /// `/dev/disk/by-id/virtio-<serial>` in the guest.

@@ -15,6 +15,7 @@
 mod chain;
 mod config;
 mod disk;
+#[doc(hidden)]
 pub mod fuzzing;
 mod handler;
 mod limits;

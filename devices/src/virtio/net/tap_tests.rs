@@ -161,9 +161,9 @@ fn inner_guest_and_host_talk_over_the_tap() {
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     host.send_to(b"ping-from-host", SocketAddrV4::new(Ipv4Addr::from(GUEST_IP), 9)).expect("send to the guest");
     let find_arp = || {
-        received(&mem, &rx).into_iter().find(|(f, _)| {
-            f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == GUEST_IP
-        })
+        received(&mem, &rx)
+            .into_iter()
+            .find(|(f, _)| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == GUEST_IP)
     };
     wait_until("the kernel's ARP request in the guest", || find_arp().is_some());
     let (arp, num_buffers) = find_arp().unwrap();
@@ -183,7 +183,11 @@ fn inner_guest_and_host_talk_over_the_tap() {
     transmit(&arp_reply(host_mac), &mut tx);
     let find_udp = || {
         received(&mem, &rx).into_iter().find(|(f, _)| {
-            f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 17 && f[30..34] == GUEST_IP && f[36..38] == 9u16.to_be_bytes()
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x00]
+                && f[23] == 17
+                && f[30..34] == GUEST_IP
+                && f[36..38] == 9u16.to_be_bytes()
         })
     };
     wait_until("the host's datagram in the guest after the guest's ARP reply", || find_udp().is_some());

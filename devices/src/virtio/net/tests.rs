@@ -190,7 +190,12 @@ pub(super) fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: socketpair fills the two fds we pass.
     let r = unsafe {
-        libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
     };
     assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
     // SAFETY: both fds are new and ours.
@@ -367,7 +372,8 @@ fn hostile_transmit_chains_are_dropped_and_the_device_keeps_going() {
     let got = recv(&r.peer);
     assert_eq!(got, packet(0, &pattern(50, 1)), "only the good frame reaches the tap");
     tx.wait_used(7);
-    let heads: Vec<u32> = [writable, short, too_long, looped, past_table, outside, good].iter().map(|h| u32::from(*h)).collect();
+    let heads: Vec<u32> =
+        [writable, short, too_long, looped, past_table, outside, good].iter().map(|h| u32::from(*h)).collect();
     assert_eq!(tx.used(), heads.iter().map(|h| (*h, 0)).collect::<Vec<_>>());
     assert!(nothing_to_recv(&r.peer));
     for p in [
@@ -491,7 +497,9 @@ fn receive_waits_for_buffers_and_resumes_on_the_kick() {
         send(&r.peer, &packet(0, &pattern(500, seed)));
     }
     wait_until("the worker to see the tap", || control.busy_rounds() > rounds);
+    let blocked = control.busy_rounds();
     std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(control.busy_rounds(), blocked, "a worker waiting for buffers must sleep, not spin on the tap");
     assert_eq!(rx.used_count(), 0);
     assert_eq!(rx.avail_event(), 0, "asks to be kicked for the next buffer");
 
@@ -524,12 +532,7 @@ fn hostile_receive_chains_are_returned_empty() {
     let mixed = rx.add(&[(DATA, 12, true), (DATA + 12, 2048, false)]);
     let outside = rx.add(&[(MEM_SIZE as u64 - 16, 2048, true)]);
     let at = rx.next_index();
-    let looped = rx.add_raw(&[raw_desc(
-        DATA,
-        2048,
-        (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
-        at,
-    )]);
+    let looped = rx.add_raw(&[raw_desc(DATA, 2048, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, at)]);
     let tiny = rx.add(&[(DATA, 4, true)]);
     let good = rx.add(&[(DATA + 0x4000, 2048, true)]);
     r.activate(&rx, &tx, feature::MRG_RXBUF, false);

@@ -175,7 +175,14 @@ mod tests {
         for bad in ["tap=a/b", "tap=a b", "tap=..", "tap=kiln%d", "tap=a:1"] {
             assert!(matches!(bad.parse::<NetConfig>(), Err(OptionsError::Invalid { .. })), "{bad}");
         }
-        for bad in ["52:54:00:12:34", "52:54:00:12:34:56:78", "5254:00:12:34:56", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "00:00:00:00:00:00"] {
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "5254:00:12:34:56",
+            "zz:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
             let e = format!("tap=t,mac={bad}").parse::<NetConfig>();
             assert!(matches!(e, Err(OptionsError::Invalid { .. })), "{bad}: {e:?}");
         }

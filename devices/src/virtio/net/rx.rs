@@ -109,7 +109,10 @@ impl RxState {
             let fits = self.reserved.first().is_some_and(|b| b.capacity >= need);
             if !fits {
                 let buffer = self.reserved.remove(0);
-                diag.report(Problem::RxBufferTooSmall, format_args!("{} bytes for a {need}-byte packet", buffer.capacity));
+                diag.report(
+                    Problem::RxBufferTooSmall,
+                    format_args!("{} bytes for a {need}-byte packet", buffer.capacity),
+                );
                 self.give_back(queue, mem, buffer.head, 0, diag)?;
                 return Ok(RxOutcome::Dropped);
             }

@@ -187,6 +187,19 @@ impl NetWorker {
     }
 }
 
+#[doc(hidden)]
+impl NetWorker {
+    /// One transmit pass without a thread (fuzzing).
+    pub(crate) fn run_tx_once(&mut self) {
+        self.process_tx();
+    }
+
+    /// One receive pass without a thread (fuzzing).
+    pub(crate) fn run_rx_once(&mut self) {
+        self.process_rx();
+    }
+}
+
 impl WorkerHandler for NetWorker {
     fn event_sources(&self) -> Vec<(RawFd, EventSet, u64)> {
         vec![

@@ -36,7 +36,10 @@ pub enum OnReboot {
 /// will take the same structs).
 #[derive(Clone, Debug, Default)]
 pub struct DeviceConfigs {
+    pub disks: Vec<kiln_devices::virtio::block::BlockConfig>,
     pub nets: Vec<kiln_devices::virtio::net::NetConfig>,
+    pub vsock: Option<kiln_devices::virtio::vsock::VsockConfig>,
+    pub console: Option<kiln_devices::virtio::console::ConsoleConfig>,
     pub balloon: Option<kiln_devices::virtio::balloon::BalloonConfig>,
     pub rng: Option<kiln_devices::virtio::rng::RngConfig>,
 }
@@ -51,6 +54,16 @@ impl DeviceConfigs {
             text.parse().map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e}"))
         }
         let mut d = DeviceConfigs::default();
+        for (i, text) in flags.disks.iter().enumerate() {
+            let mut disk: kiln_devices::virtio::block::BlockConfig = parse("--disk", text)?;
+            if !text.split(',').any(|kv| kv.starts_with("id=")) {
+                disk.id = format!("disk{i}");
+            }
+            if d.disks.iter().any(|other| other.id == disk.id) {
+                bail!("--disk {text:?}: id {:?} is used by another disk", disk.id);
+            }
+            d.disks.push(disk);
+        }
         for (i, text) in flags.nets.iter().enumerate() {
             let mut net: kiln_devices::virtio::net::NetConfig = parse("--net", text)?;
             if net.id.is_empty() {
@@ -58,6 +71,8 @@ impl DeviceConfigs {
             }
             d.nets.push(net);
         }
+        d.vsock = flags.vsock.as_deref().map(|t| parse("--vsock", t)).transpose()?;
+        d.console = flags.console.as_deref().map(|t| parse("--virtio-console", t)).transpose()?;
         d.balloon = flags.balloon.as_deref().map(|t| parse("--balloon", t)).transpose()?;
         d.rng = flags.rng.as_deref().map(|t| parse("--rng", t)).transpose()?;
         Ok(d)
@@ -67,7 +82,10 @@ impl DeviceConfigs {
 /// The raw device flags of `kiln run`.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceFlags {
+    pub disks: Vec<String>,
     pub nets: Vec<String>,
+    pub vsock: Option<String>,
+    pub console: Option<String>,
     pub balloon: Option<String>,
     pub rng: Option<String>,
 }

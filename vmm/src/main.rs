@@ -93,10 +93,23 @@ struct RunArgs {
     /// What a guest reboot does: exit (code 3) or restart the guest.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
+    /// A virtio-blk disk on a raw image: path=IMG[,readonly=on][,serial=S][,id=NAME].
+    /// Repeatable; the guest sees them as /dev/vda, /dev/vdb, ...
+    #[arg(long = "disk", value_name = "OPTIONS")]
+    disks: Vec<String>,
     /// A virtio-net device on a host tap: tap=NAME[,mac=52:54:00:..]
     /// (created if it does not exist). Repeatable.
     #[arg(long = "net", value_name = "OPTIONS")]
     nets: Vec<String>,
+    /// virtio-vsock bridged to host Unix sockets: cid=N,uds=PATH. A guest
+    /// connection to host port P reaches the listener at PATH_P; a host
+    /// client connects to PATH and writes `CONNECT P\n` to reach guest port P.
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<String>,
+    /// A virtio console (/dev/hvc0 in the guest): file=PATH appends its
+    /// output to PATH, none discards it.
+    #[arg(long = "virtio-console", value_name = "OPTIONS")]
+    virtio_console: Option<String>,
     /// A memory balloon: [deflate_on_oom=on][,stats=SECONDS][,free_page_reporting=on][,target_mib=N].
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
@@ -113,7 +126,14 @@ impl RunArgs {
     fn into_config(self) -> Result<VmConfig> {
         let memory = config::parse_memory_size(&self.memory)?;
         let console = config::parse_console(&self.console)?;
-        let flags = config::DeviceFlags { nets: self.nets, balloon: self.balloon, rng: self.rng };
+        let flags = config::DeviceFlags {
+            disks: self.disks,
+            nets: self.nets,
+            vsock: self.vsock,
+            console: self.virtio_console,
+            balloon: self.balloon,
+            rng: self.rng,
+        };
         let devices = config::DeviceConfigs::from_flags(&flags)?;
         config::validate(&self.kernel, self.initrd.as_deref(), self.cpus, memory, config::host_memory())?;
         Ok(VmConfig {

@@ -10,6 +10,10 @@ use kiln_devices::pci::PciRoot;
 use kiln_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use kiln_devices::virtio::worker::WorkerControl;
 use kiln_devices::virtio::balloon::{BalloonControl, VirtioBalloon};
+use kiln_devices::virtio::block::VirtioBlock;
+use kiln_devices::virtio::console::VirtioConsole;
+use kiln_devices::virtio::vsock::Vsock;
+use kiln_devices::virtio::worker::Placement;
 use kiln_devices::virtio::net::VirtioNet;
 use kiln_devices::virtio::rng::VirtioRng;
 use kiln_devices::virtio::{Memory, VirtioDevice};
@@ -50,9 +54,25 @@ fn create_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, Devi
     let cfg = &config.devices;
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut handles = DeviceHandles::default();
+    for disk in &cfg.disks {
+        let dev = VirtioBlock::new(disk.clone(), Placement::default())
+            .with_context(|| format!("--disk path={}", disk.path.display()))?;
+        handles.workers.push((disk.id.clone(), dev.worker_control()));
+        devices.push(Box::new(dev));
+    }
     for net in &cfg.nets {
         let dev = VirtioNet::new(net.clone()).with_context(|| format!("--net tap={}", net.tap))?;
         handles.workers.push((net.device_name().to_string(), dev.worker_control()));
+        devices.push(Box::new(dev));
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = Vsock::new(v.clone()).context("--vsock")?;
+        handles.workers.push((dev.name().to_string(), dev.worker_control()));
+        devices.push(Box::new(dev));
+    }
+    if let Some(c) = &cfg.console {
+        let dev = VirtioConsole::new(c.clone()).context("--virtio-console")?;
+        handles.workers.push((dev.name().to_string(), dev.worker_control()));
         devices.push(Box::new(dev));
     }
     if let Some(b) = &cfg.balloon {

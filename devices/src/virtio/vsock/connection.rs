@@ -83,6 +83,9 @@ pub struct Connection {
 
     // Guest -> host.
     to_host: VecDeque<u8>,
+    /// Bytes at the front of `to_host` that are ours (the `OK` line), not
+    /// guest stream bytes: they do not count in `fwd_cnt` or the credit.
+    own_bytes: usize,
     fwd_cnt: Wrapping<u32>,
     last_sent_fwd_cnt: Wrapping<u32>,
     /// SHUTDOWN flags the guest sent.
@@ -90,6 +93,8 @@ pub struct Connection {
     host_write_closed: bool,
 
     pub deadline: Option<Instant>,
+    /// How long a closing connection may linger ([`SHUTDOWN_TIMEOUT`]).
+    pub shutdown_timeout: Duration,
     /// This connection's token in the muxer's epoll.
     pub token: u64,
     /// Events currently registered in the muxer's epoll (empty: not registered).
@@ -118,11 +123,13 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             credit_requested: false,
             to_host: VecDeque::new(),
+            own_bytes: 0,
             fwd_cnt: Wrapping(0),
             last_sent_fwd_cnt: Wrapping(0),
             guest_shutdown: 0,
             host_write_closed: false,
             deadline: None,
+            shutdown_timeout: SHUTDOWN_TIMEOUT,
             token: 0,
             registered: EventSet::empty(),
             in_rxq: false,
@@ -172,6 +179,7 @@ impl Connection {
         self.state = State::Closing;
         self.pending_rst = true;
         self.to_host.clear();
+        self.own_bytes = 0;
         self.deadline = None;
     }
 
@@ -189,6 +197,7 @@ impl Connection {
         self.deadline = None;
         let line = format!("OK {}\n", self.key.local_port);
         self.to_host.extend(line.as_bytes());
+        self.own_bytes = line.len();
         self.flush_to_host();
         true
     }
@@ -210,7 +219,7 @@ impl Connection {
                 }
             }
         }
-        if self.to_host.len() + rest.len() > BUF_ALLOC as usize {
+        if self.to_host.len() - self.own_bytes + rest.len() > BUF_ALLOC as usize {
             return false;
         }
         self.to_host.extend(rest);
@@ -226,7 +235,7 @@ impl Connection {
             let _ = self.stream.shutdown(Shutdown::Read);
         }
         if self.guest_shutdown == SHUTDOWN_BOTH && self.deadline.is_none() && self.state == State::Established {
-            self.deadline = Some(now + SHUTDOWN_TIMEOUT);
+            self.deadline = Some(now + self.shutdown_timeout);
         }
         self.flush_to_host();
     }
@@ -269,7 +278,9 @@ impl Connection {
                 Ok(0) => return,
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    let own = n.min(self.own_bytes);
+                    self.own_bytes -= own;
+                    self.fwd_cnt += Wrapping((n - own) as u32);
                 }
                 Err(_) => {
                     self.kill();
@@ -402,7 +413,7 @@ impl Connection {
                         // The host closed entirely (not just its write side):
                         // the guest gets a full SHUTDOWN, and we wait for its RST.
                         self.pending_shutdown = if peer_hung_up(&self.stream) {
-                            self.deadline = Some(now + SHUTDOWN_TIMEOUT);
+                            self.deadline = Some(now + self.shutdown_timeout);
                             SHUTDOWN_BOTH
                         } else {
                             SHUTDOWN_SEND

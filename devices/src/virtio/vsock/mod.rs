@@ -165,8 +165,9 @@ impl Vsock {
     }
 
     #[cfg(test)]
-    fn set_connect_timeout(&mut self, t: std::time::Duration) {
-        self.limits.connect_timeout = t;
+    fn set_timeouts(&mut self, connect: std::time::Duration, shutdown: std::time::Duration) {
+        self.limits.connect_timeout = connect;
+        self.limits.shutdown_timeout = shutdown;
     }
 
     fn stop_worker(&mut self) {

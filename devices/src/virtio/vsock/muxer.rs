@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connect_line::{LineBuf, LineState, MAX_LINE};
-use super::connection::{ConnKey, Connection, RxFill, CONNECT_TIMEOUT};
+use super::connection::{ConnKey, Connection, RxFill, CONNECT_TIMEOUT, SHUTDOWN_TIMEOUT};
 use super::packet::*;
 use super::warn_once::WarnOnce;
 
@@ -47,11 +47,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a host-initiated connection waits for the guest's answer.
     pub connect_timeout: Duration,
+    /// How long a closing connection lingers before we reset it.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: MAX_CONNECTIONS, connect_timeout: CONNECT_TIMEOUT }
+        Limits { max_connections: MAX_CONNECTIONS, connect_timeout: CONNECT_TIMEOUT, shutdown_timeout: SHUTDOWN_TIMEOUT }
     }
 }
 
@@ -88,6 +90,7 @@ pub struct Muxer {
     next_local_port: u32,
     max_conns: usize,
     connect_timeout: Duration,
+    shutdown_timeout: Duration,
     scratch: Vec<u8>,
     warn: WarnOnce,
 }
@@ -126,6 +129,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             max_conns: limits.max_connections,
             connect_timeout: limits.connect_timeout,
+            shutdown_timeout: limits.shutdown_timeout,
             scratch: vec![0; SCRATCH_SIZE],
             warn: WarnOnce::default(),
         })
@@ -275,6 +279,7 @@ impl Muxer {
         let key = ConnKey { local_port, peer_port: port };
         let mut conn = Connection::new_local(key, self.guest_cid, client.stream, Instant::now() + self.connect_timeout);
         conn.token = token;
+        conn.shutdown_timeout = self.shutdown_timeout;
         self.sources.insert(token, Source::Conn(key));
         self.conns.insert(key, conn);
         self.sync(key);
@@ -463,6 +468,7 @@ impl Muxer {
             Ok(stream) => {
                 let mut conn = Connection::new_peer(key, self.guest_cid, stream, hdr);
                 conn.token = self.alloc_token();
+                conn.shutdown_timeout = self.shutdown_timeout;
                 self.sources.insert(conn.token, Source::Conn(key));
                 self.conns.insert(key, conn);
                 self.sync(key);

@@ -487,6 +487,8 @@ fn host_connect_handshake_echo_and_close() {
     assert!(closed_by_peer(&mut c));
     let (rst, _) = h.guest.recv_skip_credit();
     assert_eq!((rst.op, rst.src_port, rst.dst_port), (OP_RST, hp, 52));
+    // fwd_cnt counts the guest's stream bytes only, not the OK line.
+    assert_eq!(rst.fwd_cnt, b"hello host".len() as u32);
     assert!(!h.irq.needs_reset.load(Ordering::SeqCst));
     assert!(h.irq.signals[0].load(Ordering::SeqCst) > 0, "rx interrupts were sent");
 }
@@ -547,6 +549,36 @@ fn host_full_close_sends_full_shutdown_and_guest_rst_ends_it() {
     h.guest.send(pkt(OP_RW, 7, hp), b"x");
     let (rst, _) = h.guest.recv();
     assert_eq!(rst.op, OP_RST);
+}
+
+#[test]
+fn closing_connections_are_reset_when_the_other_side_lingers() {
+    let mut h = Harness::with(|d| d.set_timeouts(Duration::from_secs(2), Duration::from_millis(200)));
+    // The host closes; the guest never sends its RST.
+    let (c, hp) = h.open_from_host(11);
+    drop(c);
+    let (sd, _) = h.guest.recv_skip_credit();
+    assert_eq!((sd.op, sd.flags), (OP_SHUTDOWN, SHUTDOWN_BOTH));
+    let (r, _) = h.guest.recv_skip_credit();
+    assert_eq!((r.op, r.src_port), (OP_RST, hp));
+
+    // The guest closes with data the host never reads: reset after the
+    // timeout, not kept forever.
+    let listener = UnixListener::bind(format!("{}_12", h.uds.display())).unwrap();
+    h.guest.send(pkt(OP_REQUEST, 43000, 12), &[]);
+    assert_eq!(h.guest.recv().0.op, OP_RESPONSE);
+    let (_s, _) = listener.accept().unwrap();
+    let big = vec![1u8; MAX_PAYLOAD];
+    for _ in 0..6 {
+        h.guest.send(pkt(OP_RW, 43000, 12), &big);
+    }
+    let mut sd = pkt(OP_SHUTDOWN, 43000, 12);
+    sd.flags = SHUTDOWN_BOTH;
+    let start = Instant::now();
+    h.guest.send(sd, &[]);
+    let (r, _) = h.guest.recv_skip_credit();
+    assert_eq!((r.op, r.src_port), (OP_RST, 12));
+    assert!(start.elapsed() >= Duration::from_millis(150), "reset before the timeout: data was not pending");
 }
 
 #[test]
@@ -829,7 +861,7 @@ fn malformed_connect_lines_close_the_client() {
 
 #[test]
 fn host_connect_times_out_when_the_guest_never_answers() {
-    let mut h = Harness::with(|d| d.set_connect_timeout(Duration::from_millis(300)));
+    let mut h = Harness::with(|d| d.set_timeouts(Duration::from_millis(300), Duration::from_secs(2)));
     let mut c = h.host_connect();
     c.write_all(b"CONNECT 8\n").unwrap();
     let (req, _) = h.guest.recv();

@@ -48,7 +48,6 @@ pub struct VsockWorker {
 }
 
 impl VsockWorker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: Memory,
         rx: (Queue, EventFd),

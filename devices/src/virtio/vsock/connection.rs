@@ -219,7 +219,7 @@ impl Connection {
                 }
             }
         }
-        if self.to_host.len() - self.own_bytes + rest.len() > BUF_ALLOC as usize {
+        if self.to_host.len().saturating_sub(self.own_bytes) + rest.len() > BUF_ALLOC as usize {
             return false;
         }
         self.to_host.extend(rest);
@@ -405,7 +405,7 @@ impl Connection {
             return self.control(w, OP_RESPONSE, 0);
         }
         if self.can_send_data() {
-            let max = (capacity - HEADER_SIZE).min(self.peer_credit() as usize).min(scratch.len());
+            let max = capacity.saturating_sub(HEADER_SIZE).min(self.peer_credit() as usize).min(scratch.len());
             if max > 0 {
                 match self.stream.read(&mut scratch[..max]) {
                     Ok(0) => {

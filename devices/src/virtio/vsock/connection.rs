@@ -138,7 +138,12 @@ impl Connection {
 
     /// A host program asked to connect to guest port `key.peer_port`.
     /// It gives up at `deadline` if the guest has not answered.
-    pub fn new_local(key: ConnKey, guest_cid: u64, stream: UnixStream, deadline: Instant) -> Connection {
+    pub fn new_local(
+        key: ConnKey,
+        guest_cid: u64,
+        stream: UnixStream,
+        deadline: Instant,
+    ) -> Connection {
         let mut c = Connection::new(key, guest_cid, stream, State::LocalInit);
         c.pending_request = true;
         c.deadline = Some(deadline);
@@ -234,7 +239,10 @@ impl Connection {
             // writer learn it (EPIPE) instead of blocking forever.
             let _ = self.stream.shutdown(Shutdown::Read);
         }
-        if self.guest_shutdown == SHUTDOWN_BOTH && self.deadline.is_none() && self.state == State::Established {
+        if self.guest_shutdown == SHUTDOWN_BOTH
+            && self.deadline.is_none()
+            && self.state == State::Established
+        {
             self.deadline = Some(now + self.shutdown_timeout);
         }
         self.flush_to_host();
@@ -251,11 +259,13 @@ impl Connection {
 
     /// The host socket is ready for what we registered.
     pub fn on_host_event(&mut self, events: EventSet) {
-        let err_or_hup = events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
+        let err_or_hup =
+            events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
         if self.registered.contains(EventSet::IN) && (events.contains(EventSet::IN) || err_or_hup) {
             self.host_readable = true;
         }
-        if self.registered.contains(EventSet::OUT) && (events.contains(EventSet::OUT) || err_or_hup) {
+        if self.registered.contains(EventSet::OUT) && (events.contains(EventSet::OUT) || err_or_hup)
+        {
             self.flush_to_host();
         }
     }
@@ -339,7 +349,11 @@ impl Connection {
         if self.state != State::Established {
             return set;
         }
-        if !self.host_readable && !self.host_eof && self.guest_shutdown & SHUTDOWN_RCV == 0 && self.peer_credit() > 0 {
+        if !self.host_readable
+            && !self.host_eof
+            && self.guest_shutdown & SHUTDOWN_RCV == 0
+            && self.peer_credit() > 0
+        {
             set |= EventSet::IN;
         }
         if !self.to_host.is_empty() {
@@ -387,7 +401,13 @@ impl Connection {
     /// `capacity` bytes (at least a header), reading host data through
     /// `scratch`. Packets go in protocol order: RST, REQUEST/RESPONSE,
     /// data, SHUTDOWN (after the data), credit messages.
-    pub fn fill_rx<W: Write>(&mut self, w: &mut W, capacity: usize, scratch: &mut [u8], now: Instant) -> io::Result<RxFill> {
+    pub fn fill_rx<W: Write>(
+        &mut self,
+        w: &mut W,
+        capacity: usize,
+        scratch: &mut [u8],
+        now: Instant,
+    ) -> io::Result<RxFill> {
         if self.pending_rst {
             self.pending_rst = false;
             self.state = State::Dead;
@@ -405,7 +425,10 @@ impl Connection {
             return self.control(w, OP_RESPONSE, 0);
         }
         if self.can_send_data() {
-            let max = capacity.saturating_sub(HEADER_SIZE).min(self.peer_credit() as usize).min(scratch.len());
+            let max = capacity
+                .saturating_sub(HEADER_SIZE)
+                .min(self.peer_credit() as usize)
+                .min(scratch.len());
             if max > 0 {
                 match self.stream.read(&mut scratch[..max]) {
                     Ok(0) => {
@@ -425,7 +448,10 @@ impl Connection {
                         self.tx_cnt += Wrapping(n as u32);
                         return Ok(RxFill::Packet(used));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
                         self.host_readable = false;
                     }
                     Err(_) => {
@@ -459,7 +485,12 @@ fn write_some(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
         let rest = &data[done..];
         // SAFETY: sends from a live buffer of the given length.
         let n = unsafe {
-            libc::send(stream.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            libc::send(
+                stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -480,7 +511,11 @@ fn write_some(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
 /// Whether the peer of a Unix stream closed both directions (POLLHUP),
 /// as opposed to only shutting down its write side.
 fn peer_hung_up(stream: &UnixStream) -> bool {
-    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     n > 0 && pfd.revents & libc::POLLHUP != 0

@@ -83,7 +83,15 @@ mod tests {
     fn parses_good_lines_and_rejects_bad_ones() {
         assert_eq!(parse(b"CONNECT 52\n"), Ok(52));
         assert_eq!(parse(b"CONNECT 4294967295\r\n"), Ok(u32::MAX));
-        for bad in [&b"CONNECT\n"[..], b"CONNECT 4294967296\n", b"connect 5\n", b"CONNECT +5\n", b"CONNECT  5\n", b"CONNECT 5 \n", b"\xff\n"] {
+        for bad in [
+            &b"CONNECT\n"[..],
+            b"CONNECT 4294967296\n",
+            b"connect 5\n",
+            b"CONNECT +5\n",
+            b"CONNECT  5\n",
+            b"CONNECT 5 \n",
+            b"\xff\n",
+        ] {
             assert_eq!(parse(bad), Err(LineError::Malformed), "{bad:?}");
         }
     }

@@ -83,6 +83,9 @@ pub struct Connection {
 
     // Guest -> host.
     to_host: VecDeque<u8>,
+    /// Bytes at the front of `to_host` that are ours (the `OK` line), not
+    /// guest stream bytes: they do not count in `fwd_cnt` or the credit.
+    own_bytes: usize,
     fwd_cnt: Wrapping<u32>,
     last_sent_fwd_cnt: Wrapping<u32>,
     /// SHUTDOWN flags the guest sent.
@@ -90,6 +93,8 @@ pub struct Connection {
     host_write_closed: bool,
 
     pub deadline: Option<Instant>,
+    /// How long a closing connection may linger ([`SHUTDOWN_TIMEOUT`]).
+    pub shutdown_timeout: Duration,
     /// This connection's token in the muxer's epoll.
     pub token: u64,
     /// Events currently registered in the muxer's epoll (empty: not registered).
@@ -118,11 +123,13 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             credit_requested: false,
             to_host: VecDeque::new(),
+            own_bytes: 0,
             fwd_cnt: Wrapping(0),
             last_sent_fwd_cnt: Wrapping(0),
             guest_shutdown: 0,
             host_write_closed: false,
             deadline: None,
+            shutdown_timeout: SHUTDOWN_TIMEOUT,
             token: 0,
             registered: EventSet::empty(),
             in_rxq: false,
@@ -131,7 +138,12 @@ impl Connection {
 
     /// A host program asked to connect to guest port `key.peer_port`.
     /// It gives up at `deadline` if the guest has not answered.
-    pub fn new_local(key: ConnKey, guest_cid: u64, stream: UnixStream, deadline: Instant) -> Connection {
+    pub fn new_local(
+        key: ConnKey,
+        guest_cid: u64,
+        stream: UnixStream,
+        deadline: Instant,
+    ) -> Connection {
         let mut c = Connection::new(key, guest_cid, stream, State::LocalInit);
         c.pending_request = true;
         c.deadline = Some(deadline);
@@ -172,6 +184,7 @@ impl Connection {
         self.state = State::Closing;
         self.pending_rst = true;
         self.to_host.clear();
+        self.own_bytes = 0;
         self.deadline = None;
     }
 
@@ -189,6 +202,7 @@ impl Connection {
         self.deadline = None;
         let line = format!("OK {}\n", self.key.local_port);
         self.to_host.extend(line.as_bytes());
+        self.own_bytes = line.len();
         self.flush_to_host();
         true
     }
@@ -210,7 +224,7 @@ impl Connection {
                 }
             }
         }
-        if self.to_host.len() + rest.len() > BUF_ALLOC as usize {
+        if self.to_host.len().saturating_sub(self.own_bytes) + rest.len() > BUF_ALLOC as usize {
             return false;
         }
         self.to_host.extend(rest);
@@ -225,8 +239,11 @@ impl Connection {
             // writer learn it (EPIPE) instead of blocking forever.
             let _ = self.stream.shutdown(Shutdown::Read);
         }
-        if self.guest_shutdown == SHUTDOWN_BOTH && self.deadline.is_none() && self.state == State::Established {
-            self.deadline = Some(now + SHUTDOWN_TIMEOUT);
+        if self.guest_shutdown == SHUTDOWN_BOTH
+            && self.deadline.is_none()
+            && self.state == State::Established
+        {
+            self.deadline = Some(now + self.shutdown_timeout);
         }
         self.flush_to_host();
     }
@@ -242,11 +259,13 @@ impl Connection {
 
     /// The host socket is ready for what we registered.
     pub fn on_host_event(&mut self, events: EventSet) {
-        let err_or_hup = events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
+        let err_or_hup =
+            events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
         if self.registered.contains(EventSet::IN) && (events.contains(EventSet::IN) || err_or_hup) {
             self.host_readable = true;
         }
-        if self.registered.contains(EventSet::OUT) && (events.contains(EventSet::OUT) || err_or_hup) {
+        if self.registered.contains(EventSet::OUT) && (events.contains(EventSet::OUT) || err_or_hup)
+        {
             self.flush_to_host();
         }
     }
@@ -269,7 +288,9 @@ impl Connection {
                 Ok(0) => return,
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    let own = n.min(self.own_bytes);
+                    self.own_bytes -= own;
+                    self.fwd_cnt += Wrapping((n - own) as u32);
                 }
                 Err(_) => {
                     self.kill();
@@ -328,7 +349,11 @@ impl Connection {
         if self.state != State::Established {
             return set;
         }
-        if !self.host_readable && !self.host_eof && self.guest_shutdown & SHUTDOWN_RCV == 0 && self.peer_credit() > 0 {
+        if !self.host_readable
+            && !self.host_eof
+            && self.guest_shutdown & SHUTDOWN_RCV == 0
+            && self.peer_credit() > 0
+        {
             set |= EventSet::IN;
         }
         if !self.to_host.is_empty() {
@@ -376,7 +401,13 @@ impl Connection {
     /// `capacity` bytes (at least a header), reading host data through
     /// `scratch`. Packets go in protocol order: RST, REQUEST/RESPONSE,
     /// data, SHUTDOWN (after the data), credit messages.
-    pub fn fill_rx<W: Write>(&mut self, w: &mut W, capacity: usize, scratch: &mut [u8], now: Instant) -> io::Result<RxFill> {
+    pub fn fill_rx<W: Write>(
+        &mut self,
+        w: &mut W,
+        capacity: usize,
+        scratch: &mut [u8],
+        now: Instant,
+    ) -> io::Result<RxFill> {
         if self.pending_rst {
             self.pending_rst = false;
             self.state = State::Dead;
@@ -394,7 +425,10 @@ impl Connection {
             return self.control(w, OP_RESPONSE, 0);
         }
         if self.can_send_data() {
-            let max = (capacity - HEADER_SIZE).min(self.peer_credit() as usize).min(scratch.len());
+            let max = capacity
+                .saturating_sub(HEADER_SIZE)
+                .min(self.peer_credit() as usize)
+                .min(scratch.len());
             if max > 0 {
                 match self.stream.read(&mut scratch[..max]) {
                     Ok(0) => {
@@ -402,7 +436,7 @@ impl Connection {
                         // The host closed entirely (not just its write side):
                         // the guest gets a full SHUTDOWN, and we wait for its RST.
                         self.pending_shutdown = if peer_hung_up(&self.stream) {
-                            self.deadline = Some(now + SHUTDOWN_TIMEOUT);
+                            self.deadline = Some(now + self.shutdown_timeout);
                             SHUTDOWN_BOTH
                         } else {
                             SHUTDOWN_SEND
@@ -414,7 +448,10 @@ impl Connection {
                         self.tx_cnt += Wrapping(n as u32);
                         return Ok(RxFill::Packet(used));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
                         self.host_readable = false;
                     }
                     Err(_) => {
@@ -448,7 +485,12 @@ fn write_some(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
         let rest = &data[done..];
         // SAFETY: sends from a live buffer of the given length.
         let n = unsafe {
-            libc::send(stream.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            libc::send(
+                stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -469,7 +511,11 @@ fn write_some(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
 /// Whether the peer of a Unix stream closed both directions (POLLHUP),
 /// as opposed to only shutting down its write side.
 fn peer_hung_up(stream: &UnixStream) -> bool {
-    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     n > 0 && pfd.revents & libc::POLLHUP != 0

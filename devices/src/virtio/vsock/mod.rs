@@ -86,13 +86,23 @@ impl FromStr for VsockConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut o = Options::parse(s, &["cid", "uds", "id"])?;
         let cid_text = o.required("cid")?;
-        let guest_cid: u64 = cid_text.parse().map_err(|e: std::num::ParseIntError| invalid("cid", &cid_text, &e.to_string()))?;
+        let guest_cid: u64 = cid_text
+            .parse()
+            .map_err(|e: std::num::ParseIntError| invalid("cid", &cid_text, &e.to_string()))?;
         let uds = o.required("uds")?;
         let id = o.take("id").unwrap_or_else(default_id);
-        let config = VsockConfig { guest_cid, uds_path: PathBuf::from(&uds), id };
+        let config = VsockConfig {
+            guest_cid,
+            uds_path: PathBuf::from(&uds),
+            id,
+        };
         match config.validate() {
             Ok(()) => Ok(config),
-            Err(VsockError::InvalidCid(_)) => Err(invalid("cid", &cid_text, "must be at least 3 and below 4294967295")),
+            Err(VsockError::InvalidCid(_)) => Err(invalid(
+                "cid",
+                &cid_text,
+                "must be at least 3 and below 4294967295",
+            )),
             Err(e) => Err(invalid("uds", &uds, &e.to_string())),
         }
     }
@@ -137,8 +147,11 @@ impl Vsock {
         let path = config.uds_path.clone();
         remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path).map_err(|e| VsockError::Bind(path.clone(), e))?;
-        listener.set_nonblocking(true).map_err(|e| VsockError::Bind(path.clone(), e))?;
-        let md = std::fs::symlink_metadata(&path).map_err(|e| VsockError::Inspect(path.clone(), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VsockError::Bind(path.clone(), e))?;
+        let md =
+            std::fs::symlink_metadata(&path).map_err(|e| VsockError::Inspect(path.clone(), e))?;
         let control = WorkerControl::new(Placement::default()).map_err(VsockError::Control)?;
         Ok(Vsock {
             config,
@@ -165,8 +178,9 @@ impl Vsock {
     }
 
     #[cfg(test)]
-    fn set_connect_timeout(&mut self, t: std::time::Duration) {
-        self.limits.connect_timeout = t;
+    fn set_timeouts(&mut self, connect: std::time::Duration, shutdown: std::time::Duration) {
+        self.limits.connect_timeout = connect;
+        self.limits.shutdown_timeout = shutdown;
     }
 
     fn stop_worker(&mut self) {
@@ -222,8 +236,12 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, mut ctx: DeviceContext) -> Result<(), ActivateError> {
         self.stop_worker();
         let event_idx = ctx.acked_features & features::RING_EVENT_IDX != 0;
-        let mut rx = ctx.take_queue(RX_QUEUE).ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
-        let mut tx = ctx.take_queue(TX_QUEUE).ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
+        let mut rx = ctx
+            .take_queue(RX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
+        let mut tx = ctx
+            .take_queue(TX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
         let event = ctx.take_queue(EVENT_QUEUE);
         use virtio_queue::QueueT;
         rx.queue.set_event_idx(event_idx);
@@ -245,7 +263,8 @@ impl VirtioDevice for Vsock {
             ctx.interrupt,
             muxer,
         );
-        let worker = Worker::spawn(&self.config.id, handler, self.control.clone()).map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(&self.config.id, handler, self.control.clone())
+            .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -301,7 +320,16 @@ pub mod fuzzing {
     /// Feeds `data` as a sequence of tx packets (header, then `len` bytes of
     /// payload) to a muxer, draining what it answers after each.
     pub fn tx_packet(data: &[u8]) {
-        let Ok(mut muxer) = Muxer::new(GUEST_CID, PathBuf::from("/nonexistent/kiln-fuzz"), None, pair_connector, Limits { max_connections: 16, ..Limits::default() }) else {
+        let Ok(mut muxer) = Muxer::new(
+            GUEST_CID,
+            PathBuf::from("/nonexistent/kiln-fuzz"),
+            None,
+            pair_connector,
+            Limits {
+                max_connections: 16,
+                ..Limits::default()
+            },
+        ) else {
             return;
         };
         let mut rest = data;

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connect_line::{LineBuf, LineState, MAX_LINE};
-use super::connection::{ConnKey, Connection, RxFill, CONNECT_TIMEOUT};
+use super::connection::{ConnKey, Connection, RxFill, CONNECT_TIMEOUT, SHUTDOWN_TIMEOUT};
 use super::packet::*;
 use super::warn_once::WarnOnce;
 
@@ -47,11 +47,17 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a host-initiated connection waits for the guest's answer.
     pub connect_timeout: Duration,
+    /// How long a closing connection lingers before we reset it.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: MAX_CONNECTIONS, connect_timeout: CONNECT_TIMEOUT }
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            connect_timeout: CONNECT_TIMEOUT,
+            shutdown_timeout: SHUTDOWN_TIMEOUT,
+        }
     }
 }
 
@@ -88,6 +94,7 @@ pub struct Muxer {
     next_local_port: u32,
     max_conns: usize,
     connect_timeout: Duration,
+    shutdown_timeout: Duration,
     scratch: Vec<u8>,
     warn: WarnOnce,
 }
@@ -103,11 +110,19 @@ impl Muxer {
         let epoll = Epoll::new()?;
         if let Some(l) = &listener {
             l.set_nonblocking(true)?;
-            epoll.ctl(ControlOperation::Add, l.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                l.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )?;
         }
         let timer = TimerFd::new()?;
         set_nonblocking(timer.as_raw_fd())?;
-        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+        )?;
         Ok(Muxer {
             guest_cid,
             uds_path,
@@ -126,6 +141,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             max_conns: limits.max_connections,
             connect_timeout: limits.connect_timeout,
+            shutdown_timeout: limits.shutdown_timeout,
             scratch: vec![0; SCRATCH_SIZE],
             warn: WarnOnce::default(),
         })
@@ -159,7 +175,9 @@ impl Muxer {
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
             Err(e) => {
-                self.warn.once(WarnOnce::EPOLL, || tracing::warn!("vsock: epoll wait failed: {e}"));
+                self.warn.once(WarnOnce::EPOLL, || {
+                    tracing::warn!("vsock: epoll wait failed: {e}")
+                });
                 return;
             }
         };
@@ -192,7 +210,9 @@ impl Muxer {
                 Ok((stream, _)) => {
                     if self.conns.len() + self.clients.len() >= self.max_conns {
                         let max = self.max_conns;
-                        self.warn.once(WarnOnce::LIMIT, || tracing::warn!("vsock: {max} connections open, refusing more"));
+                        self.warn.once(WarnOnce::LIMIT, || {
+                            tracing::warn!("vsock: {max} connections open, refusing more")
+                        });
                         continue;
                     }
                     if stream.set_nonblocking(true).is_err() {
@@ -200,16 +220,28 @@ impl Muxer {
                     }
                     let token = self.alloc_token();
                     let ev = EpollEvent::new(EventSet::IN, token);
-                    if self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev).is_err() {
+                    if self
+                        .epoll
+                        .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
+                        .is_err()
+                    {
                         continue;
                     }
                     self.sources.insert(token, Source::Client);
-                    self.clients.insert(token, PendingClient { stream, line: LineBuf::default() });
+                    self.clients.insert(
+                        token,
+                        PendingClient {
+                            stream,
+                            line: LineBuf::default(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.warn.once(WarnOnce::ACCEPT, || tracing::warn!("vsock: accept on the Unix socket failed: {e}"));
+                    self.warn.once(WarnOnce::ACCEPT, || {
+                        tracing::warn!("vsock: accept on the Unix socket failed: {e}")
+                    });
                     break;
                 }
             }
@@ -218,7 +250,11 @@ impl Muxer {
 
     fn drop_client(&mut self, token: u64) {
         if let Some(c) = self.clients.remove(&token) {
-            let _ = self.epoll.ctl(ControlOperation::Delete, c.stream.as_raw_fd(), EpollEvent::default());
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
         self.sources.remove(&token);
     }
@@ -226,7 +262,9 @@ impl Muxer {
     /// Reads the CONNECT line without consuming anything past it: the
     /// bytes after the newline are stream data for the guest.
     fn on_client_readable(&mut self, token: u64) {
-        let Some(client) = self.clients.get_mut(&token) else { return };
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
         let mut peek = [0u8; MAX_LINE];
         // SAFETY: recv into a buffer we own, of its length.
         let n = unsafe {
@@ -239,7 +277,10 @@ impl Muxer {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
                 return;
             }
             return self.drop_client(token);
@@ -266,15 +307,30 @@ impl Muxer {
     /// A host program asked for guest port `port`: send the guest a REQUEST
     /// from a fresh local port.
     fn start_local(&mut self, token: u64, port: u32) {
-        let Some(client) = self.clients.remove(&token) else { return };
-        let _ = self.epoll.ctl(ControlOperation::Delete, client.stream.as_raw_fd(), EpollEvent::default());
+        let Some(client) = self.clients.remove(&token) else {
+            return;
+        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            client.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
         let Some(local_port) = self.alloc_local_port(port) else {
             self.sources.remove(&token);
             return;
         };
-        let key = ConnKey { local_port, peer_port: port };
-        let mut conn = Connection::new_local(key, self.guest_cid, client.stream, Instant::now() + self.connect_timeout);
+        let key = ConnKey {
+            local_port,
+            peer_port: port,
+        };
+        let mut conn = Connection::new_local(
+            key,
+            self.guest_cid,
+            client.stream,
+            Instant::now() + self.connect_timeout,
+        );
         conn.token = token;
+        conn.shutdown_timeout = self.shutdown_timeout;
         self.sources.insert(token, Source::Conn(key));
         self.conns.insert(key, conn);
         self.sync(key);
@@ -283,8 +339,15 @@ impl Muxer {
     fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
         for _ in 0..=self.conns.len() {
             let p = self.next_local_port;
-            self.next_local_port = if p == u32::MAX { FIRST_LOCAL_PORT } else { p + 1 };
-            if !self.conns.contains_key(&ConnKey { local_port: p, peer_port }) {
+            self.next_local_port = if p == u32::MAX {
+                FIRST_LOCAL_PORT
+            } else {
+                p + 1
+            };
+            if !self.conns.contains_key(&ConnKey {
+                local_port: p,
+                peer_port,
+            }) {
                 return Some(p);
             }
         }
@@ -297,7 +360,12 @@ impl Muxer {
         let due: Vec<ConnKey> = self
             .timed
             .iter()
-            .filter(|k| self.conns.get(k).and_then(|c| c.deadline).is_some_and(|d| d <= now))
+            .filter(|k| {
+                self.conns
+                    .get(k)
+                    .and_then(|c| c.deadline)
+                    .is_some_and(|d| d <= now)
+            })
             .copied()
             .collect();
         for key in due {
@@ -318,7 +386,11 @@ impl Muxer {
         conn.refresh();
         if conn.should_remove() {
             if !conn.registered.is_empty() {
-                let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream_fd(), EpollEvent::default());
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    conn.stream_fd(),
+                    EpollEvent::default(),
+                );
             }
             self.sources.remove(&conn.token);
             self.conns.remove(&key);
@@ -332,14 +404,17 @@ impl Muxer {
             let res = if conn.registered.is_empty() {
                 self.epoll.ctl(ControlOperation::Add, fd, ev)
             } else if want.is_empty() {
-                self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                self.epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default())
             } else {
                 self.epoll.ctl(ControlOperation::Modify, fd, ev)
             };
             match res {
                 Ok(()) => conn.registered = want,
                 Err(e) => {
-                    self.warn.once(WarnOnce::EPOLL, || tracing::warn!("vsock: cannot watch a connection: {e}"));
+                    self.warn.once(WarnOnce::EPOLL, || {
+                        tracing::warn!("vsock: cannot watch a connection: {e}")
+                    });
                     conn.kill();
                 }
             }
@@ -361,7 +436,11 @@ impl Muxer {
         if want == self.timer_armed {
             return;
         }
-        let res = if want { self.timer.reset(TIMER_TICK, Some(TIMER_TICK)) } else { self.timer.clear() };
+        let res = if want {
+            self.timer.reset(TIMER_TICK, Some(TIMER_TICK))
+        } else {
+            self.timer.clear()
+        };
         if res.is_ok() {
             self.timer_armed = want;
         }
@@ -374,14 +453,20 @@ impl Muxer {
         if hdr.src_cid != self.guest_cid {
             let cid = self.guest_cid;
             self.warn.once(WarnOnce::BAD_CID, || {
-                tracing::warn!("vsock: guest sent a packet from CID {} (its CID is {cid}); dropped", hdr.src_cid)
+                tracing::warn!(
+                    "vsock: guest sent a packet from CID {} (its CID is {cid}); dropped",
+                    hdr.src_cid
+                )
             });
             return self.reply_rst(hdr);
         }
         if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
             return self.reply_rst(hdr);
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         let Some(conn) = self.conns.get_mut(&key) else {
             match hdr.op {
                 OP_REQUEST => self.guest_connect(key, hdr),
@@ -418,7 +503,10 @@ impl Muxer {
     /// A tx packet whose lengths are wrong: reset whatever it belongs to.
     pub fn reject_packet(&mut self, hdr: Option<&Header>) {
         let Some(hdr) = hdr else { return };
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if hdr.src_cid == self.guest_cid && hdr.dst_cid == HOST_CID {
             if let Some(conn) = self.conns.get_mut(&key) {
                 conn.kill();
@@ -435,7 +523,9 @@ impl Muxer {
             return;
         }
         if self.rsts.len() >= MAX_PENDING_RSTS {
-            self.warn.once(WarnOnce::RST_FLOOD, || tracing::warn!("vsock: too many unanswered RSTs; dropping some"));
+            self.warn.once(WarnOnce::RST_FLOOD, || {
+                tracing::warn!("vsock: too many unanswered RSTs; dropping some")
+            });
             return;
         }
         self.rsts.push_back(Header {
@@ -454,7 +544,9 @@ impl Muxer {
     fn guest_connect(&mut self, key: ConnKey, hdr: &Header) {
         if self.conns.len() + self.clients.len() >= self.max_conns {
             let max = self.max_conns;
-            self.warn.once(WarnOnce::LIMIT, || tracing::warn!("vsock: {max} connections open, refusing more"));
+            self.warn.once(WarnOnce::LIMIT, || {
+                tracing::warn!("vsock: {max} connections open, refusing more")
+            });
             return self.reply_rst(hdr);
         }
         let mut path = OsString::from(self.uds_path.as_os_str());
@@ -463,6 +555,7 @@ impl Muxer {
             Ok(stream) => {
                 let mut conn = Connection::new_peer(key, self.guest_cid, stream, hdr);
                 conn.token = self.alloc_token();
+                conn.shutdown_timeout = self.shutdown_timeout;
                 self.sources.insert(conn.token, Source::Conn(key));
                 self.conns.insert(key, conn);
                 self.sync(key);
@@ -484,8 +577,12 @@ impl Muxer {
         // Each queued connection gets one look; one that has nothing after
         // all drops out until its state changes.
         for _ in 0..self.rxq.len() {
-            let Some(key) = self.rxq.pop_front() else { break };
-            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            let Some(key) = self.rxq.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
             conn.in_rxq = false;
             let res = conn.fill_rx(w, capacity, &mut self.scratch, now);
             if res.is_err() {
@@ -520,14 +617,23 @@ pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: sockaddr_un is plain data.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "Unix socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "Unix socket path too long",
+        ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
     // SAFETY: plain socket creation; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

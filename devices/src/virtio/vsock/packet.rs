@@ -44,7 +44,18 @@ pub struct Header {
 
 impl Header {
     pub fn decode(b: &[u8; HEADER_SIZE]) -> Header {
-        let u64_at = |o: usize| u64::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]]);
+        let u64_at = |o: usize| {
+            u64::from_le_bytes([
+                b[o],
+                b[o + 1],
+                b[o + 2],
+                b[o + 3],
+                b[o + 4],
+                b[o + 5],
+                b[o + 6],
+                b[o + 7],
+            ])
+        };
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         Header {
@@ -106,7 +117,9 @@ pub fn read_packet<R: Read>(
         return Err((None, PacketError::ShortHeader(available)));
     }
     let mut raw = [0u8; HEADER_SIZE];
-    reader.read_exact(&mut raw).map_err(|_| (None, PacketError::Memory))?;
+    reader
+        .read_exact(&mut raw)
+        .map_err(|_| (None, PacketError::Memory))?;
     let hdr = Header::decode(&raw);
     let len = hdr.len as usize;
     if len > MAX_PAYLOAD {
@@ -114,11 +127,19 @@ pub fn read_packet<R: Read>(
     }
     let rest = available - HEADER_SIZE;
     if len > rest {
-        return Err((Some(hdr), PacketError::BeyondChain { len: hdr.len, available: rest }));
+        return Err((
+            Some(hdr),
+            PacketError::BeyondChain {
+                len: hdr.len,
+                available: rest,
+            },
+        ));
     }
     if hdr.op == OP_RW && len > 0 {
         payload.resize(len, 0);
-        reader.read_exact(payload).map_err(|_| (Some(hdr), PacketError::Memory))?;
+        reader
+            .read_exact(payload)
+            .map_err(|_| (Some(hdr), PacketError::Memory))?;
     }
     Ok(hdr)
 }
@@ -170,7 +191,16 @@ mod tests {
 
         // len beyond the chain.
         let err = read_packet(&mut &buf[..], buf.len() - 1, &mut payload).unwrap_err();
-        assert!(matches!(err, (Some(_), PacketError::BeyondChain { len: 5, available: 4 })));
+        assert!(matches!(
+            err,
+            (
+                Some(_),
+                PacketError::BeyondChain {
+                    len: 5,
+                    available: 4
+                }
+            )
+        ));
         // len beyond 64 KiB.
         let mut big = sample();
         big.len = MAX_PAYLOAD as u32 + 1;

@@ -40,7 +40,11 @@ struct TestDir(PathBuf);
 impl TestDir {
     fn new() -> TestDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!("kiln-vsock-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let p = std::env::temp_dir().join(format!(
+            "kiln-vsock-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TestDir(p)
@@ -85,8 +89,16 @@ impl TestQueue {
     fn new(mem: &GuestMemoryMmap, base: u64) -> TestQueue {
         let size = QUEUE_SIZE;
         // Zeroed rings, as after a driver reset.
-        mem.write_slice(&vec![0u8; 0x8000], GuestAddress(base)).unwrap();
-        TestQueue { base, size, avail_idx: 0, used_seen: 0, free: (0..size).rev().collect(), chains: HashMap::new() }
+        mem.write_slice(&vec![0u8; 0x8000], GuestAddress(base))
+            .unwrap();
+        TestQueue {
+            base,
+            size,
+            avail_idx: 0,
+            used_seen: 0,
+            free: (0..size).rev().collect(),
+            chains: HashMap::new(),
+        }
     }
     fn avail(&self) -> u64 {
         self.base + 16 * u64::from(self.size)
@@ -109,7 +121,9 @@ impl TestQueue {
     /// Publishes a chain; `addr_of` picks each descriptor's buffer from the
     /// head index. Returns the head.
     fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) -> u16 {
-        let idxs: Vec<u16> = (0..descs.len()).map(|_| self.free.pop().expect("queue full")).collect();
+        let idxs: Vec<u16> = (0..descs.len())
+            .map(|_| self.free.pop().expect("queue full"))
+            .collect();
         for (i, &(addr, len, write)) in descs.iter().enumerate() {
             let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
             let next = if i + 1 < descs.len() {
@@ -129,7 +143,8 @@ impl TestQueue {
         mem.write_obj(head, GuestAddress(slot)).unwrap();
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
+            .unwrap();
         self.chains.insert(head, idxs);
         head
     }
@@ -202,7 +217,8 @@ impl Guest {
         let head = *self.txq.free.last().unwrap();
         let addr = TX_BUFS + u64::from(head) * TX_STRIDE;
         self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-        self.txq.add_chain(&self.mem, &[(addr, bytes.len() as u32, false)]);
+        self.txq
+            .add_chain(&self.mem, &[(addr, bytes.len() as u32, false)]);
         self.kick(1);
     }
 
@@ -231,9 +247,19 @@ impl Guest {
         self.reap_tx();
         let head = *self.txq.free.last().unwrap();
         let addr = TX_BUFS + u64::from(head) * TX_STRIDE;
-        self.mem.write_slice(&hdr.encode(), GuestAddress(addr)).unwrap();
-        self.mem.write_slice(payload, GuestAddress(addr + 64)).unwrap();
-        self.txq.add_chain(&self.mem, &[(addr, HEADER_SIZE as u32, false), (addr + 64, payload.len() as u32, false)]);
+        self.mem
+            .write_slice(&hdr.encode(), GuestAddress(addr))
+            .unwrap();
+        self.mem
+            .write_slice(payload, GuestAddress(addr + 64))
+            .unwrap();
+        self.txq.add_chain(
+            &self.mem,
+            &[
+                (addr, HEADER_SIZE as u32, false),
+                (addr + 64, payload.len() as u32, false),
+            ],
+        );
         self.kick(1);
     }
 
@@ -250,9 +276,15 @@ impl Guest {
             let mut raw = [0u8; HEADER_SIZE];
             self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
             let hdr = Header::decode(&raw);
-            assert_eq!(hdr.len as usize, len as usize - HEADER_SIZE, "used length must match the header");
+            assert_eq!(
+                hdr.len as usize,
+                len as usize - HEADER_SIZE,
+                "used length must match the header"
+            );
             let mut data = vec![0u8; hdr.len as usize];
-            self.mem.read_slice(&mut data, GuestAddress(addr + HEADER_SIZE as u64)).unwrap();
+            self.mem
+                .read_slice(&mut data, GuestAddress(addr + HEADER_SIZE as u64))
+                .unwrap();
             self.received.push_back((hdr, data));
         }
         if self.refill && n > 0 {
@@ -320,11 +352,23 @@ impl Harness {
     fn with(tweak: impl FnOnce(&mut Vsock)) -> Harness {
         let dir = TestDir::new();
         let uds = dir.0.join("v.sock");
-        let mut dev = Vsock::new(VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone(), id: "vsock-test".into() }).unwrap();
+        let mut dev = Vsock::new(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+            id: "vsock-test".into(),
+        })
+        .unwrap();
         tweak(&mut dev);
-        let mem: Memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+        let mem: Memory =
+            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let (guest, irq) = activate(&mut dev, mem);
-        Harness { _dir: dir, uds, dev, guest, irq }
+        Harness {
+            _dir: dir,
+            uds,
+            dev,
+            guest,
+            irq,
+        }
     }
 
     fn reactivate(&mut self) {
@@ -346,7 +390,10 @@ impl Harness {
         let mut c = self.host_connect();
         c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
         let (req, _) = self.guest.recv();
-        assert_eq!((req.op, req.src_cid, req.dst_cid, req.dst_port), (OP_REQUEST, HOST_CID, GUEST_CID, port));
+        assert_eq!(
+            (req.op, req.src_cid, req.dst_cid, req.dst_port),
+            (OP_REQUEST, HOST_CID, GUEST_CID, port)
+        );
         assert_eq!(req.buf_alloc, BUF_ALLOC);
         self.guest.send(pkt(OP_RESPONSE, port, req.src_port), &[]);
         let line = read_line(&mut c);
@@ -362,7 +409,11 @@ fn activate(dev: &mut Vsock, mem: Memory) -> (Guest, Arc<TestIrq>) {
     for (i, base) in RING_BASE.iter().enumerate() {
         let tq = TestQueue::new(&mem, *base);
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        queues.push(QueueContext { index: i as u16, queue: tq.create_queue(), kick: kick.try_clone().unwrap() });
+        queues.push(QueueContext {
+            index: i as u16,
+            queue: tq.create_queue(),
+            kick: kick.try_clone().unwrap(),
+        });
         kicks.push(kick);
         tqs.push(tq);
     }
@@ -377,7 +428,16 @@ fn activate(dev: &mut Vsock, mem: Memory) -> (Guest, Arc<TestIrq>) {
     let mut it = tqs.into_iter();
     let rxq = it.next().unwrap();
     let txq = it.next().unwrap();
-    let mut guest = Guest { mem, rxq, txq, kicks, received: VecDeque::new(), empty_rx: 0, refill: true, tx_used_lens: Vec::new() };
+    let mut guest = Guest {
+        mem,
+        rxq,
+        txq,
+        kicks,
+        received: VecDeque::new(),
+        empty_rx: 0,
+        refill: true,
+        tx_used_lens: Vec::new(),
+    };
     guest.post_rx(64);
     (guest, irq)
 }
@@ -388,7 +448,10 @@ fn read_line(s: &mut UnixStream) -> String {
     while out.last() != Some(&b'\n') {
         match s.read(&mut b) {
             Ok(1) => out.push(b[0]),
-            other => panic!("no line from the device: {other:?} after {:?}", String::from_utf8_lossy(&out)),
+            other => panic!(
+                "no line from the device: {other:?} after {:?}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
     String::from_utf8(out).unwrap()
@@ -413,10 +476,25 @@ fn closed_by_peer(s: &mut UnixStream) -> bool {
 #[test]
 fn config_parses_and_validates() {
     let c: VsockConfig = "cid=3,uds=/tmp/kiln.vsock".parse().unwrap();
-    assert_eq!(c, VsockConfig { guest_cid: 3, uds_path: "/tmp/kiln.vsock".into(), id: "vsock0".into() });
+    assert_eq!(
+        c,
+        VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/kiln.vsock".into(),
+            id: "vsock0".into()
+        }
+    );
     let c: VsockConfig = "uds=/x,cid=42,id=v1".parse().unwrap();
     assert_eq!((c.guest_cid, c.id.as_str()), (42, "v1"));
-    for bad in ["cid=2,uds=/x", "cid=4294967295,uds=/x", "cid=x,uds=/x", "uds=/x", "cid=3", "cid=3,uds=/x,port=1", "cid=3,uds="] {
+    for bad in [
+        "cid=2,uds=/x",
+        "cid=4294967295,uds=/x",
+        "cid=x,uds=/x",
+        "uds=/x",
+        "cid=3",
+        "cid=3,uds=/x,port=1",
+        "cid=3,uds=",
+    ] {
         assert!(bad.parse::<VsockConfig>().is_err(), "{bad} must be refused");
     }
 }
@@ -426,17 +504,27 @@ fn socket_path_stale_is_replaced_live_and_non_socket_are_refused() {
     let dir = TestDir::new();
     let path = dir.0.join("s");
     drop(UnixListener::bind(&path).unwrap()); // leaves a stale socket file
-    let cfg = VsockConfig { guest_cid: 3, uds_path: path.clone(), id: "v".into() };
+    let cfg = VsockConfig {
+        guest_cid: 3,
+        uds_path: path.clone(),
+        id: "v".into(),
+    };
     let dev = Vsock::new(cfg.clone()).unwrap();
     assert!(matches!(Vsock::new(cfg.clone()), Err(VsockError::InUse(_))));
     drop(dev);
     assert!(!path.exists(), "the device removes its socket on drop");
 
     std::fs::write(&path, b"not a socket").unwrap();
-    assert!(matches!(Vsock::new(cfg.clone()), Err(VsockError::NotASocket(_))));
+    assert!(matches!(
+        Vsock::new(cfg.clone()),
+        Err(VsockError::NotASocket(_))
+    ));
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 
-    let bad = VsockConfig { guest_cid: 1, ..cfg };
+    let bad = VsockConfig {
+        guest_cid: 1,
+        ..cfg
+    };
     assert!(matches!(Vsock::new(bad), Err(VsockError::InvalidCid(1))));
 }
 
@@ -446,7 +534,10 @@ fn device_describes_itself() {
     assert_eq!(h.dev.device_type(), 19);
     assert_eq!(h.dev.queue_max_sizes(), vec![256, 256, 256]);
     let f = h.dev.features();
-    assert_eq!(f, crate::virtio::features::RING_EVENT_IDX | crate::virtio::features::RING_INDIRECT_DESC);
+    assert_eq!(
+        f,
+        crate::virtio::features::RING_EVENT_IDX | crate::virtio::features::RING_INDIRECT_DESC
+    );
     let mut cfg = [0u8; 8];
     h.dev.read_config(0, &mut cfg);
     assert_eq!(u64::from_le_bytes(cfg), GUEST_CID);
@@ -487,8 +578,13 @@ fn host_connect_handshake_echo_and_close() {
     assert!(closed_by_peer(&mut c));
     let (rst, _) = h.guest.recv_skip_credit();
     assert_eq!((rst.op, rst.src_port, rst.dst_port), (OP_RST, hp, 52));
+    // fwd_cnt counts the guest's stream bytes only, not the OK line.
+    assert_eq!(rst.fwd_cnt, b"hello host".len() as u32);
     assert!(!h.irq.needs_reset.load(Ordering::SeqCst));
-    assert!(h.irq.signals[0].load(Ordering::SeqCst) > 0, "rx interrupts were sent");
+    assert!(
+        h.irq.signals[0].load(Ordering::SeqCst) > 0,
+        "rx interrupts were sent"
+    );
 }
 
 #[test]
@@ -497,7 +593,16 @@ fn guest_connect_to_host_socket_echo_and_half_close() {
     let listener = UnixListener::bind(format!("{}_1234", h.uds.display())).unwrap();
     h.guest.send(pkt(OP_REQUEST, 40000, 1234), &[]);
     let (resp, _) = h.guest.recv();
-    assert_eq!((resp.op, resp.src_cid, resp.src_port, resp.dst_cid, resp.dst_port), (OP_RESPONSE, HOST_CID, 1234, GUEST_CID, 40000));
+    assert_eq!(
+        (
+            resp.op,
+            resp.src_cid,
+            resp.src_port,
+            resp.dst_cid,
+            resp.dst_port
+        ),
+        (OP_RESPONSE, HOST_CID, 1234, GUEST_CID, 40000)
+    );
     let (mut s, _) = listener.accept().unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
 
@@ -550,12 +655,49 @@ fn host_full_close_sends_full_shutdown_and_guest_rst_ends_it() {
 }
 
 #[test]
+fn closing_connections_are_reset_when_the_other_side_lingers() {
+    let mut h =
+        Harness::with(|d| d.set_timeouts(Duration::from_secs(2), Duration::from_millis(200)));
+    // The host closes; the guest never sends its RST.
+    let (c, hp) = h.open_from_host(11);
+    drop(c);
+    let (sd, _) = h.guest.recv_skip_credit();
+    assert_eq!((sd.op, sd.flags), (OP_SHUTDOWN, SHUTDOWN_BOTH));
+    let (r, _) = h.guest.recv_skip_credit();
+    assert_eq!((r.op, r.src_port), (OP_RST, hp));
+
+    // The guest closes with data the host never reads: reset after the
+    // timeout, not kept forever.
+    let listener = UnixListener::bind(format!("{}_12", h.uds.display())).unwrap();
+    h.guest.send(pkt(OP_REQUEST, 43000, 12), &[]);
+    assert_eq!(h.guest.recv().0.op, OP_RESPONSE);
+    let (_s, _) = listener.accept().unwrap();
+    let big = vec![1u8; MAX_PAYLOAD];
+    for _ in 0..6 {
+        h.guest.send(pkt(OP_RW, 43000, 12), &big);
+    }
+    let mut sd = pkt(OP_SHUTDOWN, 43000, 12);
+    sd.flags = SHUTDOWN_BOTH;
+    let start = Instant::now();
+    h.guest.send(sd, &[]);
+    let (r, _) = h.guest.recv_skip_credit();
+    assert_eq!((r.op, r.src_port), (OP_RST, 12));
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "reset before the timeout: data was not pending"
+    );
+}
+
+#[test]
 fn rst_when_nobody_listens_both_directions() {
     let mut h = Harness::new();
     // Guest to a host port without a socket.
     h.guest.send(pkt(OP_REQUEST, 40001, 999), &[]);
     let (rst, _) = h.guest.recv();
-    assert_eq!((rst.op, rst.src_port, rst.dst_port, rst.dst_cid), (OP_RST, 999, 40001, GUEST_CID));
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port, rst.dst_cid),
+        (OP_RST, 999, 40001, GUEST_CID)
+    );
 
     // Host to a guest port nobody listens on: the guest answers RST and the
     // client is closed without an OK line.
@@ -597,7 +739,10 @@ fn guest_credit_limits_what_the_device_sends() {
                 op => panic!("unexpected op {op}"),
             }
         }
-        assert!(window <= 100, "device sent {window} bytes with 100 bytes of credit");
+        assert!(
+            window <= 100,
+            "device sent {window} bytes with 100 bytes of credit"
+        );
         assert!(window > 0, "device sent nothing with free credit");
         if got.len() < sent.len() {
             assert!(asked, "device out of credit should ask for it");
@@ -618,7 +763,10 @@ fn device_credit_updates_let_a_large_guest_stream_through() {
     let listener = UnixListener::bind(format!("{}_6000", h.uds.display())).unwrap();
     h.guest.send(pkt(OP_REQUEST, 42000, 6000), &[]);
     let (resp, _) = h.guest.recv();
-    assert_eq!((resp.op, resp.buf_alloc, resp.fwd_cnt), (OP_RESPONSE, BUF_ALLOC, 0));
+    assert_eq!(
+        (resp.op, resp.buf_alloc, resp.fwd_cnt),
+        (OP_RESPONSE, BUF_ALLOC, 0)
+    );
     let (mut s, _) = listener.accept().unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     let total = 3 * BUF_ALLOC as usize;
@@ -645,12 +793,18 @@ fn device_credit_updates_let_a_large_guest_stream_through() {
             h.guest.send(pkt(OP_RW, 42000, 6000), &data);
             tx_cnt += chunk;
         } else {
-            assert!(Instant::now() < deadline, "guest starved of credit at {tx_cnt} bytes");
+            assert!(
+                Instant::now() < deadline,
+                "guest starved of credit at {tx_cnt} bytes"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
     }
     let v = reader.join().unwrap();
-    assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8), "stream corrupted");
+    assert!(
+        v.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8),
+        "stream corrupted"
+    );
 }
 
 #[test]
@@ -682,7 +836,8 @@ fn hundred_concurrent_connections_keep_their_bytes() {
     let mut clients = Vec::new();
     for i in 0..N {
         let mut c = h.host_connect();
-        c.write_all(format!("CONNECT {}\n", 100 + i).as_bytes()).unwrap();
+        c.write_all(format!("CONNECT {}\n", 100 + i).as_bytes())
+            .unwrap();
         clients.push(c);
     }
     // Guest accepts every REQUEST; collect host ports per guest port.
@@ -694,8 +849,12 @@ fn hundred_concurrent_connections_keep_their_bytes() {
         h.guest.send(pkt(OP_RESPONSE, p.dst_port, p.src_port), &[]);
     }
     for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(read_line(c), format!("OK {}\n", host_port[&(100 + i as u32)]));
-        c.write_all(format!("message from client {i:03}").as_bytes()).unwrap();
+        assert_eq!(
+            read_line(c),
+            format!("OK {}\n", host_port[&(100 + i as u32)])
+        );
+        c.write_all(format!("message from client {i:03}").as_bytes())
+            .unwrap();
     }
     // The guest echoes each message back, upper-cased.
     let expected_len = "message from client 000".len();
@@ -716,7 +875,10 @@ fn hundred_concurrent_connections_keep_their_bytes() {
         let mut b = vec![0u8; expected_len];
         c.read_exact(&mut b).unwrap();
         assert_eq!(b, format!("MESSAGE FROM CLIENT {i:03}").as_bytes());
-        assert_eq!(seen[&(100 + i as u32)], format!("message from client {i:03}").as_bytes());
+        assert_eq!(
+            seen[&(100 + i as u32)],
+            format!("message from client {i:03}").as_bytes()
+        );
     }
 }
 
@@ -761,10 +923,15 @@ fn malformed_packets_get_rst_and_the_device_keeps_working() {
     // A chain shorter than a header, and one pointing outside guest memory:
     // returned with length 0.
     h.guest.send_raw(&[1, 2, 3]);
-    h.guest.txq.add_chain(&h.guest.mem, &[(MEM_SIZE as u64 - 8, 64, false)]);
+    h.guest
+        .txq
+        .add_chain(&h.guest.mem, &[(MEM_SIZE as u64 - 8, 64, false)]);
     h.guest.kick(1);
     h.guest.drain_tx();
-    assert!(h.guest.tx_used_lens.iter().all(|&l| l == 0), "tx buffers are used with length 0");
+    assert!(
+        h.guest.tx_used_lens.iter().all(|&l| l == 0),
+        "tx buffers are used with length 0"
+    );
     // No further replies for those two.
     assert!(h.guest.try_recv(Duration::from_millis(30)).is_none());
 
@@ -796,7 +963,9 @@ fn rx_buffers_too_small_or_unmapped_are_returned_empty() {
     }
     // Now a tiny buffer and an unmapped one, then a good one.
     h.guest.rxq.add_chain(&h.guest.mem, &[(RX_BUFS, 16, true)]);
-    h.guest.rxq.add_chain(&h.guest.mem, &[(MEM_SIZE as u64 - 8, 4096, true)]);
+    h.guest
+        .rxq
+        .add_chain(&h.guest.mem, &[(MEM_SIZE as u64 - 8, 4096, true)]);
     h.guest.post_rx(1);
     h.guest.send(pkt(OP_RW, 2000, 1), b"x");
     let (r, _) = h.guest.recv();
@@ -807,10 +976,19 @@ fn rx_buffers_too_small_or_unmapped_are_returned_empty() {
 #[test]
 fn malformed_connect_lines_close_the_client() {
     let mut h = Harness::new();
-    for bad in [&b"HELLO 5\n"[..], b"CONNECT\n", b"CONNECT 99999999999\n", &[b'C'; 40][..]] {
+    for bad in [
+        &b"HELLO 5\n"[..],
+        b"CONNECT\n",
+        b"CONNECT 99999999999\n",
+        &[b'C'; 40][..],
+    ] {
         let mut c = h.host_connect();
         c.write_all(bad).unwrap();
-        assert!(closed_by_peer(&mut c), "{:?} must close the client", String::from_utf8_lossy(bad));
+        assert!(
+            closed_by_peer(&mut c),
+            "{:?} must close the client",
+            String::from_utf8_lossy(bad)
+        );
     }
     // A line that arrives in pieces, with data right behind the newline:
     // the data is the stream's first bytes.
@@ -820,7 +998,10 @@ fn malformed_connect_lines_close_the_client() {
     c.write_all(b"ECT 3\r\nearly bytes").unwrap();
     let (req, _) = h.guest.recv();
     assert_eq!((req.op, req.dst_port), (OP_REQUEST, 3));
-    assert!(h.guest.try_recv(Duration::from_millis(20)).is_none(), "nothing but the REQUEST before RESPONSE");
+    assert!(
+        h.guest.try_recv(Duration::from_millis(20)).is_none(),
+        "nothing but the REQUEST before RESPONSE"
+    );
     h.guest.send(pkt(OP_RESPONSE, 3, req.src_port), &[]);
     assert_eq!(read_line(&mut c), format!("OK {}\n", req.src_port));
     let (p, data) = h.guest.recv_skip_credit();
@@ -829,7 +1010,8 @@ fn malformed_connect_lines_close_the_client() {
 
 #[test]
 fn host_connect_times_out_when_the_guest_never_answers() {
-    let mut h = Harness::with(|d| d.set_connect_timeout(Duration::from_millis(300)));
+    let mut h =
+        Harness::with(|d| d.set_timeouts(Duration::from_millis(300), Duration::from_secs(2)));
     let mut c = h.host_connect();
     c.write_all(b"CONNECT 8\n").unwrap();
     let (req, _) = h.guest.recv();
@@ -864,20 +1046,28 @@ fn reset_closes_connections_and_reactivation_works() {
     h.dev.reset();
     assert!(closed_by_peer(&mut c));
     assert!(h.dev.worker_control().thread_id().is_none());
-    assert!(h.guest.try_recv(Duration::from_millis(20)).is_none(), "nothing is sent on reset");
+    assert!(
+        h.guest.try_recv(Duration::from_millis(20)).is_none(),
+        "nothing is sent on reset"
+    );
 
     h.reactivate();
     let (mut c, hp) = h.open_from_host(52);
     c.write_all(b"again").unwrap();
     let (p, data) = h.guest.recv_skip_credit();
-    assert_eq!((p.op, p.src_port, data.as_slice()), (OP_RW, hp, &b"again"[..]));
+    assert_eq!(
+        (p.op, p.src_port, data.as_slice()),
+        (OP_RW, hp, &b"again"[..])
+    );
 }
 
 #[test]
 fn poll_mode_serves_traffic() {
     let mut h = Harness::new();
     let control = h.dev.worker_control();
-    control.set_wait_mode(WaitMode::Poll { spin: Duration::from_millis(50) });
+    control.set_wait_mode(WaitMode::Poll {
+        spin: Duration::from_millis(50),
+    });
     let mut clients = Vec::new();
     for round in 0..3 {
         let (mut c, hp) = h.open_from_host(60 + round);
@@ -912,7 +1102,17 @@ fn fuzz_entry_points_survive_garbage() {
     }
     // Structured sequences: open, data, credit, shutdown, junk.
     let mut seq = Vec::new();
-    for op in [OP_REQUEST, OP_RW, OP_CREDIT_REQUEST, OP_SHUTDOWN, OP_RESPONSE, OP_RW, OP_REQUEST, 0, OP_RST] {
+    for op in [
+        OP_REQUEST,
+        OP_RW,
+        OP_CREDIT_REQUEST,
+        OP_SHUTDOWN,
+        OP_RESPONSE,
+        OP_RW,
+        OP_REQUEST,
+        0,
+        OP_RST,
+    ] {
         let mut p = pkt(op, 10, 20);
         p.flags = 3;
         let payload: &[u8] = if op == OP_RW { b"data" } else { &[] };

@@ -48,7 +48,6 @@ pub struct VsockWorker {
 }
 
 impl VsockWorker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: Memory,
         rx: (Queue, EventFd),
@@ -75,7 +74,9 @@ impl VsockWorker {
     }
 
     fn queue_broken(&mut self, what: &str, e: virtio_queue::Error) {
-        self.warn.once(WarnOnce::QUEUE, || tracing::warn!("vsock: {what} queue is broken ({e}); the device needs a reset"));
+        self.warn.once(WarnOnce::QUEUE, || {
+            tracing::warn!("vsock: {what} queue is broken ({e}); the device needs a reset")
+        });
         self.broken = true;
         self.interrupt.set_needs_reset();
     }
@@ -113,7 +114,9 @@ impl VsockWorker {
                     match read_packet(&mut r, available, &mut self.payload) {
                         Ok(hdr) => self.muxer.handle_guest_packet(&hdr, &self.payload),
                         Err((hdr, e)) => {
-                            self.warn.once(WarnOnce::BAD_PACKET, || tracing::warn!("vsock: bad tx packet: {e}"));
+                            self.warn.once(WarnOnce::BAD_PACKET, || {
+                                tracing::warn!("vsock: bad tx packet: {e}")
+                            });
                             self.muxer.reject_packet(hdr.as_ref());
                         }
                     }
@@ -188,7 +191,9 @@ impl VsockWorker {
                         }
                         Err(e) => {
                             self.warn.once(WarnOnce::RX_DESCRIPTOR, || {
-                                tracing::warn!("vsock: cannot write an rx buffer ({e}); returned empty")
+                                tracing::warn!(
+                                    "vsock: cannot write an rx buffer ({e}); returned empty"
+                                )
                             });
                             0
                         }
@@ -220,7 +225,11 @@ impl VsockWorker {
     }
 
     fn notify(&mut self, index: u16) {
-        let queue = if index == RX_QUEUE { &mut self.rx } else { &mut self.tx };
+        let queue = if index == RX_QUEUE {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        };
         match queue.needs_notification(&*self.mem) {
             Ok(false) => {}
             // When in doubt, interrupt: a spurious one is harmless.

@@ -14,6 +14,10 @@ packages=(
     pkg-config           # finds libxkbcommon for the Clay shell's build
     libxkbcommon-dev     # Clay shell keyboard handling (smithay-client-toolkit)
     libwayland-dev       # Clay shell's Wayland client
+    fio                  # guest tools for the virtio tests and kiln-bench-io (guest kits):
+    iperf3               #   block and network benchmarks,
+    socat                #   TCP/vsock/Unix-socket plumbing (guest and nested host),
+    stress-ng            #   memory pressure
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -6,7 +6,11 @@
 //! 1. prints `KILN_INIT_OK` first thing;
 //! 2. mounts proc/sys/devtmpfs and loads the virtio modules;
 //! 3. prints `KILN_CPUS=<online CPUs>` and `KILN_MEM_KB=<MemTotal>`;
-//! 4. `kiln.poweroff` on the command line powers off, `kiln.reboot`
+//! 4. if `/kiln/run` exists (a guest kit appended to the initramfs, see
+//!    `kiln_integration_tests::guest_kit`), runs it with `sh`, its output
+//!    and stdin on the console, prints `KILN_RUN_EXIT=<status>` and powers
+//!    off, unless `kiln.shell` is on the command line (then goes on to 5);
+//! 5. `kiln.poweroff` on the command line powers off, `kiln.reboot`
 //!    reboots; otherwise prints `KILN_SHELL_READY` and runs a shell on the
 //!    console, powering off when it exits.
 
@@ -50,6 +54,14 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /etc/kiln-modules); do insmod "/lib/modules/$m" 2>/dev/null; done
 echo "KILN_CPUS=$(grep -c ^processor /proc/cpuinfo)"
 echo "KILN_MEM_KB=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+if [ -e /kiln/run ]; then
+  sh /kiln/run
+  echo "KILN_RUN_EXIT=$?"
+  case " $(cat /proc/cmdline) " in
+    *" kiln.shell "*) ;;
+    *) poweroff -f ;;
+  esac
+fi
 case " $(cat /proc/cmdline) " in
   *" kiln.poweroff "*) poweroff -f ;;
   *" kiln.reboot "*) reboot -f ;;
@@ -169,7 +181,7 @@ mod tests {
     fn init_prints_marker_before_anything_else() {
         let first_command = INIT.lines().nth(1).unwrap();
         assert_eq!(first_command, "/bin/busybox echo KILN_INIT_OK");
-        for needle in ["KILN_CPUS=", "KILN_MEM_KB=", "kiln.poweroff", "kiln.reboot", "KILN_SHELL_READY"] {
+        for needle in ["KILN_CPUS=", "KILN_MEM_KB=", "/kiln/run", "KILN_RUN_EXIT=", "kiln.shell", "kiln.poweroff", "kiln.reboot", "KILN_SHELL_READY"] {
             assert!(INIT.contains(needle), "{needle}");
         }
     }

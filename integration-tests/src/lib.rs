@@ -12,10 +12,14 @@
 //! the test gets an [`Outcome`]. Logs of every run stay under
 //! `target/nested-logs/<scenario>/`.
 
+pub mod guest_kit;
 pub mod host;
 pub mod initrd;
 pub mod nested;
 pub mod scenario;
+pub mod virtio_vm;
 
 pub use host::HostKvm;
+pub use guest_kit::GuestKit;
 pub use scenario::{run, Mode, Outcome, RigError, Scenario};
+pub use virtio_vm::{Disk, VmSpec, Vmm};

@@ -37,6 +37,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /rig/kvm-modules); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
+# Modules a scenario asked for (Scenario::host_modules), dependencies first.
+for m in $(cat /rig/extra-modules 2>/dev/null); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
 if [ ! -e /dev/kvm ]; then echo "KILN_RIG_ERROR=no /dev/kvm in the nested host"; poweroff -f; fi
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 if [ "$npt" != Y ] && [ "$npt" != 1 ]; then echo "KILN_RIG_ERROR=kvm_amd runs without nested paging (npt=$npt)"; poweroff -f; fi
@@ -65,6 +67,27 @@ poweroff -f
 pub struct NestedHost {
     pub kernel: PathBuf,
     pub base_initrd: PathBuf,
+    /// `lib/modules/<version>` of the nested host's kernel (with modules.dep).
+    pub modules: PathBuf,
+}
+
+impl NestedHost {
+    /// The module files for `names` (and their dependencies) in load
+    /// order, as (file name, contents); modules built into the kernel are
+    /// left out.
+    pub fn module_files(&self, names: &[String]) -> Result<Vec<(String, Vec<u8>)>, RigError> {
+        let dep = std::fs::read_to_string(self.modules.join("modules.dep"))
+            .map_err(|e| RigError::Setup(format!("reading the nested host's modules.dep: {e}")))?;
+        let builtin = std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let order = kiln_images::initramfs::ModuleIndex::parse(&dep, &builtin)
+            .load_order(&names)
+            .map_err(|e| RigError::Setup(format!("nested host modules: {e}")))?;
+        order
+            .iter()
+            .map(|rel| Ok((rel.rsplit('/').next().unwrap_or(rel).to_string(), read(&self.modules.join(rel))?)))
+            .collect()
+    }
 }
 
 pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigError> {
@@ -83,12 +106,13 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
     ));
     let base_initrd = dir.join("base.cpio");
     std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
+    let modules = pkg.root.join("lib/modules").join(&version);
     let _lock = kiln_guests::lock::FileLock::acquire(&dir.join("lock")).map_err(|e| RigError::Setup(e.to_string()))?;
+    debian::ensure_modules_dep(&pkg.root, &version).map_err(|e| RigError::Setup(e.to_string()))?;
     if base_initrd.is_file() {
-        return Ok(NestedHost { kernel, base_initrd });
+        return Ok(NestedHost { kernel, base_initrd, modules });
     }
     eprintln!("kiln-rig: building the nested host's initramfs (once per kernel/guest version)");
-    let modules = pkg.root.join("lib/modules").join(&version);
     let mut tree = Tree::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "root", "usr/bin", "usr/local/bin", "rig/modules"] {
         tree.dir(d);
@@ -109,7 +133,7 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
     let tmp = dir.join("base.cpio.tmp");
     tree.write(&tmp)?;
     std::fs::rename(&tmp, &base_initrd).map_err(|e| RigError::Setup(format!("renaming {}: {e}", tmp.display())))?;
-    Ok(NestedHost { kernel, base_initrd })
+    Ok(NestedHost { kernel, base_initrd, modules })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, RigError> {

@@ -39,6 +39,10 @@ pub struct Scenario {
     pub binaries: Vec<PathBuf>,
     /// Host files to make available at the same path.
     pub files: Vec<PathBuf>,
+    /// Kernel modules the script needs on its host (e.g. `tun`,
+    /// `vhost_vsock`): loaded with their dependencies in the nested host
+    /// before the script starts; `modprobe`d (best effort) in direct mode.
+    pub host_modules: Vec<String>,
     /// Nested host memory in MiB.
     pub nested_memory_mib: u32,
     /// Give the script this terminal (stdin/stdout) instead of capturing
@@ -59,6 +63,7 @@ impl Scenario {
             stall_after: Duration::from_secs(180),
             binaries: Vec::new(),
             files: Vec::new(),
+            host_modules: Vec::new(),
             nested_memory_mib: 3072,
             interactive: false,
             force_mode: None,
@@ -168,6 +173,12 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
 fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, logs: &Path) -> Result<Outcome, RigError> {
     let work = logs.join("work");
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
+    for m in &scenario.host_modules {
+        let loaded = Command::new("modprobe").arg(m).status().map(|s| s.success()).unwrap_or(false);
+        if !loaded {
+            eprintln!("kiln-rig: {}: modprobe {m} failed; the script may not find what it needs", scenario.name);
+        }
+    }
     if scenario.interactive {
         let start = Instant::now();
         let status = direct_command(scenario, kiln, guest, &work)
@@ -259,6 +270,13 @@ fn run_nested(
     for file in &scenario.files {
         tree.host_file(file, 0o644)?;
     }
+    let modules = host.module_files(&scenario.host_modules)?;
+    let mut names = Vec::new();
+    for (name, data) in modules {
+        tree.file(&format!("rig/modules/{name}"), 0o644, data);
+        names.push(name);
+    }
+    tree.file("rig/extra-modules", 0o644, names.iter().map(|n| format!("{n}\n")).collect::<String>().into_bytes());
     tree.file("rig/script.sh", 0o755, scenario.script.as_bytes().to_vec());
     if scenario.interactive {
         tree.file("rig/interactive", 0o644, Vec::new());

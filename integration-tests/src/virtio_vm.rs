@@ -1,0 +1,247 @@
+//! One guest with virtio-pci devices, as a shell command for Kiln or for
+//! QEMU (the peer the end-to-end tests and the I/O benchmark compare
+//! against), plus the host-side shell functions that hide the two VMMs'
+//! differences (control socket, vsock host side).
+//!
+//! Kiln's flags (`kiln run`):
+//! `--disk path=IMG[,readonly=on][,serial=S]` (repeatable),
+//! `--net tap=NAME[,mac=MAC]`, `--vsock cid=3,uds=PATH` (Firecracker's
+//! convention: a host client connects to PATH and writes `CONNECT <port>\n`,
+//! gets `OK <port>\n`; a guest connecting to CID 2 port P reaches the Unix
+//! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1,free_page_reporting=on`,
+//! `--rng`, `--virtio-console file=PATH`, `--control PATH` (line commands
+//! `balloon <MiB in the balloon>` → `ok`, `balloon-stats` → one line of
+//! `key=value`, `status`).
+//!
+//! QEMU: `-M microvm,pcie=on` (a PCIe host bridge, no legacy devices, quick
+//! to boot) with the matching `virtio-*-pci` devices; its QMP socket stands
+//! in for the control socket and vhost-vsock (AF_VSOCK in the host) for the
+//! Unix-socket vsock.
+
+/// The two VMMs side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vmm {
+    Kiln,
+    Qemu,
+}
+
+impl Vmm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Vmm::Kiln => "kiln",
+            Vmm::Qemu => "qemu",
+        }
+    }
+}
+
+/// A disk image: `path` is a shell word (it may use `$WORKDIR`).
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub path: String,
+    pub readonly: bool,
+    pub serial: String,
+}
+
+/// What the guest gets. Paths are shell words, double-quoted in the
+/// command, so `$WORKDIR/x` works.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// The initramfs (a guest kit).
+    pub initrd: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Appended to `console=ttyS0 reboot=k panic=1`.
+    pub cmdline_extra: String,
+    pub disks: Vec<Disk>,
+    /// Tap interface name (the VMM creates it; the host side is set up by
+    /// the script, see [`HOST_PRELUDE`]'s `tap_up`).
+    pub tap: Option<String>,
+    pub mac: String,
+    /// Kiln: the vsock Unix socket; QEMU: vhost-vsock, guest CID 3 either way.
+    pub vsock_uds: Option<String>,
+    pub balloon: bool,
+    pub rng: bool,
+    /// File that receives the guest's `/dev/hvc0`.
+    pub virtio_console: Option<String>,
+    /// Kiln: the control socket; QEMU: its QMP socket.
+    pub control: Option<String>,
+}
+
+impl VmSpec {
+    pub fn new(initrd: &str) -> VmSpec {
+        VmSpec {
+            initrd: initrd.into(),
+            cpus: 1,
+            memory_mib: 256,
+            cmdline_extra: "quiet".into(),
+            disks: Vec::new(),
+            tap: None,
+            mac: "52:54:00:12:34:56".into(),
+            vsock_uds: None,
+            balloon: false,
+            rng: false,
+            virtio_console: None,
+            control: None,
+        }
+    }
+
+    fn cmdline(&self, vmm: Vmm) -> String {
+        // QEMU's microvm resets through the keyboard controller it lacks:
+        // triple-fault instead (reboot=t), as the rig self-test does.
+        let reboot = if vmm == Vmm::Qemu { "reboot=t" } else { "reboot=k" };
+        format!("console=ttyS0 {reboot} panic=1 {}", self.cmdline_extra).trim().to_string()
+    }
+
+    /// The command line for `vmm` (one line of shell, no redirections).
+    pub fn command(&self, vmm: Vmm) -> String {
+        match vmm {
+            Vmm::Kiln => self.kiln_command(),
+            Vmm::Qemu => self.qemu_command(),
+        }
+    }
+
+    fn kiln_command(&self) -> String {
+        let mut c = format!(
+            "\"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"{}\" --cpus {} --memory {}M --cmdline '{}'",
+            self.initrd,
+            self.cpus,
+            self.memory_mib,
+            self.cmdline(Vmm::Kiln)
+        );
+        for d in &self.disks {
+            c.push_str(&format!(" --disk \"path={}{},serial={}\"", d.path, if d.readonly { ",readonly=on" } else { "" }, d.serial));
+        }
+        if let Some(tap) = &self.tap {
+            c.push_str(&format!(" --net tap={tap},mac={}", self.mac));
+        }
+        if let Some(uds) = &self.vsock_uds {
+            c.push_str(&format!(" --vsock \"cid=3,uds={uds}\""));
+        }
+        if self.balloon {
+            c.push_str(" --balloon deflate_on_oom=on,stats=1,free_page_reporting=on");
+        }
+        if self.rng {
+            c.push_str(" --rng");
+        }
+        if let Some(path) = &self.virtio_console {
+            c.push_str(&format!(" --virtio-console \"file={path}\""));
+        }
+        if let Some(path) = &self.control {
+            c.push_str(&format!(" --control \"{path}\""));
+        }
+        c
+    }
+
+    fn qemu_command(&self) -> String {
+        let mut c = format!(
+            "qemu-system-x86_64 -enable-kvm -M microvm,pcie=on,rtc=off -cpu host -smp {} -m {} -nodefaults -no-user-config -nographic -serial stdio -no-reboot -kernel \"$GUEST_BZIMAGE\" -initrd \"{}\" -append '{}'",
+            self.cpus,
+            self.memory_mib,
+            self.initrd,
+            self.cmdline(Vmm::Qemu)
+        );
+        for (i, d) in self.disks.iter().enumerate() {
+            // Errors go to the guest (Kiln's behaviour); QEMU's default
+            // stops the VM on ENOSPC.
+            c.push_str(&format!(
+                " -drive \"file={},format=raw,if=none,id=disk{i},werror=report,rerror=report{}\" -device virtio-blk-pci,drive=disk{i},serial={}",
+                d.path,
+                if d.readonly { ",readonly=on" } else { "" },
+                d.serial
+            ));
+        }
+        if let Some(tap) = &self.tap {
+            c.push_str(&format!(
+                " -netdev tap,id=net0,ifname={tap},script=no,downscript=no -device virtio-net-pci,netdev=net0,mac={},romfile=",
+                self.mac
+            ));
+        }
+        if self.vsock_uds.is_some() {
+            c.push_str(" -device vhost-vsock-pci,guest-cid=3");
+        }
+        if self.balloon {
+            c.push_str(" -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on,guest-stats-polling-interval=1");
+        }
+        if self.rng {
+            c.push_str(" -device virtio-rng-pci");
+        }
+        if let Some(path) = &self.virtio_console {
+            c.push_str(&format!(" -device virtio-serial-pci -chardev \"file,id=vcon0,path={path}\" -device virtconsole,chardev=vcon0"));
+        }
+        if let Some(path) = &self.control {
+            c.push_str(&format!(" -qmp \"unix:{path},server=on,wait=off\""));
+        }
+        c
+    }
+
+    /// Host files QEMU needs inside the nested host (firmware).
+    pub fn qemu_files() -> Vec<std::path::PathBuf> {
+        ["qboot.rom", "bios-microvm.bin", "linuxboot_dma.bin"].iter().map(|f| std::path::Path::new("/usr/share/qemu").join(f)).collect()
+    }
+
+    /// Shell: the host-side functions for `vmm` (see [`HOST_PRELUDE`])
+    /// with `VM_MEM_MIB`, `VM_CTL` and `VM_VSOCK` set for this guest.
+    pub fn host_prelude(&self, vmm: Vmm) -> String {
+        let specific = match vmm {
+            Vmm::Kiln => KILN_HOST_FUNCTIONS,
+            Vmm::Qemu => QEMU_HOST_FUNCTIONS,
+        };
+        format!(
+            "VM_MEM_MIB={}\nVM_CTL=\"{}\"\nVM_VSOCK=\"{}\"\nVMM={}\n{HOST_PRELUDE}\n{specific}\n",
+            self.memory_mib,
+            self.control.as_deref().unwrap_or(""),
+            self.vsock_uds.as_deref().unwrap_or(""),
+            vmm.name()
+        )
+    }
+
+    /// Shell: starts the guest in the background with its stdin on fd 3
+    /// (`say WORD` writes a line there), console output in `PREFIX.out`,
+    /// VMM stderr in `PREFIX.err`, its PID in `$vm`.
+    pub fn start(&self, vmm: Vmm, prefix: &str) -> String {
+        format!(
+            "rm -f {prefix}.in; mkfifo {prefix}.in\n{} < {prefix}.in > {prefix}.out 2> {prefix}.err &\nvm=$!\nexec 3> {prefix}.in\n",
+            self.command(vmm)
+        )
+    }
+}
+
+/// Host-side shell functions, the same for both VMMs (busybox `sh`).
+pub const HOST_PRELUDE: &str = r#"
+# wait_for PATTERN FILE [SECONDS]: until grep finds PATTERN in FILE.
+wait_for() { _n=$(( ${3:-120} * 5 )); while ! grep -q -- "$1" "$2" 2>/dev/null; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_TIMEOUT_WAITING_FOR=$1"; return 1; }; sleep 0.2; done; }
+# say WORD: a line to the guest's console (its kit script reads it with wait_host).
+say() { echo "$1" >&3; }
+# vm_wait PID [SECONDS]: its exit status, or 137 after killing it when it overstays.
+vm_wait() { ( sleep "${2:-120}"; kill -9 "$1" ) 2>/dev/null & _w=$!; wait "$1"; _rc=$?; kill $_w 2>/dev/null; return $_rc; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# tap_up NAME: once the VMM has created the tap, the host's side of 10.0.2.0/24.
+tap_up() { _n=300; while ! ip link show "$1" >/dev/null 2>&1; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_NO_TAP=$1"; return 1; }; sleep 0.2; done; ip addr add 10.0.2.1/24 dev "$1" && ip link set "$1" up; }
+"#;
+
+/// Kiln: control socket lines, vsock over its Unix socket.
+const KILN_HOST_FUNCTIONS: &str = r#"
+# vm_ctl COMMAND...: one line to the control socket, its answer on stdout.
+vm_ctl() { printf '%s\n' "$*" | socat -t 5 - "UNIX-CONNECT:$VM_CTL"; }
+# vsock_connect PORT: stdin to the guest's vsock PORT, its answer on stdout (handshake checked and stripped).
+vsock_connect() { { printf 'CONNECT %s\n' "$1"; cat; } | socat -t 20 - "UNIX-CONNECT:$VM_VSOCK" | { read -r _ok; case "$_ok" in "OK "*) cat ;; *) echo "VSOCK_BAD_HANDSHAKE=$_ok"; cat ;; esac; }; }
+# vsock_listen_addr PORT: the socat address where guest connections to CID 2 PORT arrive.
+vsock_listen_addr() { echo "UNIX-LISTEN:${VM_VSOCK}_$1,fork,backlog=256"; }
+"#;
+
+/// QEMU: QMP stands in for the control socket (same answers), vhost-vsock
+/// for the Unix socket.
+const QEMU_HOST_FUNCTIONS: &str = r#"
+qmp() { printf '{"execute":"qmp_capabilities"}\n%s\n' "$1" | socat -t 2 - "UNIX-CONNECT:$VM_CTL"; }
+vm_ctl() {
+  case "$1" in
+    balloon) qmp "{\"execute\":\"balloon\",\"arguments\":{\"value\":$(( (VM_MEM_MIB - $2) * 1048576 ))}}" | grep -c '"return": {}' | grep -qx 2 && echo ok ;;
+    balloon-stats) qmp '{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}' \
+        | tr '{},' '\n\n\n' | sed -n 's/^ *"stat-\([a-z-]*\)": \([0-9]*\)$/\1=\2/p' | sed 's/-/_/g' | tr '\n' ' '; echo ;;
+    status) qmp '{"execute":"query-status"}' | grep -o '"status": "[a-z-]*"' ;;
+  esac
+}
+# A 30 s connect timeout (SO_VM_SOCKETS_CONNECT_TIMEOUT) instead of 2 s.
+vsock_connect() { socat -t 20 - "VSOCK-CONNECT:3:$1,setsockopt-bin=40:6:x1e000000000000000000000000000000"; }
+vsock_listen_addr() { echo "VSOCK-LISTEN:$1,fork,backlog=256"; }
+"#;

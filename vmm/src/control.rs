@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! status                         ok running devices=net0,balloon0,rng0
-//! balloon 256                    ok target_mib=256
+//! balloon 256                    ok
 //! balloon-stats                  ok target_mib=256 actual_mib=256 inflated_mib=256 memfree=... (bytes)
 //! workers                        ok net0:tid=123,cpus=any,wait=notify blk0:...
 //! worker blk0 cpus=0,1 wait=poll:50   ok
@@ -101,7 +101,7 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
             let balloon = handles.balloon.as_ref().context("this VM has no balloon (start it with --balloon)")?;
             let mib: u64 = words.next().context("usage: balloon <target MiB>")?.parse().context("the target must be a number of MiB")?;
             balloon.set_target_mib(mib)?;
-            Ok(format!("target_mib={mib}"))
+            Ok(String::new())
         }
         Some("balloon-stats") => {
             let balloon = handles.balloon.as_ref().context("this VM has no balloon (start it with --balloon)")?;

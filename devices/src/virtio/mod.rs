@@ -19,6 +19,8 @@ pub mod console;
 pub mod net;
 pub mod options;
 pub mod pci;
+#[doc(hidden)]
+pub mod pci_fuzzing;
 pub mod rng;
 pub mod vsock;
 pub mod worker;

@@ -1,0 +1,8 @@
+//! virtio-balloon: a statistics buffer.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    kiln_devices::virtio::balloon::fuzzing::stats(data);
+});

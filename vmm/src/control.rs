@@ -15,6 +15,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -28,6 +30,8 @@ const MAX_LINE: usize = 4096;
 /// socket file is removed when this is dropped.
 pub struct ControlSocket {
     path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ControlSocket {
@@ -44,22 +48,36 @@ impl ControlSocket {
             let _ = std::fs::remove_file(path);
         }
         let listener = UnixListener::bind(path).with_context(|| format!("cannot create control socket {}", path.display()))?;
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("kiln-control".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
+                    if stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let handles = handles.clone();
                     // One thread per client, so a slow client does not block others.
                     let _ = std::thread::Builder::new().name("kiln-control-client".into()).spawn(move || serve(stream, &handles));
                 }
             })
             .context("starting the control socket thread")?;
-        Ok(ControlSocket { path: path.to_path_buf() })
+        Ok(ControlSocket { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
 }
 
 impl Drop for ControlSocket {
+    /// Stops accepting (a connection of our own wakes the accept loop) and
+    /// removes the socket file. Clients already connected finish on their
+    /// own threads.
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if UnixStream::connect(&self.path).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -188,4 +206,78 @@ fn stats_line(s: &kiln_devices::virtio::balloon::BalloonStats) -> String {
         out.push(format!("age_s={}", age.as_secs()));
     }
     out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_devices::virtio::balloon::VirtioBalloon;
+    use kiln_devices::virtio::worker::WorkerControl;
+
+    fn handles(with_balloon: bool) -> DeviceHandles {
+        let mut h = DeviceHandles::default();
+        h.workers.push(("disk0".into(), WorkerControl::new(Placement::default()).unwrap()));
+        if with_balloon {
+            let b = VirtioBalloon::new("stats=1".parse().unwrap()).unwrap();
+            h.balloon = Some(b.control());
+        }
+        h
+    }
+
+    fn err(line: &str, h: &DeviceHandles) -> String {
+        format!("{:#}", execute(line, h).unwrap_err())
+    }
+
+    #[test]
+    fn balloon_commands() {
+        let h = handles(true);
+        assert_eq!(execute("balloon 64", &h).unwrap(), "");
+        assert!(execute("balloon-stats", &h).unwrap().starts_with("target_mib=64 actual_mib=0"));
+        assert!(err("balloon lots", &h).contains("number of MiB"));
+        assert!(err("balloon", &handles(false)).contains("no balloon"));
+    }
+
+    #[test]
+    fn worker_placement_is_changed_and_validated() {
+        let h = handles(false);
+        execute("worker disk0 cpus=0,1 wait=poll:25", &h).unwrap();
+        let p = h.workers[0].1.placement();
+        assert_eq!(p.cpus, Some(vec![0, 1]));
+        assert_eq!(p.wait, WaitMode::Poll { spin: Duration::from_micros(25) });
+        execute("worker disk0 cpus=any wait=notify", &h).unwrap();
+        assert_eq!(h.workers[0].1.placement(), Placement::default());
+        assert!(execute("workers", &h).unwrap().starts_with("disk0:tid=-,cpus=any,wait=notify"));
+        assert!(err("worker net9 cpus=0", &h).contains("no device"));
+        assert!(err("worker disk0 cpus=x", &h).contains("CPU numbers"));
+        assert!(err("worker disk0 speed=11", &h).contains("unknown setting"));
+    }
+
+    #[test]
+    fn unknown_and_empty_commands_are_errors() {
+        let h = handles(false);
+        assert!(err("reboot-host", &h).contains("unknown command"));
+        assert!(err("", &h).contains("empty"));
+        assert_eq!(execute("status", &h).unwrap(), "running devices=disk0");
+    }
+
+    #[test]
+    fn socket_answers_lines_and_goes_away_on_drop() {
+        let dir = std::env::temp_dir().join(format!("kiln-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl");
+        let sock = ControlSocket::start(&path, handles(true)).unwrap();
+        assert!(ControlSocket::start(&path, handles(true)).is_err(), "a live socket is not replaced");
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"balloon 32\nnonsense\n").unwrap();
+        let mut r = BufReader::new(c);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok\n");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("error: unknown command"));
+        drop(sock);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -157,14 +157,13 @@ fn main() -> ExitCode {
         Command::Run(args) => args.into_config().and_then(|c| run::run(&c)).map(report_exit),
         Command::Guest(GuestCommand::Fetch) => guest_fetch().map(|_| 0),
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
-        Command::Policy(cmd) => kiln_policy::cli::run(cmd)
-            .map(|_| 0)
-            .map_err(|e| anyhow::anyhow!(kiln_policy::cli::error_chain(&e))),
+        Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("kiln: error: {e:#}");
+            // Each cause once: device errors often repeat their source.
+            eprintln!("kiln: error: {}", kiln_policy::cli::error_chain(&e));
             ExitCode::from(exit_code::ERROR)
         }
     }

@@ -18,7 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::balloon::{drain_queue, Served};
-use super::options::{Options, OptionsError};
+use super::options::{invalid, OptionsError};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
 use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};
 
@@ -47,11 +47,7 @@ impl FromStr for RngConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim() {
             "" | "on" => Ok(RngConfig {}),
-            other => {
-                // Reuse the option parser's wording for anything else.
-                Options::parse(other, &[])?;
-                Ok(RngConfig {})
-            }
+            other => Err(RngError::Options(invalid("rng", other, "virtio-rng takes no options (use --rng or --rng on)"))),
         }
     }
 }

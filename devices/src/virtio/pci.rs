@@ -504,7 +504,9 @@ impl PciDevice for VirtioPciDevice {
             o if o < COMMON + COMMON_LEN => self.read_common(o - COMMON, data),
             ISR => {
                 // Reading clears it (virtio 1.2, 4.1.4.5).
-                data[0] = self.signals.isr.swap(0, Ordering::SeqCst);
+                if let Some(b) = data.first_mut() {
+                    *b = self.signals.isr.swap(0, Ordering::SeqCst);
+                }
             }
             o if (DEVICE_CONFIG..DEVICE_CONFIG + DEVICE_CONFIG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CONFIG, data)

@@ -76,7 +76,7 @@ echo "FULL_READ_AFTER=$(dd if="$full" bs=4096 count=1 iflag=direct 2>/dev/null |
 "#;
 
 const BLOCK_HOST: &str = r#"
-wait_for BLOCK_ERRORS_DONE g.out 300
+wait_for BLOCK_ERRORS_DONE g.out 300 || bail "wait_for BLOCK_ERRORS_DONE"
 echo "VM_RUNNING_AFTER_ERRORS=$(kill -0 $vm 2>/dev/null && echo yes || echo no)"
 say still-there
 "#;
@@ -84,6 +84,7 @@ say still-there
 const BLOCK_HOST_AFTER: &str = r#"
 echo "HOST_SHA=$(head -c 67108864 rw.img | sha256sum | cut -d' ' -f1)"
 sha256sum -c ro.sha >/dev/null 2>&1 && echo RO_UNCHANGED=yes || echo RO_UNCHANGED=no
+umount full
 "#;
 
 fn block(vmm: Vmm) {
@@ -140,47 +141,53 @@ fn block_write_readonly_and_full_backing_file_qemu_peer() {
 
 const NET_GUEST: &str = r#"
 ip link set lo up
-ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up
-ping -c 3 -w 30 10.0.2.1 > /tmp/ping 2>&1; echo "GUEST_PING=$?"
+ip addr add $NET.15/24 dev eth0 && ip link set eth0 up
+ping -c 3 -w 30 $NET.1 > /tmp/ping 2>&1; echo "GUEST_PING=$?"
 echo NET_UP
 head -c 104857600 /dev/urandom > /tmp/d
 echo "GUEST_SEND_SHA=$(sha256sum /tmp/d | cut -d' ' -f1)"
 wait_host send
-socat -t 30 -u OPEN:/tmp/d TCP:10.0.2.1:7000; echo "GUEST_SENT=$?"
+socat -t 30 -T 60 -u OPEN:/tmp/d TCP:$NET.1:7000; echo "GUEST_SENT=$?"
 rm /tmp/d
-socat -u TCP-LISTEN:7001,reuseaddr OPEN:/tmp/r,creat,trunc & l=$!
+socat -T 60 -u TCP-LISTEN:7001,reuseaddr OPEN:/tmp/r,creat,trunc & l=$!
 sleep 1; echo NET_LISTENING
 wait $l
 echo "GUEST_RECV_SHA=$(sha256sum /tmp/r | cut -d' ' -f1)"
 "#;
 
 const NET_HOST: &str = r#"
-tap_up ktap0
-wait_for NET_UP g.out 120
-ping -c 3 -w 30 10.0.2.15 > ping.out 2>&1; echo "HOST_PING=$?"
-socat -u TCP-LISTEN:7000,reuseaddr OPEN:from_guest,creat,trunc & l=$!
+tap_up $TAP || bail "tap_up $TAP"
+wait_for NET_UP g.out 120 || bail "wait_for NET_UP"
+ping -c 3 -w 30 $NET.15 > ping.out 2>&1; echo "HOST_PING=$?"
+socat -T 60 -u TCP-LISTEN:7000,reuseaddr OPEN:from_guest,creat,trunc & l=$!
 sleep 0.5
-wait_for GUEST_SEND_SHA g.out 300
+wait_for GUEST_SEND_SHA g.out 300 || bail "wait_for GUEST_SEND_SHA"
 t0=$(date +%s); say send
-wait $l
+vm_wait $l 300 || bail "guest-to-host transfer"
 echo "GUEST_TO_HOST_S=$(( $(date +%s) - t0 ))"
 echo "HOST_RECV_SHA=$(sha256sum from_guest | cut -d' ' -f1)"
 rm from_guest
 head -c 104857600 /dev/urandom > to_guest
 echo "HOST_SEND_SHA=$(sha256sum to_guest | cut -d' ' -f1)"
-wait_for NET_LISTENING g.out 120
+wait_for NET_LISTENING g.out 120 || bail "wait_for NET_LISTENING"
 t0=$(date +%s)
-socat -t 30 -u OPEN:to_guest TCP:10.0.2.15:7001; echo "HOST_SENT=$?"
+socat -t 30 -T 60 -u OPEN:to_guest TCP:$NET.15:7001; echo "HOST_SENT=$?"
 echo "HOST_TO_GUEST_S=$(( $(date +%s) - t0 ))"
 "#;
 
 fn net(vmm: Vmm) {
     let socat = host_tool("socat").unwrap();
-    let kit = GuestKit::new(NET_GUEST).binary(socat).build(&name("net", vmm)).unwrap();
+    // Different taps and subnets, so both tests can run at once on one
+    // host (direct mode); Kiln's is the documented 10.0.2.0/24.
+    let (tap, net) = match vmm {
+        Vmm::Kiln => ("ktap0", "10.0.2"),
+        Vmm::Qemu => ("qtap0", "10.0.3"),
+    };
+    let kit = GuestKit::new(&format!("NET={net}\n{NET_GUEST}")).binary(socat).build(&name("net", vmm)).unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
-    spec.tap = Some("ktap0".into());
-    let body = format!("{NET_HOST}\n{FINISH}");
+    spec.tap = Some(tap.into());
+    let body = format!("NET={net}\nTAP={tap}\n{NET_HOST}\n{FINISH}");
     let mut s = scenario("net", vmm, &kit, &spec, &body, &[]);
     s.host_modules.push("tun".into());
     let out = run(&s).unwrap();
@@ -227,9 +234,9 @@ socat VSOCK-LISTEN:5000,fork,reuseaddr,backlog=256 PIPE & echo_srv=$!
 sleep 1
 echo VSOCK_READY
 wait_host host-listening
-echo "G2H_ECHO=$(echo guest-hello | socat -t 20 - VSOCK-CONNECT:2:6000,$VSOCK_WAIT)"
+echo "G2H_ECHO=$(echo guest-hello | socat -t 20 -T 60 - VSOCK-CONNECT:2:6000,$VSOCK_WAIT)"
 pids=""
-i=0; while [ $i -lt $G2H_N ]; do echo "g2h-$i" | socat -t 60 - VSOCK-CONNECT:2:6000,$VSOCK_WAIT > /tmp/c$i 2>&1 & pids="$pids $!"; i=$((i+1)); done
+i=0; while [ $i -lt $G2H_N ]; do echo "g2h-$i" | socat -t 60 -T 60 - VSOCK-CONNECT:2:6000,$VSOCK_WAIT > /tmp/c$i 2>&1 & pids="$pids $!"; i=$((i+1)); done
 wait $pids
 ok=0; i=0; while [ $i -lt $G2H_N ]; do [ "$(cat /tmp/c$i)" = "g2h-$i" ] && ok=$((ok+1)); i=$((i+1)); done
 echo "G2H_CONCURRENT_OK=$ok"
@@ -238,7 +245,7 @@ wait_host done
 "#;
 
 const VSOCK_HOST: &str = r#"
-wait_for VSOCK_READY g.out 120
+wait_for VSOCK_READY g.out 120 || bail "wait_for VSOCK_READY"
 echo "H2G_ECHO=$(echo host-hello | vsock_connect 5000)"
 pids=""
 i=0; while [ $i -lt 100 ]; do echo "h2g-$i" | vsock_connect 5000 > c$i 2>&1 & pids="$pids $!"; i=$((i+1)); done
@@ -249,7 +256,7 @@ i=0; while [ $i -lt 100 ]; do [ "$(cat c$i)" = "h2g-$i" ] || { echo "H2G_FAILED_
 socat $(vsock_listen_addr 6000) PIPE & lst=$!
 sleep 0.5
 say host-listening
-wait_for G2H_CONCURRENT_OK g.out 300
+wait_for G2H_CONCURRENT_OK g.out 300 || bail "wait_for G2H_CONCURRENT_OK"
 say done
 "#;
 
@@ -330,22 +337,22 @@ echo "GUEST_AFTER_OOM_AVAIL_KB=$(mem MemAvailable)"
 "#;
 
 const BALLOON_HOST: &str = r#"
-wait_for BALLOON_TOUCHED g.out 180
+wait_for BALLOON_TOUCHED g.out 180 || bail "wait_for BALLOON_TOUCHED"
 echo "RSS_TOUCHED_KB=$(rss_kib $vm)"
 say free
-wait_for BALLOON_FREED g.out 60
+wait_for BALLOON_FREED g.out 60 || bail "wait_for BALLOON_FREED"
 echo "RSS_FREED_KB=$(rss_kib $vm)"
 echo "CTL_INFLATE=$(vm_ctl balloon 256)"
-wait_for BALLOON_INFLATED g.out 180
+wait_for BALLOON_INFLATED g.out 180 || bail "wait_for BALLOON_INFLATED"
 sleep 2
 echo "RSS_INFLATED_KB=$(rss_kib $vm)"
 echo "CTL_STATS=$(vm_ctl balloon-stats)"
 say meminfo
-wait_for GUEST_STATS_MEMFREE_KB g.out 30
+wait_for GUEST_STATS_MEMFREE_KB g.out 30 || bail "wait_for GUEST_STATS_MEMFREE_KB"
 echo "CTL_STATUS=$(vm_ctl status | head -1)"
 echo "CTL_DEFLATE=$(vm_ctl balloon 0)"
 say deflating
-wait_for BALLOON_DEFLATED g.out 180
+wait_for BALLOON_DEFLATED g.out 180 || bail "wait_for BALLOON_DEFLATED"
 echo "CTL_REINFLATE=$(vm_ctl balloon 256)"
 say inflating-again
 "#;

@@ -8,7 +8,7 @@
 //! `--net tap=NAME[,mac=MAC]`, `--vsock cid=3,uds=PATH` (Firecracker's
 //! convention: a host client connects to PATH and writes `CONNECT <port>\n`,
 //! gets `OK <port>\n`; a guest connecting to CID 2 port P reaches the Unix
-//! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1,free_page_reporting=on`,
+//! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1[,free_page_reporting=on]`,
 //! `--rng`, `--virtio-console file=PATH`, `--control PATH` (line commands
 //! `balloon <MiB in the balloon>` → `ok`, `balloon-stats` → one line of
 //! `key=value`, `status`).
@@ -60,6 +60,9 @@ pub struct VmSpec {
     /// Kiln: the vsock Unix socket; QEMU: vhost-vsock, guest CID 3 either way.
     pub vsock_uds: Option<String>,
     pub balloon: bool,
+    /// With `balloon`: free page reporting (on by default; freed guest
+    /// memory then leaves the VMM's RSS without any inflation).
+    pub balloon_free_page_reporting: bool,
     pub rng: bool,
     /// File that receives the guest's `/dev/hvc0`.
     pub virtio_console: Option<String>,
@@ -79,6 +82,7 @@ impl VmSpec {
             mac: "52:54:00:12:34:56".into(),
             vsock_uds: None,
             balloon: false,
+            balloon_free_page_reporting: true,
             rng: false,
             virtio_console: None,
             control: None,
@@ -118,7 +122,10 @@ impl VmSpec {
             c.push_str(&format!(" --vsock \"cid=3,uds={uds}\""));
         }
         if self.balloon {
-            c.push_str(" --balloon deflate_on_oom=on,stats=1,free_page_reporting=on");
+            c.push_str(" --balloon deflate_on_oom=on,stats=1");
+            if self.balloon_free_page_reporting {
+                c.push_str(",free_page_reporting=on");
+            }
         }
         if self.rng {
             c.push_str(" --rng");
@@ -160,7 +167,10 @@ impl VmSpec {
             c.push_str(" -device vhost-vsock-pci,guest-cid=3");
         }
         if self.balloon {
-            c.push_str(" -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on,guest-stats-polling-interval=1");
+            let fpr = if self.balloon_free_page_reporting { "on" } else { "off" };
+            c.push_str(&format!(
+                " -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={fpr},guest-stats-polling-interval=1"
+            ));
         }
         if self.rng {
             c.push_str(" -device virtio-rng-pci");

@@ -317,6 +317,8 @@ echo "GUEST_FREED_AVAIL_KB=$freed"
 echo "GUEST_FREED_TOTAL_KB=$(mem MemTotal)"
 echo BALLOON_FREED
 avail_below $((freed - 230 * 1024)) 120 || echo GUEST_INFLATE_TIMEOUT=1
+# The second guest (no free page reporting) only measures what inflating gives back.
+case " $(cat /proc/cmdline) " in *" kiln.rss_only "*) sleep 2; echo BALLOON_INFLATED; wait_host measured; exit 0 ;; esac
 sleep 2
 echo "GUEST_INFLATED_AVAIL_KB=$(mem MemAvailable)"
 echo "GUEST_INFLATED_TOTAL_KB=$(mem MemTotal)"
@@ -357,13 +359,37 @@ echo "CTL_REINFLATE=$(vm_ctl balloon 256)"
 say inflating-again
 "#;
 
+/// A second guest without free page reporting, so freed memory stays in
+/// the VMM's RSS until the balloon takes it.
+const BALLOON_RSS_HOST: &str = r#"
+wait_for BALLOON_TOUCHED r.out 180 || bail "wait_for BALLOON_TOUCHED (second guest)"
+say free
+wait_for BALLOON_FREED r.out 60 || bail "wait_for BALLOON_FREED (second guest)"
+sleep 3
+echo "RSS2_FREED_KB=$(rss_kib $vm)"
+echo "CTL2_INFLATE=$(vm_ctl balloon 256)"
+wait_for BALLOON_INFLATED r.out 180 || bail "wait_for BALLOON_INFLATED (second guest)"
+echo "RSS2_INFLATED_KB=$(rss_kib $vm)"
+say measured
+vm_wait $vm 120; echo VM2_EXIT=$?
+exec 3>&-
+grep -E '^(GUEST_INFLATE_TIMEOUT|KILN_RUN_EXIT)' r.out | sed 's/^/VM2_/'; sed 's/^/VMM2_ERR: /' r.err
+"#;
+
 fn balloon(vmm: Vmm) {
     let kit = GuestKit::new(BALLOON_GUEST).build(&name("balloon", vmm)).unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
     spec.balloon = true;
     spec.control = Some("$WORKDIR/ctl.sock".into());
-    let body = format!("{BALLOON_HOST}\n{FINISH}");
+    let mut rss_only = spec.clone();
+    rss_only.balloon_free_page_reporting = false;
+    rss_only.cmdline_extra.push_str(" kiln.rss_only");
+    rss_only.control = Some("$WORKDIR/ctl2.sock".into());
+    let body = format!(
+        "{BALLOON_HOST}\n{FINISH}\nVM_CTL=\"$WORKDIR/ctl2.sock\"\n{}\n{BALLOON_RSS_HOST}",
+        rss_only.start(vmm, "r")
+    );
     let s = scenario("balloon", vmm, &kit, &spec, &body, &[]);
     let out = run(&s).unwrap();
     out.expect_exit(0);
@@ -375,10 +401,22 @@ fn balloon(vmm: Vmm) {
     for timeout in ["GUEST_INFLATE_TIMEOUT", "GUEST_DEFLATE_TIMEOUT", "GUEST_REINFLATE_TIMEOUT"] {
         assert!(out.value(timeout).is_none(), "{timeout}: the guest never saw the balloon change\n{}\nlog {log}", out.output);
     }
+    // With free page reporting, freeing already returns memory: measured
+    // from the peak. The second guest has none: inflating alone must do it.
     let (touched, inflated) = (kib(&out, "RSS_TOUCHED_KB"), kib(&out, "RSS_INFLATED_KB"));
     assert!(
         touched - inflated >= 230 * 1024,
         "VMM RSS went from {touched} kB (guest memory touched) to {inflated} kB (balloon at 256 MiB): less than 230 MiB given back\n{}\nlog {log}",
+        out.output
+    );
+    expect_value(&out, "CTL2_INFLATE", "ok");
+    expect_value(&out, "VM2_KILN_RUN_EXIT", "0");
+    expect_value(&out, "VM2_EXIT", "0");
+    assert!(out.value("VM2_GUEST_INFLATE_TIMEOUT").is_none(), "the second guest never saw the balloon inflate\n{}\nlog {log}", out.output);
+    let (freed2, inflated2) = (kib(&out, "RSS2_FREED_KB"), kib(&out, "RSS2_INFLATED_KB"));
+    assert!(
+        freed2 - inflated2 >= 230 * 1024,
+        "without free page reporting, inflating to 256 MiB took VMM RSS from {freed2} kB to {inflated2} kB: less than 230 MiB given back\n{}\nlog {log}",
         out.output
     );
     let (freed_avail, inflated_avail) = (kib(&out, "GUEST_FREED_AVAIL_KB"), kib(&out, "GUEST_INFLATED_AVAIL_KB"));
@@ -397,7 +435,7 @@ fn balloon(vmm: Vmm) {
     expect_value(&out, "OOM_FILE_MIB", "400");
     expect_value(&out, "VM_EXIT", "0");
     eprintln!(
-        "balloon ({}): {:?}; RSS touched {touched} kB, freed {} kB, inflated {inflated} kB",
+        "balloon ({}): {:?}; RSS touched {touched} kB, freed {} kB, inflated {inflated} kB; without page reporting freed {freed2} kB, inflated {inflated2} kB",
         vmm.name(),
         out.elapsed,
         out.value("RSS_FREED_KB").unwrap_or_default()
@@ -406,9 +444,10 @@ fn balloon(vmm: Vmm) {
 
 /// A 512 MiB guest touches and frees memory; inflating the balloon to
 /// 256 MiB over the control socket gives >= 230 MiB of the VMM's RSS back
-/// and takes it from the guest; deflating returns it; the stats match the
-/// guest's MemFree; with deflate-on-oom an allocation bigger than what is
-/// left succeeds.
+/// (from the peak with free page reporting on; from the freed state in a
+/// second guest without it) and takes it from the guest; deflating returns
+/// it; the stats match the guest's MemFree; with deflate-on-oom an
+/// allocation bigger than what is left succeeds.
 #[test]
 fn balloon_inflate_deflate_stats_and_deflate_on_oom() {
     balloon(Vmm::Kiln);

@@ -107,17 +107,20 @@ fn main() {
     );
     for round in 1..=rounds {
         for (label, vmm) in [("kiln", kiln_vmm), ("qemu", Vmm::Qemu)] {
+            // The guest's console is also shown live (prefixed), so a
+            // stalled nested host's log shows how far the guest got.
             script.push_str(&format!(
                 "t0=$(date +%s)\n\
-                 {} < /dev/null > g.out 2> g.err &\nvm=$!\n\
+                 ( timeout {} {} < /dev/null 2> g.err; echo \"VMM_EXIT=$?\" ) | tee g.out | while IFS= read -r l; do echo \"guest {label} {round}: $l\"; done &\n\
+                 p=$!\n\
                  tap_up ktap0\n\
-                 vm_wait $vm {}; rc=$?\n\
+                 wait $p\n\
+                 rc=$(sed -n 's/^VMM_EXIT=//p' g.out)\n\
                  echo \"run {label} {round}: exit $rc, $(( $(date +%s) - t0 )) s\" >&2\n\
-                 [ $rc = 0 ] || {{ echo \"RUN_FAILED {label} {round} exit $rc\"; tail -5 g.out; tail -5 g.err; }}\n\
-                 grep '^BENCH_ERROR' g.out | sed 's/^/{label} {round} /'\n\
+                 [ \"$rc\" = 0 ] || {{ echo \"RUN_FAILED {label} {round} exit $rc\"; tail -5 g.err; }}\n\
                  grep '^BENCH ' g.out | sed 's/^BENCH /RESULT {label} {round} /'\n",
+                runtime * 6 + 300,
                 spec.command(vmm),
-                runtime * 6 + 300
             ));
         }
     }
@@ -133,11 +136,19 @@ fn main() {
         eprintln!("kiln-bench-io: KILN_BENCH_IO_KILN_IS_QEMU=1: the Kiln column runs QEMU (checking the benchmark, not Kiln)");
     }
     eprintln!("kiln-bench-io: {rounds} interleaved rounds of Kiln and QEMU, fio ({engine}) and iperf3, {runtime} s each");
-    let out = run(&s).unwrap_or_else(|e| fail(&e.to_string()));
+    // A nested host that stalls or times out still leaves its console log:
+    // the rounds finished before that are reported, then the error.
+    let (output, mode, log, error) = match run(&s) {
+        Ok(out) => (out.output, format!("{:?}", out.mode), out.log, None),
+        Err(e) => {
+            let log = kiln_integration_tests::scenario::target_dir().join("nested-logs/bench_io/console.log");
+            (std::fs::read_to_string(&log).unwrap_or_default(), "partial".to_string(), log, Some(e))
+        }
+    };
 
     // (vmm, test) -> the BENCH lines' key=value maps, one per round.
     let mut results: BTreeMap<(String, String), Vec<BTreeMap<String, f64>>> = BTreeMap::new();
-    for line in out.output.lines() {
+    for line in output.lines() {
         let mut words = line.split_whitespace();
         if words.next() != Some("RESULT") {
             if line.contains("BENCH_ERROR") || line.starts_with("RUN_FAILED") {
@@ -154,8 +165,8 @@ fn main() {
     let kiln_label = if kiln_is_qemu { "\"Kiln\" (QEMU, KILN_BENCH_IO_KILN_IS_QEMU=1)" } else { "Kiln" };
     println!();
     println!(
-        "virtio-pci I/O, {:?} mode: 1 vCPU, {} MiB guest, raw 512 MiB image on tmpfs, tap; fio {engine} direct=1 iodepth=16, iperf3 TCP; {runtime} s each; medians of {rounds} interleaved rounds",
-        out.mode, spec.memory_mib
+        "virtio-pci I/O, {} mode: 1 vCPU, {} MiB guest, raw 512 MiB image on tmpfs, tap; fio {engine} direct=1 iodepth=16, iperf3 TCP; {runtime} s each; medians of {rounds} interleaved rounds",
+        mode, spec.memory_mib
     );
     println!();
     println!("| test | unit | runs | {kiln_label} | QEMU microvm | Kiln/QEMU |");
@@ -176,6 +187,9 @@ fn main() {
         println!("| {test} | {unit} | {kn}/{qn} | {km:.digits$} | {qm:.digits$} | {:.2}x |", km / qm);
     }
     if missing > 0 {
-        fail(&format!("{missing} figures missing (log: {})", out.log.display()));
+        fail(&format!("{missing} figures missing (log: {})", log.display()));
+    }
+    if let Some(e) = error {
+        fail(&e.to_string());
     }
 }

@@ -6,6 +6,9 @@
 # the target and the artifact, if any target crashes, leaks, hangs or runs
 # out of memory. See docs/fuzzing.md.
 #
+# KILN_FUZZ_ARGS adds libFuzzer flags to every run (e.g. "-max_len=8192";
+# not -jobs, whose output goes to fuzz-N.log files); see docs/fuzzing.md.
+#
 # Only stable Rust here: RUSTC_BOOTSTRAP=1 lets it take the -Z flags
 # cargo-fuzz passes (sanitizer, coverage instrumentation).
 set -euo pipefail
@@ -51,7 +54,7 @@ for t in "${targets[@]}"; do
     timeout --kill-after=10 $((seconds + 120)) \
         "$bin_dir/$t" "fuzz/corpus/$t" \
         -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
-        -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 \
+        -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 ${KILN_FUZZ_ARGS:-} \
         >"$log" 2>&1 || rc=$?
     done_line="$(grep -E '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1 || true)"
     runs="$(sed -E 's/^Done ([0-9]+) runs in ([0-9]+) second.*/\1/' <<<"$done_line")"

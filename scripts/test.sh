@@ -17,4 +17,14 @@ cargo build --release --locked -p kiln -p kiln-agent
 echo "test.sh: fetching the default guest" >&2
 "$KILN_BIN" guest fetch
 
+# A short fuzz of every guest-facing device parser (docs/fuzzing.md); a
+# crash fails the run, after the tests have run too.
+echo "test.sh: fuzzing the device parsers (${KILN_FUZZ_SECONDS:-5} s per target)" >&2
+fuzz_status=0
+scripts/fuzz.sh "${KILN_FUZZ_SECONDS:-5}" || fuzz_status=$?
+
 cargo nextest run --workspace --locked --no-fail-fast
+if [ "$fuzz_status" -ne 0 ]; then
+    echo "test.sh: fuzzing found a crash; see the 'fuzz:' lines above and fuzz/artifacts/" >&2
+    exit "$fuzz_status"
+fi

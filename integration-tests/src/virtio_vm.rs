@@ -8,7 +8,7 @@
 //! `--net tap=NAME[,mac=MAC]`, `--vsock cid=3,uds=PATH` (Firecracker's
 //! convention: a host client connects to PATH and writes `CONNECT <port>\n`,
 //! gets `OK <port>\n`; a guest connecting to CID 2 port P reaches the Unix
-//! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1,free_page_reporting=on`,
+//! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1[,free_page_reporting=on]`,
 //! `--rng`, `--virtio-console file=PATH`, `--control PATH` (line commands
 //! `balloon <MiB in the balloon>` → `ok`, `balloon-stats` → one line of
 //! `key=value`, `status`).
@@ -60,6 +60,9 @@ pub struct VmSpec {
     /// Kiln: the vsock Unix socket; QEMU: vhost-vsock, guest CID 3 either way.
     pub vsock_uds: Option<String>,
     pub balloon: bool,
+    /// With `balloon`: free page reporting (on by default; freed guest
+    /// memory then leaves the VMM's RSS without any inflation).
+    pub balloon_free_page_reporting: bool,
     pub rng: bool,
     /// File that receives the guest's `/dev/hvc0`.
     pub virtio_console: Option<String>,
@@ -79,6 +82,7 @@ impl VmSpec {
             mac: "52:54:00:12:34:56".into(),
             vsock_uds: None,
             balloon: false,
+            balloon_free_page_reporting: true,
             rng: false,
             virtio_console: None,
             control: None,
@@ -118,7 +122,10 @@ impl VmSpec {
             c.push_str(&format!(" --vsock \"cid=3,uds={uds}\""));
         }
         if self.balloon {
-            c.push_str(" --balloon deflate_on_oom=on,stats=1,free_page_reporting=on");
+            c.push_str(" --balloon deflate_on_oom=on,stats=1");
+            if self.balloon_free_page_reporting {
+                c.push_str(",free_page_reporting=on");
+            }
         }
         if self.rng {
             c.push_str(" --rng");
@@ -160,7 +167,10 @@ impl VmSpec {
             c.push_str(" -device vhost-vsock-pci,guest-cid=3");
         }
         if self.balloon {
-            c.push_str(" -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on,guest-stats-polling-interval=1");
+            let fpr = if self.balloon_free_page_reporting { "on" } else { "off" };
+            c.push_str(&format!(
+                " -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={fpr},guest-stats-polling-interval=1"
+            ));
         }
         if self.rng {
             c.push_str(" -device virtio-rng-pci");
@@ -197,10 +207,10 @@ impl VmSpec {
 
     /// Shell: starts the guest in the background with its stdin on fd 3
     /// (`say WORD` writes a line there), console output in `PREFIX.out`,
-    /// VMM stderr in `PREFIX.err`, its PID in `$vm`.
+    /// VMM stderr in `PREFIX.err` (`$VM_OUT`, `$VM_ERR`), its PID in `$vm`.
     pub fn start(&self, vmm: Vmm, prefix: &str) -> String {
         format!(
-            "rm -f {prefix}.in; mkfifo {prefix}.in\n{} < {prefix}.in > {prefix}.out 2> {prefix}.err &\nvm=$!\nexec 3> {prefix}.in\n",
+            "VM_OUT={prefix}.out VM_ERR={prefix}.err\nrm -f {prefix}.in; mkfifo {prefix}.in\n{} < {prefix}.in > {prefix}.out 2> {prefix}.err &\nvm=$!\nexec 3> {prefix}.in\n",
             self.command(vmm)
         )
     }
@@ -208,15 +218,27 @@ impl VmSpec {
 
 /// Host-side shell functions, the same for both VMMs (busybox `sh`).
 pub const HOST_PRELUDE: &str = r#"
-# wait_for PATTERN FILE [SECONDS]: until grep finds PATTERN in FILE.
-wait_for() { _n=$(( ${3:-120} * 5 )); while ! grep -q -- "$1" "$2" 2>/dev/null; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_TIMEOUT_WAITING_FOR=$1"; return 1; }; sleep 0.2; done; }
+# wait_for PATTERN FILE [SECONDS]: until grep finds PATTERN in FILE; fails
+# at once when the VMM ($vm, if set) has exited.
+wait_for() {
+  _n=$(( ${3:-120} * 5 ))
+  while ! grep -q -- "$1" "$2" 2>/dev/null; do
+    _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_TIMEOUT_WAITING_FOR=$1"; return 1; }
+    [ -n "$vm" ] && ! kill -0 "$vm" 2>/dev/null && ! grep -q -- "$1" "$2" 2>/dev/null && { echo "HOST_VM_GONE_WAITING_FOR=$1"; return 1; }
+    sleep 0.2
+  done
+}
+# bail REASON: stop the VMM, show its console and stderr, fail the script.
+bail() { echo "HOST_BAIL=$1"; kill -9 "$vm" 2>/dev/null; cat "$VM_OUT"; sed 's/^/VMM_ERR: /' "$VM_ERR"; exit 1; }
+# A VMM that died must not kill the script through SIGPIPE on its stdin.
+trap '' PIPE
 # say WORD: a line to the guest's console (its kit script reads it with wait_host).
 say() { echo "$1" >&3; }
 # vm_wait PID [SECONDS]: its exit status, or 137 after killing it when it overstays.
 vm_wait() { ( sleep "${2:-120}"; kill -9 "$1" ) 2>/dev/null & _w=$!; wait "$1"; _rc=$?; kill $_w 2>/dev/null; return $_rc; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-# tap_up NAME: once the VMM has created the tap, the host's side of 10.0.2.0/24.
-tap_up() { _n=300; while ! ip link show "$1" >/dev/null 2>&1; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_NO_TAP=$1"; return 1; }; sleep 0.2; done; ip addr add 10.0.2.1/24 dev "$1" && ip link set "$1" up; }
+# tap_up NAME: once the VMM has created the tap, the host's side of $NET.0/24 (default 10.0.2.0/24).
+tap_up() { _n=300; while ! ip link show "$1" >/dev/null 2>&1; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_NO_TAP=$1"; return 1; }; [ -n "$vm" ] && ! kill -0 "$vm" 2>/dev/null && { echo "HOST_VM_GONE_NO_TAP=$1"; return 1; }; sleep 0.2; done; ip addr add "${NET:-10.0.2}.1/24" dev "$1" && ip link set "$1" up; }
 "#;
 
 /// Kiln: control socket lines, vsock over its Unix socket.
@@ -224,7 +246,7 @@ const KILN_HOST_FUNCTIONS: &str = r#"
 # vm_ctl COMMAND...: one line to the control socket, its answer on stdout.
 vm_ctl() { printf '%s\n' "$*" | socat -t 5 - "UNIX-CONNECT:$VM_CTL"; }
 # vsock_connect PORT: stdin to the guest's vsock PORT, its answer on stdout (handshake checked and stripped).
-vsock_connect() { { printf 'CONNECT %s\n' "$1"; cat; } | socat -t 20 - "UNIX-CONNECT:$VM_VSOCK" | { read -r _ok; case "$_ok" in "OK "*) cat ;; *) echo "VSOCK_BAD_HANDSHAKE=$_ok"; cat ;; esac; }; }
+vsock_connect() { { printf 'CONNECT %s\n' "$1"; cat; } | socat -t 20 -T 60 - "UNIX-CONNECT:$VM_VSOCK" | { read -r _ok; case "$_ok" in "OK "*) cat ;; *) echo "VSOCK_BAD_HANDSHAKE=$_ok"; cat ;; esac; }; }
 # vsock_listen_addr PORT: the socat address where guest connections to CID 2 PORT arrive.
 vsock_listen_addr() { echo "UNIX-LISTEN:${VM_VSOCK}_$1,fork,backlog=256"; }
 "#;
@@ -242,6 +264,6 @@ vm_ctl() {
   esac
 }
 # A 30 s connect timeout (SO_VM_SOCKETS_CONNECT_TIMEOUT) instead of 2 s.
-vsock_connect() { socat -t 20 - "VSOCK-CONNECT:3:$1,setsockopt-bin=40:6:x1e000000000000000000000000000000"; }
+vsock_connect() { socat -t 20 -T 60 - "VSOCK-CONNECT:3:$1,setsockopt-bin=40:6:x1e000000000000000000000000000000"; }
 vsock_listen_addr() { echo "VSOCK-LISTEN:$1,fork,backlog=256"; }
 "#;

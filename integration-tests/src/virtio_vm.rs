@@ -249,6 +249,8 @@ vm_ctl() { printf '%s\n' "$*" | socat -t 5 - "UNIX-CONNECT:$VM_CTL"; }
 vsock_connect() { { printf 'CONNECT %s\n' "$1"; cat; } | socat -t 20 -T 60 - "UNIX-CONNECT:$VM_VSOCK" | { read -r _ok; case "$_ok" in "OK "*) cat ;; *) echo "VSOCK_BAD_HANDSHAKE=$_ok"; cat ;; esac; }; }
 # vsock_listen_addr PORT: the socat address where guest connections to CID 2 PORT arrive.
 vsock_listen_addr() { echo "UNIX-LISTEN:${VM_VSOCK}_$1,fork,backlog=256"; }
+# vsock_echo_many PORT N: N concurrent echo checks against guest PORT ($VSOCK_ECHO is kiln-vsock-echo).
+vsock_echo_many() { "$VSOCK_ECHO" --uds "$VM_VSOCK" "$1" "$2"; }
 "#;
 
 /// QEMU: QMP stands in for the control socket (same answers), vhost-vsock
@@ -263,7 +265,7 @@ vm_ctl() {
     status) qmp '{"execute":"query-status"}' | grep -o '"status": "[a-z-]*"' ;;
   esac
 }
-# A 30 s connect timeout (SO_VM_SOCKETS_CONNECT_TIMEOUT) instead of 2 s.
-vsock_connect() { socat -t 20 -T 60 - "VSOCK-CONNECT:3:$1,setsockopt-bin=40:6:x1e000000000000000000000000000000"; }
+vsock_connect() { socat -t 20 -T 60 - "VSOCK-CONNECT:3:$1"; }
 vsock_listen_addr() { echo "VSOCK-LISTEN:$1,fork,backlog=256"; }
+vsock_echo_many() { "$VSOCK_ECHO" 3 "$1" "$2"; }
 "#;

@@ -175,6 +175,16 @@ socat -t 30 -T 60 -u OPEN:to_guest TCP:$NET.15:7001; echo "HOST_SENT=$?"
 echo "HOST_TO_GUEST_S=$(( $(date +%s) - t0 ))"
 "#;
 
+/// Kiln only: the host-to-guest transfer runs with net0's I/O worker moved
+/// at run time to CPU 0 in poll mode, through the control socket.
+const KILN_NET_PLACEMENT: &str = r#"
+echo "CTL_PLACE=$(vm_ctl worker net0 cpus=0 wait=poll:200)"
+net0=$(vm_ctl workers | tr ' ' '\n' | grep '^net0:')
+tid=$(echo "$net0" | sed 's/.*tid=\([0-9]*\).*/\1/')
+echo "WORKER_CPUS=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/$vm/task/$tid/status)"
+echo "WORKER_WAIT=$(echo "$net0" | sed 's/.*wait=\([^,]*\).*/\1/')"
+"#;
+
 fn net(vmm: Vmm) {
     let socat = host_tool("socat").unwrap();
     // Different taps and subnets, so both tests can run at once on one
@@ -187,7 +197,12 @@ fn net(vmm: Vmm) {
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
     spec.tap = Some(tap.into());
-    let body = format!("NET={net}\nTAP={tap}\n{NET_HOST}\n{FINISH}");
+    let mut host = NET_HOST.to_string();
+    if vmm == Vmm::Kiln {
+        spec.control = Some("$WORKDIR/ctl.sock".into());
+        host = host.replace("head -c 104857600 /dev/urandom > to_guest", &format!("{KILN_NET_PLACEMENT}\nhead -c 104857600 /dev/urandom > to_guest"));
+    }
+    let body = format!("NET={net}\nTAP={tap}\n{host}\n{FINISH}");
     let mut s = scenario("net", vmm, &kit, &spec, &body, &[]);
     s.host_modules.push("tun".into());
     let out = run(&s).unwrap();
@@ -203,6 +218,11 @@ fn net(vmm: Vmm) {
     assert_eq!(down.len(), 64, "{}", out.output);
     expect_value(&out, "GUEST_RECV_SHA", &down);
     expect_value(&out, "VM_EXIT", "0");
+    if vmm == Vmm::Kiln {
+        expect_value(&out, "CTL_PLACE", "ok");
+        expect_value(&out, "WORKER_CPUS", "0");
+        expect_value(&out, "WORKER_WAIT", "poll:200");
+    }
     eprintln!(
         "net ({}): {:?}; 100 MiB guest->host {} s, host->guest {} s",
         vmm.name(),

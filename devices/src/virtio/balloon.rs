@@ -1149,42 +1149,12 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
+    use crate::virtio::test_support::{wait_until, CountingInterrupt};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::Bytes;
     use vmm_sys_util::eventfd::EventFd;
-
-    #[derive(Default)]
-    struct CountingInterrupt {
-        queue: [AtomicUsize; 8],
-        config: AtomicUsize,
-        needs_reset: AtomicUsize,
-    }
-
-    impl Interrupt for CountingInterrupt {
-        fn signal_queue(&self, index: u16) {
-            if let Some(c) = self.queue.get(usize::from(index)) {
-                c.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        fn signal_config(&self) {
-            self.config.fetch_add(1, Ordering::SeqCst);
-        }
-        fn set_needs_reset(&self) {
-            self.needs_reset.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn wait_until(what: &str, f: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !f() {
-            assert!(start.elapsed() < Duration::from_secs(2), "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
 
     const MIB: u64 = 1 << 20;
     /// Pages the tests balloon live from here up.

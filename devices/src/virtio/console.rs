@@ -441,45 +441,12 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use crate::virtio::test_support::{desc, wait_until, CountingInterrupt, NEXT, W};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
-
-    #[derive(Default)]
-    struct CountingInterrupt {
-        queue: [AtomicUsize; 2],
-        needs_reset: AtomicUsize,
-    }
-
-    impl Interrupt for CountingInterrupt {
-        fn signal_queue(&self, index: u16) {
-            if let Some(c) = self.queue.get(usize::from(index)) {
-                c.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        fn signal_config(&self) {}
-        fn set_needs_reset(&self) {
-            self.needs_reset.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn wait_until(what: &str, f: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !f() {
-            assert!(start.elapsed() < Duration::from_secs(2), "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-    }
 
     /// A `Write` the test can look into.
     #[derive(Clone, Default)]

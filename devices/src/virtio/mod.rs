@@ -22,6 +22,8 @@ pub mod pci;
 #[doc(hidden)]
 pub mod pci_fuzzing;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vsock;
 pub mod worker;
 

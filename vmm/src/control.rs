@@ -127,7 +127,7 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
                 "target_mib={} actual_mib={} inflated_mib={}",
                 balloon.target_mib(),
                 balloon.actual_mib(),
-                balloon.inflated_pages() * 4096 >> 20
+                (balloon.inflated_pages() * 4096) >> 20
             );
             if let Some(stats) = balloon.stats() {
                 text.push(' ');

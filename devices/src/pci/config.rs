@@ -73,7 +73,7 @@ impl ConfigSpace {
     /// at `addr` (aligned to `size`), as firmware would have assigned it.
     pub fn add_memory_bar(&mut self, index: u8, size: u64, addr: u32) {
         let i = index as usize;
-        assert!(i < NUM_BARS && size.is_power_of_two() && size >= 16 && size <= 1 << 31);
+        assert!(i < NUM_BARS && size.is_power_of_two() && (16..=1 << 31).contains(&size));
         assert_eq!(u64::from(addr) % size, 0, "BAR address must be aligned to its size");
         self.bars[i] = Some(Bar { index, size });
         self.set_u32(BAR0 + 4 * i, addr);

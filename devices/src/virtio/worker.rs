@@ -367,18 +367,29 @@ mod tests {
         }
     }
 
-    fn counter() -> (Counter, EventFd, Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Mutex<Vec<usize>>>) {
+    /// What a test watches of its [`Counter`] while the worker owns it.
+    struct Probe {
+        kick: EventFd,
+        handled: Arc<AtomicUsize>,
+        polls: Arc<AtomicUsize>,
+        affinity: Arc<Mutex<Vec<usize>>>,
+    }
+
+    fn counter() -> (Counter, Probe) {
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let handled = Arc::new(AtomicUsize::new(0));
-        let polls = Arc::new(AtomicUsize::new(0));
-        let affinity = Arc::new(Mutex::new(Vec::new()));
-        let c = Counter { kick: kick.try_clone().unwrap(), handled: handled.clone(), polls: polls.clone(), affinity: affinity.clone() };
-        (c, kick, handled, polls, affinity)
+        let probe = Probe {
+            kick: kick.try_clone().unwrap(),
+            handled: Arc::new(AtomicUsize::new(0)),
+            polls: Arc::new(AtomicUsize::new(0)),
+            affinity: Arc::new(Mutex::new(Vec::new())),
+        };
+        let c = Counter { kick, handled: probe.handled.clone(), polls: probe.polls.clone(), affinity: probe.affinity.clone() };
+        (c, probe)
     }
 
     #[test]
     fn notify_mode_serves_kicks_and_stops() {
-        let (c, kick, handled, polls, _) = counter();
+        let (c, Probe { kick, handled, polls, .. }) = counter();
         let control = WorkerControl::new(Placement::default()).unwrap();
         let mut w = Worker::spawn("test", c, control.clone()).unwrap();
         wait_until("the worker thread", || control.thread_id().is_some());
@@ -391,7 +402,7 @@ mod tests {
 
     #[test]
     fn poll_mode_polls_then_sleeps_and_placement_changes_at_runtime() {
-        let (c, kick, handled, polls, affinity) = counter();
+        let (c, Probe { kick, handled, polls, affinity }) = counter();
         let control = WorkerControl::new(Placement::default()).unwrap();
         let _w = Worker::spawn("test", c, control.clone()).unwrap();
         control.set_wait_mode(WaitMode::Poll { spin: Duration::from_millis(20) });

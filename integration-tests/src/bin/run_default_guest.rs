@@ -4,7 +4,8 @@
 //! plainly first).
 //!
 //! By default a short session is typed into the guest's shell through
-//! Kiln's stdin (uname, CPUs, memory, poweroff), so the whole path is shown
+//! Kiln's stdin (uname, CPUs, memory, the virtio devices: a scratch disk,
+//! rng and balloon; poweroff), so the whole path is shown
 //! and the run ends by itself. `--interactive` hands the console to you
 //! instead (known issue: in the nested host, input typed on the terminal
 //! does not reach the guest yet; see the closing notes).
@@ -16,6 +17,9 @@ const SESSION: &[&str] = &[
     "echo \"CPUs: $(nproc)\"; grep -m1 'model name' /proc/cpuinfo",
     "free -m",
     "ls /sys/bus/virtio/drivers",
+    "ls /sys/bus/pci/devices; cat /proc/interrupts | grep -c PCI-MSI",
+    "echo \"disk vda: $(( $(cat /sys/block/vda/size) / 2048 )) MiB, rng: $(cat /sys/class/misc/hw_random/rng_current)\"",
+    "dd if=/dev/urandom of=/dev/vda bs=1M count=8 conv=fsync 2>&1 | tail -1",
     "poweroff -f",
 ];
 
@@ -32,14 +36,17 @@ fn main() {
     }
     let quoted: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
     let kiln = format!(
-        "\"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"$GUEST_INITRD\" --cpus 2 --memory 512M {}",
+        "\"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"$GUEST_INITRD\" --cpus 2 --memory 512M \
+         --disk path=scratch.img --rng --balloon stats=5 {}",
         quoted.join(" ")
     );
+    // A scratch disk for the guest's /dev/vda, in the run's work directory.
+    let setup = "truncate -s 64M scratch.img\n";
     let script = if interactive {
-        format!("exec {kiln}\n")
+        format!("{setup}exec {kiln}\n")
     } else {
         let mut s = format!(
-            "mkfifo in\n{kiln} < in | tee console.txt &\nexec 3> in\n\
+            "{setup}mkfifo in\n{kiln} < in | tee console.txt &\nexec 3> in\n\
              i=0; while ! grep -q KILN_SHELL_READY console.txt 2>/dev/null; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 1; done\n"
         );
         for cmd in SESSION {

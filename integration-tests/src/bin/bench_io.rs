@@ -1,4 +1,4 @@
-//! `kiln-bench-io [ROUNDS] [--runtime SECONDS] [--io-uring]`: virtio-pci
+//! `kiln-bench-io [ROUNDS] [--runtime SECONDS] [--io-uring] [--only TEST,...]`: virtio-pci
 //! block and network throughput, Kiln against QEMU (`-M microvm,pcie=on`),
 //! in one (nested or direct) host, interleaved rounds, the same guest kit,
 //! the same raw disk image on a tmpfs and the same tap set-up. Prints each
@@ -23,9 +23,12 @@ const GUEST: &str = r#"
 ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up
 n=0; while ! ping -c 1 -W 1 10.0.2.1 > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 60 ] && { echo "BENCH_ERROR net: host 10.0.2.1 unreachable"; break; }; done
+# want NAME: whether --only selected this test (all when empty).
+want() { [ -z "$ONLY" ] && return 0; case ",$ONLY," in *",$1,"*) return 0 ;; esac; return 1; }
 # fio_job NAME FIO-ARGS...: one terse line -> "BENCH NAME key=value...".
 fio_job() {
   name=$1; shift
+  want "$name" || return 0
   fio --name="$name" --filename=/dev/vda --direct=1 --ioengine="$ENGINE" --iodepth=16 --size=256M \
       --runtime="$RUNTIME" --time_based --output-format=terse --terse-version=3 "$@" > /tmp/fio.out 2> /tmp/fio.err
   line=$(grep '^3;' /tmp/fio.out | head -1)
@@ -39,6 +42,7 @@ fio_job rand_write --rw=randwrite --bs=4k
 # iperf_run NAME ARGS...: the receiver's rate in Mbit/s.
 iperf_run() {
   name=$1; shift
+  want "$name" || return 0
   iperf3 -c 10.0.2.1 -t "$RUNTIME" -f m "$@" > /tmp/iperf.out 2>&1
   rate=$(awk '/receiver/ {print $(NF-2)}' /tmp/iperf.out)
   [ -n "$rate" ] && echo "BENCH $name mbit_s=$rate" || echo "BENCH_ERROR $name: $(tail -c 300 /tmp/iperf.out)"
@@ -81,6 +85,15 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let engine = if args.iter().any(|a| a == "--io-uring") { "io_uring" } else { "libaio" };
+    let only: Vec<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    if let Some(bad) = only.iter().find(|t| !FIGURES.iter().any(|f| f.0 == t.as_str())) {
+        fail(&format!("--only: unknown test {bad:?} (tests: {})", FIGURES.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")));
+    }
     let kiln_is_qemu = std::env::var_os("KILN_BENCH_IO_KILN_IS_QEMU").is_some_and(|v| v == "1");
     let kiln_vmm = if kiln_is_qemu { Vmm::Qemu } else { Vmm::Kiln };
 
@@ -88,7 +101,7 @@ fn main() {
         (Ok(f), Ok(i)) => (f, i),
         (Err(e), _) | (_, Err(e)) => fail(&e.to_string()),
     };
-    let guest = format!("ENGINE={engine}\nRUNTIME={runtime}\n{GUEST}");
+    let guest = format!("ENGINE={engine}\nRUNTIME={runtime}\nONLY={}\n{GUEST}", only.join(","));
     let kit = GuestKit::new(&guest)
         .binary(&fio)
         .binary(&iperf3)
@@ -172,7 +185,7 @@ fn main() {
     println!("| test | unit | runs | {kiln_label} | QEMU microvm | Kiln/QEMU |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut missing = 0;
-    for (test, key, unit, scale) in FIGURES {
+    for (test, key, unit, scale) in FIGURES.iter().filter(|f| only.is_empty() || only.iter().any(|t| t == f.0)) {
         let figures = |vmm: &str| -> Vec<f64> {
             results
                 .get(&(vmm.to_string(), test.to_string()))

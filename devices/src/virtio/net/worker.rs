@@ -107,6 +107,11 @@ impl NetWorker {
                 if head < queue.size() {
                     queue.add_used(mem, head, 0)?;
                     served += 1;
+                    // Completions go out per frame, as vhost-net does: the
+                    // guest's TCP small-queue limit waits on them.
+                    if queue.needs_notification(mem)? {
+                        self.interrupt.signal_queue(TX_QUEUE);
+                    }
                 } else {
                     self.diag.report(Problem::BadHeadIndex, format_args!("transmit head {head}"));
                 }
@@ -115,12 +120,6 @@ impl NetWorker {
                 return Ok(());
             }
         })();
-        let result = result.and_then(|()| {
-            if served > 0 && queue.needs_notification(mem)? {
-                self.interrupt.signal_queue(TX_QUEUE);
-            }
-            Ok(())
-        });
         if let Err(e) = result {
             self.fail(e);
         }

@@ -16,11 +16,15 @@ use crate::protocol::{
     Request, RequestFrame, Response, ResponseFrame, WindowsAppRequest, DEFAULT_MAX_FRAME,
 };
 use crate::transport::{ConnectAddr, Connection, VsockStream};
+use crate::vsock_uds::{self, HandshakeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to the agent at {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    /// The userspace vsock's `CONNECT`/`OK` handshake failed.
+    #[error("cannot reach the agent: {0}")]
+    VsockHandshake(#[from] HandshakeError),
     #[error("connection to the agent failed: {0}")]
     Frame(#[from] FrameError),
     #[error("I/O error: {0}")]
@@ -96,8 +100,19 @@ impl AgentClient {
                 s.set_read_timeout(read_timeout)?;
                 Box::new(s)
             }
+            ConnectAddr::VsockUds { path, port } => {
+                let (s, _host_port) = vsock_uds::connect(path, *port, read_timeout)?;
+                Box::new(s)
+            }
         };
         Ok(AgentClient::new(conn))
+    }
+
+    /// Connects to the agent on guest `port` (normally
+    /// [`crate::DEFAULT_VSOCK_PORT`]) through Kiln's vsock Unix socket
+    /// (`kiln run --vsock cid=3,uds=PATH`).
+    pub fn connect_vsock_uds(path: &Path, port: u32, read_timeout: Option<Duration>) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(&ConnectAddr::VsockUds { path: path.to_path_buf(), port }, read_timeout)
     }
 
     pub fn connect_unix(path: &Path) -> Result<AgentClient, ClientError> {

@@ -7,6 +7,7 @@ pub mod frame;
 pub mod protocol;
 pub mod server;
 pub mod transport;
+pub mod vsock_uds;
 
 pub use client::{AgentClient, ClientError, ExecOutput, OutputStream, WindowsAppOutcome};
 pub use protocol::DEFAULT_VSOCK_PORT;

@@ -44,7 +44,8 @@ enum Cmd {
     },
     /// Talk to an agent.
     Call {
-        /// vsock:CID:PORT, unix:PATH or tcp:HOST:PORT.
+        /// vsock:CID:PORT (AF_VSOCK), vsock-uds:PATH:PORT (Kiln's vsock Unix
+        /// socket, CONNECT/OK handshake), unix:PATH or tcp:HOST:PORT.
         #[arg(long)]
         to: ConnectAddr,
         /// Seconds to wait for any reply.

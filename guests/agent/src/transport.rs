@@ -18,10 +18,16 @@ pub enum ListenAddr {
     Tcp(String),
 }
 
-/// A peer address for clients: `vsock:CID:PORT`, `unix:PATH`, `tcp:HOST:PORT`.
+/// A peer address for clients: `vsock:CID:PORT`, `vsock-uds:PATH:PORT`,
+/// `unix:PATH`, `tcp:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectAddr {
+    /// `AF_VSOCK` in the host kernel (QEMU's vhost-vsock).
     Vsock { cid: u32, port: u32 },
+    /// Guest `port` through a userspace vsock's Unix socket `path` (Kiln's
+    /// `--vsock cid=3,uds=PATH`): the `CONNECT`/`OK` handshake, see
+    /// [`crate::vsock_uds`].
+    VsockUds { path: PathBuf, port: u32 },
     Unix(PathBuf),
     Tcp(String),
 }
@@ -64,7 +70,19 @@ impl FromStr for ListenAddr {
 impl FromStr for ConnectAddr {
     type Err = AddrError;
     fn from_str(s: &str) -> Result<Self, AddrError> {
-        if let Some(rest) = s.strip_prefix("vsock:") {
+        if let Some(rest) = s.strip_prefix("vsock-uds:") {
+            // The path may hold colons; the port is after the last one.
+            let (path, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| addr_err(s, "expected vsock-uds:PATH:PORT"))?;
+            if path.is_empty() {
+                return Err(addr_err(s, "empty socket path"));
+            }
+            let port = port
+                .parse()
+                .map_err(|_| addr_err(s, "port must be a number"))?;
+            Ok(ConnectAddr::VsockUds { path: PathBuf::from(path), port })
+        } else if let Some(rest) = s.strip_prefix("vsock:") {
             let (cid, port) = rest
                 .split_once(':')
                 .ok_or_else(|| addr_err(s, "expected vsock:CID:PORT"))?;
@@ -81,7 +99,7 @@ impl FromStr for ConnectAddr {
         } else if let Some(hp) = s.strip_prefix("tcp:") {
             Ok(ConnectAddr::Tcp(hp.to_string()))
         } else {
-            Err(addr_err(s, "expected vsock:CID:PORT, unix:PATH or tcp:HOST:PORT"))
+            Err(addr_err(s, "expected vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH or tcp:HOST:PORT"))
         }
     }
 }
@@ -366,7 +384,11 @@ mod tests {
         for bad in ["vsock:x", "unix:", "udp:1", ""] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
-        for bad in ["vsock:3", "vsock:a:1", "unix:", "ftp:x"] {
+        assert_eq!(
+            "vsock-uds:/tmp/a:b/v.sock:5252".parse::<ConnectAddr>().expect("parse"),
+            ConnectAddr::VsockUds { path: "/tmp/a:b/v.sock".into(), port: 5252 }
+        );
+        for bad in ["vsock:3", "vsock:a:1", "unix:", "ftp:x", "vsock-uds:/v.sock", "vsock-uds::5252", "vsock-uds:/v.sock:x"] {
             assert!(bad.parse::<ConnectAddr>().is_err(), "{bad}");
         }
     }

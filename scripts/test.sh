@@ -12,8 +12,8 @@ echo "test.sh: setting up the ONNX Runtime (PyPI onnxruntime wheel)" >&2
 ORT_DYLIB_PATH="$(policy/training/setup.sh | tail -1)"
 export ORT_DYLIB_PATH
 
-echo "test.sh: building Kiln (release, used inside the nested host)" >&2
-cargo build --release --locked -p kiln -p kiln-agent
+echo "test.sh: building Kiln, the guest agent and the Clay shell (release; used inside the nested host and the guest images)" >&2
+cargo build --release --locked -p kiln -p kiln-agent -p clay-shell
 echo "test.sh: fetching the default guest" >&2
 "$KILN_BIN" guest fetch
 

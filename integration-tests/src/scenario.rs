@@ -39,6 +39,12 @@ pub struct Scenario {
     pub binaries: Vec<PathBuf>,
     /// Host files to make available at the same path.
     pub files: Vec<PathBuf>,
+    /// Large host files (guest root disks) the script gets as block devices
+    /// or files, never in RAM: `$RIG_DISK0`, `$RIG_DISK1`, ... In the nested
+    /// host they are virtio disks `/dev/vda`, `/dev/vdb`, ... of its QEMU,
+    /// with `snapshot=on` (writes go to a temporary overlay, the file is
+    /// never changed); in direct mode, sparse copies in the work directory.
+    pub disks: Vec<PathBuf>,
     /// Kernel modules the script needs on its host (e.g. `tun`,
     /// `vhost_vsock`): loaded with their dependencies in the nested host
     /// before the script starts; `modprobe`d (best effort) in direct mode.
@@ -63,6 +69,7 @@ impl Scenario {
             stall_after: Duration::from_secs(180),
             binaries: Vec::new(),
             files: Vec::new(),
+            disks: Vec::new(),
             host_modules: Vec::new(),
             nested_memory_mib: 3072,
             interactive: false,
@@ -173,6 +180,23 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
 fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, logs: &Path) -> Result<Outcome, RigError> {
     let work = logs.join("work");
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
+    // The guest writes to its disks: give it copies (sparse, or reflinks
+    // where the file system has them), never the originals.
+    let mut disks = Vec::new();
+    for (i, disk) in scenario.disks.iter().enumerate() {
+        let copy = work.join(format!("disk{i}.img"));
+        let copied = Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(disk)
+            .arg(&copy)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !copied {
+            return Err(RigError::Setup(format!("copying disk {} to {}", disk.display(), copy.display())));
+        }
+        disks.push(copy);
+    }
     for m in &scenario.host_modules {
         let loaded = Command::new("modprobe").arg(m).status().map(|s| s.success()).unwrap_or(false);
         if !loaded {
@@ -181,7 +205,7 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
     }
     if scenario.interactive {
         let start = Instant::now();
-        let status = direct_command(scenario, kiln, guest, &work)
+        let status = direct_command(scenario, kiln, guest, &work, &disks)
             .status()
             .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
         let log = logs.join("output.log");
@@ -192,7 +216,7 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
     let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
     // Its own process group, so a timeout kills the script's children too.
-    let mut child = direct_command(scenario, kiln, guest, &work)
+    let mut child = direct_command(scenario, kiln, guest, &work, &disks)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(out)
@@ -216,8 +240,11 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
 }
 
 /// The script as a shell command with the rig's environment, on this host.
-fn direct_command(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, work: &Path) -> Command {
+fn direct_command(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, work: &Path, disks: &[PathBuf]) -> Command {
     let mut cmd = Command::new("sh");
+    for (i, disk) in disks.iter().enumerate() {
+        cmd.env(format!("RIG_DISK{i}"), disk);
+    }
     cmd.arg("-c")
         .arg(&scenario.script)
         .current_dir(work)
@@ -240,7 +267,25 @@ fn qemu_command(qemu: &Path, scenario: &Scenario, host: &nested::NestedHost, ini
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
+    for disk in &scenario.disks {
+        // QEMU's -drive splits on commas; a comma in a path is doubled.
+        let path = disk.display().to_string().replace(',', ",,");
+        cmd.arg("-drive").arg(format!("file={path},if=virtio,format=raw,snapshot=on"));
+    }
     cmd
+}
+
+/// Shell run before the scenario's script in the nested host: waits for
+/// the virtio disks and exports `RIG_DISK<i>`.
+fn nested_disk_prelude(count: usize) -> String {
+    let mut sh = String::new();
+    for i in 0..count {
+        let dev = format!("/dev/vd{}", (b'a' + i as u8) as char);
+        sh.push_str(&format!(
+            "_n=0; while [ ! -b {dev} ]; do _n=$((_n+1)); [ $_n -gt 300 ] && {{ echo \"RIG_DISK_MISSING={dev}\"; exit 1; }}; sleep 0.1; done\nexport RIG_DISK{i}={dev}\n"
+        ));
+    }
+    sh
 }
 
 fn run_nested(
@@ -253,6 +298,11 @@ fn run_nested(
     let qemu = which("qemu-system-x86_64").ok_or_else(|| {
         RigError::Setup("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (the test command does)".into())
     })?;
+    for disk in &scenario.disks {
+        if !disk.is_file() {
+            return Err(RigError::Setup(format!("disk {} not found", disk.display())));
+        }
+    }
     let host = nested::prepare(cache, guest)?;
 
     // Per-scenario part, appended to the shared base (Linux unpacks
@@ -270,14 +320,26 @@ fn run_nested(
     for file in &scenario.files {
         tree.host_file(file, 0o644)?;
     }
-    let modules = host.module_files(&scenario.host_modules)?;
+    let mut wanted_modules = scenario.host_modules.clone();
+    if !scenario.disks.is_empty() {
+        if scenario.disks.len() > 26 {
+            return Err(RigError::Setup("more than 26 disks".into()));
+        }
+        for m in ["virtio_pci", "virtio_blk"] {
+            if !wanted_modules.iter().any(|w| w == m) {
+                wanted_modules.push(m.into());
+            }
+        }
+    }
+    let modules = host.module_files(&wanted_modules)?;
     let mut names = Vec::new();
     for (name, data) in modules {
         tree.file(&format!("rig/modules/{name}"), 0o644, data);
         names.push(name);
     }
     tree.file("rig/extra-modules", 0o644, names.iter().map(|n| format!("{n}\n")).collect::<String>().into_bytes());
-    tree.file("rig/script.sh", 0o755, scenario.script.as_bytes().to_vec());
+    let script = nested_disk_prelude(scenario.disks.len()) + &scenario.script;
+    tree.file("rig/script.sh", 0o755, script.into_bytes());
     if scenario.interactive {
         tree.file("rig/interactive", 0o644, Vec::new());
     }

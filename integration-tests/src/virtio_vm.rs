@@ -46,6 +46,8 @@ pub struct Disk {
 /// command, so `$WORKDIR/x` works.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
+    /// The kernel (default `$GUEST_BZIMAGE`, the default guest's).
+    pub kernel: String,
     /// The initramfs (a guest kit).
     pub initrd: String,
     pub cpus: u32,
@@ -73,6 +75,7 @@ pub struct VmSpec {
 impl VmSpec {
     pub fn new(initrd: &str) -> VmSpec {
         VmSpec {
+            kernel: "$GUEST_BZIMAGE".into(),
             initrd: initrd.into(),
             cpus: 1,
             memory_mib: 256,
@@ -106,7 +109,8 @@ impl VmSpec {
 
     fn kiln_command(&self) -> String {
         let mut c = format!(
-            "\"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"{}\" --cpus {} --memory {}M --cmdline '{}'",
+            "\"$KILN\" run --kernel \"{}\" --initrd \"{}\" --cpus {} --memory {}M --cmdline '{}'",
+            self.kernel,
             self.initrd,
             self.cpus,
             self.memory_mib,
@@ -141,9 +145,10 @@ impl VmSpec {
 
     fn qemu_command(&self) -> String {
         let mut c = format!(
-            "qemu-system-x86_64 -enable-kvm -M microvm,pcie=on,rtc=off -cpu host -smp {} -m {} -nodefaults -no-user-config -nographic -serial stdio -no-reboot -kernel \"$GUEST_BZIMAGE\" -initrd \"{}\" -append '{}'",
+            "qemu-system-x86_64 -enable-kvm -M microvm,pcie=on,rtc=off -cpu host -smp {} -m {} -nodefaults -no-user-config -nographic -serial stdio -no-reboot -kernel \"{}\" -initrd \"{}\" -append '{}'",
             self.cpus,
             self.memory_mib,
+            self.kernel,
             self.initrd,
             self.cmdline(Vmm::Qemu)
         );

@@ -84,3 +84,41 @@ fn quiet_script_is_not_a_stall_and_output_stays_clean() {
     let log = std::fs::read_to_string(&out.log).unwrap();
     assert!(log.contains("KILN_RIG_ALIVE"), "the heartbeat must show in the console log {}", out.log.display());
 }
+
+/// `Scenario::disks`: the script reads and writes `$RIG_DISK0` and
+/// `$RIG_DISK1` (nested: virtio disks of the nested QEMU with
+/// `snapshot=on`; direct: copies), and the host files stay as they were.
+fn check_disks(mode: Mode, name: &str) {
+    let dir = kiln_integration_tests::scenario::target_dir().join("tmp").join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    let mut data_a = b"DISK-A-MAGIC".to_vec();
+    data_a.resize(1 << 20, 0);
+    std::fs::write(&a, &data_a).expect("write a");
+    std::fs::write(&b, vec![0xbbu8; 2 << 20]).expect("write b");
+    let script = r#"
+echo "DISK0_HEAD=$(head -c 12 "$RIG_DISK0")"
+echo "DISK1_SIZE=$(( $(dd if="$RIG_DISK1" bs=65536 2>/dev/null | wc -c) ))"
+printf 'OVERWRITTEN!' | dd of="$RIG_DISK0" conv=notrunc,fsync 2>/dev/null
+echo "DISK0_AFTER=$(head -c 12 "$RIG_DISK0")"
+"#;
+    let mut s = Scenario::new(name, script);
+    s.force_mode = Some(mode);
+    s.disks = vec![a.clone(), b.clone()];
+    let out = run(&s).unwrap();
+    out.expect_exit(0);
+    assert_eq!(out.value("DISK0_HEAD").as_deref(), Some("DISK-A-MAGIC"), "{}", out.output);
+    assert_eq!(out.value("DISK1_SIZE").as_deref(), Some("2097152"), "{}", out.output);
+    assert_eq!(out.value("DISK0_AFTER").as_deref(), Some("OVERWRITTEN!"), "the script can write its disks: {}", out.output);
+    assert_eq!(std::fs::read(&a).expect("read a"), data_a, "the host file must not change");
+}
+
+#[test]
+fn nested_script_gets_disks_as_snapshot_virtio_disks() {
+    check_disks(Mode::Nested, "rig_disks_nested");
+}
+
+#[test]
+fn direct_script_gets_disks_as_copies() {
+    check_disks(Mode::Direct, "rig_disks_direct");
+}

@@ -35,6 +35,15 @@ fn unreachable_mirror_is_a_clear_package_fetch_error() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// systemd colours unit names on the console; the boot markers must match
+/// the text without its escape sequences.
+#[test]
+fn console_text_loses_terminal_colours() {
+    let raw = "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mkiln-agent.service\u{1b}[0m - Kiln guest agent.";
+    assert_eq!(strip_ansi(raw), "[  OK  ] Started kiln-agent.service - Kiln guest agent.");
+    assert_eq!(strip_ansi("plain \u{1b}[Kline"), "plain line");
+}
+
 #[test]
 #[ignore = "slow tier: builds the base image twice from Debian packages (~1-2 min) and boots it in QEMU TCG (~1-2 min)"]
 fn base_image_is_reproducible_and_boots_to_the_agent() {

@@ -16,9 +16,12 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Builds the guest binaries (release) and returns (kiln-agent, clay-shell).
+/// The package set is the one `scripts/test.sh` builds: another set can
+/// unify dependency features differently and give different binaries,
+/// whose new hashes would make every cached image stale.
 pub fn guest_binaries() -> (PathBuf, PathBuf) {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "kiln-agent", "-p", "clay-shell"])
+        .args(["build", "--release", "-p", "kiln", "-p", "kiln-agent", "-p", "clay-shell"])
         .status()
         .expect("run cargo build for the guest binaries");
     assert!(status.success(), "building kiln-agent and clay-shell failed");
@@ -89,8 +92,10 @@ impl Qemu {
         Qemu { child, dir, serial, monitor }
     }
 
+    /// The serial console so far, without terminal escape sequences
+    /// (systemd colours its status lines).
     pub fn console(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+        strip_ansi(&String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()))
     }
 
     /// Waits until the serial console shows every marker, or panics with
@@ -145,6 +150,25 @@ impl Drop for Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub fn tail(text: &str) -> String {

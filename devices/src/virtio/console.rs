@@ -25,7 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::balloon::{drain_queue, Served};
+use super::queue::{drain_queue, Served};
 use super::options::{Options, OptionsError};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
 use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};

@@ -21,6 +21,7 @@ pub mod options;
 pub mod pci;
 #[doc(hidden)]
 pub mod pci_fuzzing;
+pub(crate) mod queue;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_support;

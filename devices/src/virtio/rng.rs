@@ -17,7 +17,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::balloon::{drain_queue, Served};
+use super::queue::{drain_queue, Served};
 use super::options::{invalid, OptionsError};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
 use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};

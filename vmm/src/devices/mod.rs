@@ -49,42 +49,57 @@ pub fn build_pci(vm: &Arc<VmFd>, mem: &Memory, config: &VmConfig) -> Result<(Arc
     Ok((Arc::new(Mutex::new(root)), handles))
 }
 
+/// The devices being created and their runtime handles.
+#[derive(Default)]
+struct DeviceSet {
+    devices: Vec<Box<dyn VirtioDevice>>,
+    handles: DeviceHandles,
+}
+
+impl DeviceSet {
+    /// Adds `device`, whose I/O worker is reached through `worker`, under
+    /// the device's own name.
+    fn add(&mut self, device: impl VirtioDevice + 'static, worker: WorkerControl) {
+        self.handles.workers.push((device.name().to_string(), worker));
+        self.devices.push(Box::new(device));
+    }
+}
+
 /// Creates the device models the configuration asks for.
 fn create_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceHandles)> {
     let cfg = &config.devices;
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let mut handles = DeviceHandles::default();
+    let mut set = DeviceSet::default();
     for disk in &cfg.disks {
         let dev = VirtioBlock::new(disk.clone(), Placement::default())
             .with_context(|| format!("--disk path={}", disk.path.display()))?;
-        handles.workers.push((disk.id.clone(), dev.worker_control()));
-        devices.push(Box::new(dev));
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
     for net in &cfg.nets {
         let dev = VirtioNet::new(net.clone()).with_context(|| format!("--net tap={}", net.tap))?;
-        handles.workers.push((net.device_name().to_string(), dev.worker_control()));
-        devices.push(Box::new(dev));
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
     if let Some(v) = &cfg.vsock {
         let dev = Vsock::new(v.clone()).context("--vsock")?;
-        handles.workers.push((dev.name().to_string(), dev.worker_control()));
-        devices.push(Box::new(dev));
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
     if let Some(c) = &cfg.console {
         let dev = VirtioConsole::new(c.clone()).context("--virtio-console")?;
-        handles.workers.push((dev.name().to_string(), dev.worker_control()));
-        devices.push(Box::new(dev));
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
     if let Some(b) = &cfg.balloon {
         let dev = VirtioBalloon::new(b.clone()).context("--balloon")?;
-        handles.workers.push(("balloon0".into(), dev.worker_control()));
-        handles.balloon = Some(dev.control());
-        devices.push(Box::new(dev));
+        set.handles.balloon = Some(dev.control());
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
     if let Some(r) = &cfg.rng {
         let dev = VirtioRng::new(r.clone()).context("--rng")?;
-        handles.workers.push(("rng0".into(), dev.worker_control()));
-        devices.push(Box::new(dev));
+        let worker = dev.worker_control();
+        set.add(dev, worker);
     }
-    Ok((devices, handles))
+    Ok((set.devices, set.handles))
 }

@@ -269,7 +269,8 @@ impl VirtioPciDevice {
         let v = u64::from_le_bytes(raw);
         // Queue set-up is frozen once the driver is running.
         let queue_locked = self.status & status::DRIVER_OK != 0;
-        let vectors = self.msix.lock().unwrap_or_else(|e| e.into_inner()).count();
+        // One MSI-X vector per queue plus one for configuration changes.
+        let vectors = self.queues.len() as u16 + 1;
         match (offset, data.len()) {
             (0x00, 4) => self.device_feature_select = v as u32,
             (0x08, 4) => self.driver_feature_select = v as u32,

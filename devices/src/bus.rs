@@ -60,7 +60,10 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<&Range> {
-        let idx = self.ranges.partition_point(|r| r.base <= port).checked_sub(1)?;
+        let idx = self
+            .ranges
+            .partition_point(|r| r.base <= port)
+            .checked_sub(1)?;
         let r = &self.ranges[idx];
         (port - r.base < r.len).then_some(r)
     }
@@ -146,9 +149,21 @@ mod tests {
         let dev = Arc::new(Mutex::new(Scratch::default()));
         let mut bus = PioBus::new();
         bus.insert(0x60, 5, dev.clone()).unwrap();
-        assert_eq!(bus.insert(0x64, 2, dev.clone()), Err(BusError::Overlap { base: 0x64, len: 2 }));
-        assert_eq!(bus.insert(0xfff0, 0x20, dev.clone()), Err(BusError::BadRange { base: 0xfff0, len: 0x20 }));
-        assert_eq!(bus.insert(0x10, 0, dev.clone()), Err(BusError::BadRange { base: 0x10, len: 0 }));
+        assert_eq!(
+            bus.insert(0x64, 2, dev.clone()),
+            Err(BusError::Overlap { base: 0x64, len: 2 })
+        );
+        assert_eq!(
+            bus.insert(0xfff0, 0x20, dev.clone()),
+            Err(BusError::BadRange {
+                base: 0xfff0,
+                len: 0x20
+            })
+        );
+        assert_eq!(
+            bus.insert(0x10, 0, dev.clone()),
+            Err(BusError::BadRange { base: 0x10, len: 0 })
+        );
         bus.insert(0x65, 1, dev).unwrap();
         let mut b = [0u8; 1];
         assert!(!bus.read(0x5f, &mut b));

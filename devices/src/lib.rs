@@ -13,5 +13,5 @@ pub mod pci;
 pub mod virtio;
 
 pub use bus::{BusError, PioBus, PioDevice};
-pub use mmio::{MmioBus, MmioBusError, MmioDevice};
 pub use lifecycle::{ExitReason, VmLifecycle};
+pub use mmio::{MmioBus, MmioBusError, MmioDevice};

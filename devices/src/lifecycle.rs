@@ -47,7 +47,10 @@ impl VmLifecycle {
     }
 
     pub fn exit_reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_stopping(&self) -> bool {

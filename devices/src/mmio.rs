@@ -35,11 +35,20 @@ impl MmioBus {
         Self::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn MmioDevice>>) -> Result<(), MmioBusError> {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn MmioDevice>>,
+    ) -> Result<(), MmioBusError> {
         let Some(end) = base.checked_add(len).filter(|_| len > 0) else {
             return Err(MmioBusError::BadRange { base, len });
         };
-        if self.ranges.iter().any(|r| base < r.base + r.len && r.base < end) {
+        if self
+            .ranges
+            .iter()
+            .any(|r| base < r.base + r.len && r.base < end)
+        {
             return Err(MmioBusError::Overlap { base, len });
         }
         let at = self.ranges.partition_point(|r| r.base < base);
@@ -48,7 +57,10 @@ impl MmioBus {
     }
 
     fn find(&self, addr: u64) -> Option<&Range> {
-        let idx = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let idx = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[idx];
         (addr - r.base < r.len).then_some(r)
     }
@@ -58,7 +70,10 @@ impl MmioBus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some(r) => {
-                r.device.lock().unwrap_or_else(|e| e.into_inner()).read(addr, data);
+                r.device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(addr, data);
                 true
             }
             None => {
@@ -72,7 +87,10 @@ impl MmioBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some(r) => {
-                r.device.lock().unwrap_or_else(|e| e.into_inner()).write(addr, data);
+                r.device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(addr, data);
                 true
             }
             None => false,
@@ -106,7 +124,19 @@ mod tests {
         assert_eq!(b, [0xff, 0xff]);
         assert!(bus.write(0x10ff, &[1]));
         assert_eq!(dev.lock().unwrap().0, vec![(0x10ff, vec![1])]);
-        assert_eq!(bus.insert(0x10f0, 0x20, dev.clone()), Err(MmioBusError::Overlap { base: 0x10f0, len: 0x20 }));
-        assert_eq!(bus.insert(u64::MAX, 2, dev), Err(MmioBusError::BadRange { base: u64::MAX, len: 2 }));
+        assert_eq!(
+            bus.insert(0x10f0, 0x20, dev.clone()),
+            Err(MmioBusError::Overlap {
+                base: 0x10f0,
+                len: 0x20
+            })
+        );
+        assert_eq!(
+            bus.insert(u64::MAX, 2, dev),
+            Err(MmioBusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
+        );
     }
 }

@@ -6,14 +6,16 @@
 //! [`AcpiTables::add_dsdt_device`] without touching the rest.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::mcfg::MCFG;
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout::*;
@@ -36,7 +38,11 @@ impl AcpiTables {
     /// Tables for `cpus` vCPUs with the legacy devices every Kiln VM has
     /// (COM1 serial, CMOS RTC) already declared in the DSDT.
     pub fn new(cpus: u8) -> Self {
-        let mut tables = AcpiTables { cpus, dsdt_devices: Vec::new(), extra_tables: Vec::new() };
+        let mut tables = AcpiTables {
+            cpus,
+            dsdt_devices: Vec::new(),
+            extra_tables: Vec::new(),
+        };
         tables.add_dsdt_device(com1_device());
         tables.add_dsdt_device(rtc_device());
         tables.add_dsdt_device(pci_root_device());
@@ -106,7 +112,10 @@ impl AcpiTables {
 
         for (addr, bytes) in blobs {
             mem.write_slice(&bytes, GuestAddress(addr))
-                .map_err(|source| FirmwareError::Write { what: "ACPI tables", source })?;
+                .map_err(|source| FirmwareError::Write {
+                    what: "ACPI tables",
+                    source,
+                })?;
         }
         Ok(RSDP_START)
     }
@@ -114,8 +123,11 @@ impl AcpiTables {
     fn dsdt(&self) -> Vec<u8> {
         let mut body = Vec::new();
         // \_S5_: the SLP_TYP the guest writes to the sleep control register.
-        aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8]))
-            .to_aml_bytes(&mut body);
+        aml::Name::new(
+            "_S5_".into(),
+            &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8]),
+        )
+        .to_aml_bytes(&mut body);
         let devices: Vec<RawAml> = self.dsdt_devices.iter().map(|d| RawAml(d)).collect();
         let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
         aml::Scope::new("_SB_".into(), children).to_aml_bytes(&mut body);
@@ -161,7 +173,13 @@ fn fadt(dsdt_addr: u64) -> impl Aml {
 }
 
 fn io_port_gas(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into())
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        port.into(),
+    )
 }
 
 fn com1_device() -> Vec<u8> {
@@ -218,7 +236,12 @@ fn pci_root_device() -> Vec<u8> {
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![
                     &aml::AddressSpace::new_bus_number(0u16, 0u16),
-                    &aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_LEN as u8),
+                    &aml::IO::new(
+                        PCI_CONFIG_PORT,
+                        PCI_CONFIG_PORT,
+                        1,
+                        PCI_CONFIG_PORT_LEN as u8,
+                    ),
                     &aml::AddressSpace::new_memory(
                         aml::AddressSpaceCacheable::NotCacheable,
                         true,
@@ -339,7 +362,10 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
         assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
         let mcfg = &t[2].1;
-        assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), PCI_ECAM_START);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            PCI_ECAM_START
+        );
     }
 
     #[test]
@@ -379,6 +405,9 @@ mod tests {
         let mem = mem();
         let mut acpi = AcpiTables::new(1);
         acpi.add_dsdt_device(vec![0; 200 * 1024]);
-        assert!(matches!(acpi.write(&mem), Err(FirmwareError::AcpiTooLarge { .. })));
+        assert!(matches!(
+            acpi.write(&mem),
+            Err(FirmwareError::AcpiTooLarge { .. })
+        ));
     }
 }

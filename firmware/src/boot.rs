@@ -26,12 +26,18 @@ pub fn write_cmdline<M: GuestMemory>(
     }
     let max = max_len.min(CMDLINE_MAX_SIZE - 1);
     if cmdline.len() > max {
-        return Err(FirmwareError::CmdlineTooLong { len: cmdline.len(), max });
+        return Err(FirmwareError::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(|source| FirmwareError::Write { what: "command line", source })
+        .map_err(|source| FirmwareError::Write {
+            what: "command line",
+            source,
+        })
 }
 
 // Linux boot protocol constants (Documentation/arch/x86/boot.rst).
@@ -51,7 +57,10 @@ pub fn write_zero_page<M: GuestMemory>(
     e820: &[E820Entry],
     rsdp_addr: u64,
 ) -> Result<(), FirmwareError> {
-    let mut params = boot_params { hdr: *header, ..Default::default() };
+    let mut params = boot_params {
+        hdr: *header,
+        ..Default::default()
+    };
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
     params.hdr.header = HDRS_MAGIC;
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
@@ -81,7 +90,10 @@ pub fn write_zero_page<M: GuestMemory>(
     }
     params.e820_entries = e820.len() as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|source| FirmwareError::Write { what: "zero page", source })
+        .map_err(|source| FirmwareError::Write {
+            what: "zero page",
+            source,
+        })
 }
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -175,18 +187,34 @@ mod tests {
         let long = "x".repeat(2049);
         assert!(matches!(
             write_cmdline(&m, &long, 2048),
-            Err(FirmwareError::CmdlineTooLong { len: 2049, max: 2048 })
+            Err(FirmwareError::CmdlineTooLong {
+                len: 2049,
+                max: 2048
+            })
         ));
-        assert!(matches!(write_cmdline(&m, "a\0b", 2048), Err(FirmwareError::CmdlineNul)));
+        assert!(matches!(
+            write_cmdline(&m, "a\0b", 2048),
+            Err(FirmwareError::CmdlineNul)
+        ));
     }
 
     #[test]
     fn zero_page_carries_cmdline_initrd_and_e820() {
         let m = mem();
         let e820 = memory_map(64 << 20);
-        let initrd = InitrdPlacement { addr: 0x300_0000, size: 0x12345 };
-        write_zero_page(&m, &setup_header::default(), 13, Some(initrd), &e820, RSDP_START)
-            .unwrap();
+        let initrd = InitrdPlacement {
+            addr: 0x300_0000,
+            size: 0x12345,
+        };
+        write_zero_page(
+            &m,
+            &setup_header::default(),
+            13,
+            Some(initrd),
+            &e820,
+            RSDP_START,
+        )
+        .unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
@@ -201,7 +229,10 @@ mod tests {
     fn pvh_start_info_points_at_memmap_and_initrd() {
         let m = mem();
         let e820 = memory_map(64 << 20);
-        let initrd = InitrdPlacement { addr: 0x300_0000, size: 4096 };
+        let initrd = InitrdPlacement {
+            addr: 0x300_0000,
+            size: 4096,
+        };
         write_pvh_start_info(&m, Some(initrd), &e820, RSDP_START).unwrap();
         let magic: u32 = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(magic, XEN_HVM_START_MAGIC);

@@ -21,7 +21,11 @@ pub struct E820Entry {
 /// RAM from 1 MiB around the MMIO hole.
 pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820Type::Ram },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Type::Ram,
+        },
         E820Entry {
             addr: EBDA_START,
             size: 0xa0000 - EBDA_START,
@@ -34,12 +38,24 @@ pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
         },
     ];
     // The ECAM window is reserved so Linux trusts the MCFG table.
-    let ecam = E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820Type::Reserved };
+    let ecam = E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820Type::Reserved,
+    };
     for (start, len) in ram_ranges(mem_size) {
         let start = start.max(HIGH_MEMORY_START);
-        let end = if start == HIGH_MEMORY_START { len } else { start + len };
+        let end = if start == HIGH_MEMORY_START {
+            len
+        } else {
+            start + len
+        };
         if end > start {
-            map.push(E820Entry { addr: start, size: end - start, kind: E820Type::Ram });
+            map.push(E820Entry {
+                addr: start,
+                size: end - start,
+                kind: E820Type::Ram,
+            });
         }
     }
     let at = map.partition_point(|e| e.addr < ecam.addr);
@@ -52,7 +68,10 @@ mod tests {
     use super::*;
 
     fn ram_total(map: &[E820Entry]) -> u64 {
-        map.iter().filter(|e| e.kind == E820Type::Ram).map(|e| e.size).sum()
+        map.iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .map(|e| e.size)
+            .sum()
     }
 
     #[test]
@@ -60,8 +79,13 @@ mod tests {
         let mem = 512 << 20;
         let map = memory_map(mem);
         assert_eq!(ram_total(&map), mem - (HIGH_MEMORY_START - EBDA_START));
-        assert!(map.iter().filter(|e| e.kind == E820Type::Ram).all(|e| e.addr + e.size <= MMIO_HOLE_START));
-        assert!(map.iter().any(|e| e.addr == PCI_ECAM_START && e.kind == E820Type::Reserved));
+        assert!(map
+            .iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .all(|e| e.addr + e.size <= MMIO_HOLE_START));
+        assert!(map
+            .iter()
+            .any(|e| e.addr == PCI_ECAM_START && e.kind == E820Type::Reserved));
     }
 
     #[test]

@@ -122,5 +122,4 @@ mod tests {
         assert_eq!(r, vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, 1 << 30)]);
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
     }
-
 }

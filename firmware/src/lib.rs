@@ -17,7 +17,11 @@ pub use e820::{E820Entry, E820Type};
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
     #[error("guest memory too small: {what} needs {needed:#x} bytes at {addr:#x}")]
-    NoRoom { what: &'static str, addr: u64, needed: u64 },
+    NoRoom {
+        what: &'static str,
+        addr: u64,
+        needed: u64,
+    },
     #[error("failed to write {what} into guest memory: {source}")]
     Write {
         what: &'static str,

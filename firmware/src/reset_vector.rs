@@ -20,7 +20,10 @@ fn stub() -> [u8; 7] {
 
 pub fn write_reset_stub<M: GuestMemory>(mem: &M) -> Result<(), FirmwareError> {
     mem.write_slice(&stub(), GuestAddress(RESET_VECTOR))
-        .map_err(|source| FirmwareError::Write { what: "reset vector stub", source })
+        .map_err(|source| FirmwareError::Write {
+            what: "reset vector stub",
+            source,
+        })
 }
 
 #[cfg(test)]

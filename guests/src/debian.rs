@@ -24,8 +24,15 @@ fn run(cmd: &mut Command, package: &str) -> Result<String, GuestError> {
     })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no error text");
-        return Err(GuestError::Fetch { package: package.into(), detail: last.trim().to_string() });
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no error text");
+        return Err(GuestError::Fetch {
+            package: package.into(),
+            detail: last.trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -48,7 +55,10 @@ fn candidate_version(package: &str) -> Result<String, GuestError> {
             run(Command::new("apt-get").args(["update", "-qq"]), package)?;
         }
     }
-    Err(GuestError::Fetch { package: package.into(), detail: "no installable version in the apt sources".into() })
+    Err(GuestError::Fetch {
+        package: package.into(),
+        detail: "no installable version in the apt sources".into(),
+    })
 }
 
 /// For a kernel metapackage, the versioned package it depends on.
@@ -59,7 +69,10 @@ fn concrete_name(package: &str) -> Result<String, GuestError> {
     // Asked first so that a machine with empty package lists gets its
     // `apt-get update` before `apt-cache depends` (which fails outright).
     candidate_version(package)?;
-    let deps = run(Command::new("apt-cache").args(["depends", "--important", package]), package)?;
+    let deps = run(
+        Command::new("apt-cache").args(["depends", "--important", package]),
+        package,
+    )?;
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(|d| d.trim().to_string())
@@ -80,26 +93,51 @@ pub fn fetch_package(cache: &Path, package: &str) -> Result<ExtractedPackage, Gu
     let root = debs.join(&key);
     let _lock = FileLock::acquire(&debs.join(format!("{key}.lock")))?;
     if root.is_dir() {
-        return Ok(ExtractedPackage { name, version, root });
+        return Ok(ExtractedPackage {
+            name,
+            version,
+            root,
+        });
     }
     let tmp = debs.join(format!("{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| GuestError::io(format!("creating {}", tmp.display()), e))?;
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| GuestError::io(format!("creating {}", tmp.display()), e))?;
     progress(&format!("fetching {name} {version}"));
-    run(Command::new("apt-get").args(["download", "-qq", &format!("{name}={version}")]).current_dir(&tmp), &name)?;
+    run(
+        Command::new("apt-get")
+            .args(["download", "-qq", &format!("{name}={version}")])
+            .current_dir(&tmp),
+        &name,
+    )?;
     let deb = std::fs::read_dir(&tmp)
         .map_err(|e| GuestError::io(format!("reading {}", tmp.display()), e))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| GuestError::Fetch { package: name.clone(), detail: "apt-get download produced no .deb".into() })?;
+        .ok_or_else(|| GuestError::Fetch {
+            package: name.clone(),
+            detail: "apt-get download produced no .deb".into(),
+        })?;
     let size = std::fs::metadata(&deb).map(|m| m.len()).unwrap_or(0);
-    progress(&format!("unpacking {} ({} MiB)", deb.file_name().unwrap_or_default().to_string_lossy(), size >> 20));
+    progress(&format!(
+        "unpacking {} ({} MiB)",
+        deb.file_name().unwrap_or_default().to_string_lossy(),
+        size >> 20
+    ));
     let tree = tmp.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree), &name)?;
-    std::fs::rename(&tree, &root).map_err(|e| GuestError::io(format!("moving {} into place", root.display()), e))?;
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree),
+        &name,
+    )?;
+    std::fs::rename(&tree, &root)
+        .map_err(|e| GuestError::io(format!("moving {} into place", root.display()), e))?;
     let _ = std::fs::remove_dir_all(&tmp);
-    Ok(ExtractedPackage { name, version, root })
+    Ok(ExtractedPackage {
+        name,
+        version,
+        root,
+    })
 }
 
 /// The one file under `dir` whose name starts with `prefix`.
@@ -108,7 +146,10 @@ pub fn find_one(dir: &Path, prefix: &str) -> Result<PathBuf, GuestError> {
         .map_err(|e| GuestError::io(format!("reading {}", dir.display()), e))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
         .ok_or_else(|| GuestError::Kernel(format!("no {prefix}* in {}", dir.display())))
 }
 
@@ -123,8 +164,10 @@ pub fn ensure_modules_dep(root: &Path, kernel_version: &str) -> Result<(), Guest
     }
     let mut modules = Vec::new();
     collect_modules(&dir, &dir.join("kernel"), &mut modules)?;
-    let by_name: std::collections::BTreeMap<String, String> =
-        modules.iter().map(|(rel, _)| (module_name(rel), rel.clone())).collect();
+    let by_name: std::collections::BTreeMap<String, String> = modules
+        .iter()
+        .map(|(rel, _)| (module_name(rel), rel.clone()))
+        .collect();
     let mut text = String::new();
     for (rel, depends) in &modules {
         let deps: Vec<&str> = depends
@@ -141,16 +184,26 @@ fn module_name(rel: &str) -> String {
     file.split(".ko").next().unwrap_or(file).replace('-', "_")
 }
 
-fn collect_modules(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<String>)>) -> Result<(), GuestError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| GuestError::io(format!("reading {}", dir.display()), e))?;
+fn collect_modules(
+    base: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, Vec<String>)>,
+) -> Result<(), GuestError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| GuestError::io(format!("reading {}", dir.display()), e))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
     paths.sort();
     for path in paths {
         if path.is_dir() {
             collect_modules(base, &path, out)?;
         } else if path.extension().is_some_and(|x| x == "ko") {
-            let data = std::fs::read(&path).map_err(|e| GuestError::io(format!("reading {}", path.display()), e))?;
-            let rel = path.strip_prefix(base).unwrap_or(&path).to_string_lossy().into_owned();
+            let data = std::fs::read(&path)
+                .map_err(|e| GuestError::io(format!("reading {}", path.display()), e))?;
+            let rel = path
+                .strip_prefix(base)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
             out.push((rel, modinfo_depends(&data)));
         }
     }

@@ -87,7 +87,8 @@ pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
     // module list), so editing either rebuilds instead of reusing a stale
     // initramfs.
     let recipe = crate::stable_hash(format!("{INIT}\0{}", VIRTIO_MODULES.join(",")).as_bytes());
-    let key = format!("{}_{}_{recipe:016x}", kernel.version, busybox.version).replace([':', '/'], "_");
+    let key =
+        format!("{}_{}_{recipe:016x}", kernel.version, busybox.version).replace([':', '/'], "_");
     let dir = cache.join("default-guest").join(&key);
     let guest = DefaultGuest {
         bzimage: dir.join("bzImage"),
@@ -99,13 +100,18 @@ pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
     if guest.initramfs.is_file() && guest.vmlinux.is_file() && guest.bzimage.is_file() {
         return Ok(guest);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| GuestError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| GuestError::io(format!("creating {}", dir.display()), e))?;
 
-    let bz = std::fs::read(&vmlinuz).map_err(|e| GuestError::io(format!("reading {}", vmlinuz.display()), e))?;
+    let bz = std::fs::read(&vmlinuz)
+        .map_err(|e| GuestError::io(format!("reading {}", vmlinuz.display()), e))?;
     progress("extracting vmlinux (PVH entry) from the bzImage");
     let elf = vmlinux::extract(&bz)?;
     if !vmlinux::has_pvh_note(&elf) {
-        return Err(GuestError::Kernel(format!("{} has no PVH entry note", vmlinuz.display())));
+        return Err(GuestError::Kernel(format!(
+            "{} has no PVH entry note",
+            vmlinuz.display()
+        )));
     }
     write_atomic(&guest.vmlinux, &elf)?;
     write_atomic(&guest.bzimage, &bz)?;
@@ -132,25 +138,51 @@ fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Vec<u8>, GuestError> 
     let builtin = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let order = ModuleIndex::parse(&dep, &builtin).load_order(VIRTIO_MODULES)?;
 
-    let dir = |path: &str| Entry::Dir { path: path.into(), mode: 0o755 };
+    let dir = |path: &str| Entry::Dir {
+        path: path.into(),
+        mode: 0o755,
+    };
     let mut entries = vec![
         dir("bin"),
         dir("dev"),
-        Entry::CharDev { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 },
+        Entry::CharDev {
+            path: "dev/console".into(),
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
         dir("etc"),
         dir("lib"),
         dir("lib/modules"),
         dir("proc"),
         dir("sys"),
         dir("tmp"),
-        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: read(busybox)? },
-        Entry::File { path: "init".into(), mode: 0o755, data: INIT.as_bytes().to_vec() },
-        Entry::File { path: "etc/kiln-modules".into(), mode: 0o644, data: (order.join("\n") + "\n").into_bytes() },
+        Entry::File {
+            path: "bin/busybox".into(),
+            mode: 0o755,
+            data: read(busybox)?,
+        },
+        Entry::File {
+            path: "init".into(),
+            mode: 0o755,
+            data: INIT.as_bytes().to_vec(),
+        },
+        Entry::File {
+            path: "etc/kiln-modules".into(),
+            mode: 0o644,
+            data: (order.join("\n") + "\n").into_bytes(),
+        },
     ];
     let mut made = std::collections::BTreeSet::new();
     for module in &order {
         let mut parent = String::from("lib/modules");
-        for part in module.split('/').collect::<Vec<_>>().split_last().map(|x| x.1).unwrap_or_default() {
+        for part in module
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|x| x.1)
+            .unwrap_or_default()
+        {
             parent = format!("{parent}/{part}");
             if made.insert(parent.clone()) {
                 entries.push(dir(&parent));
@@ -169,8 +201,10 @@ fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Vec<u8>, GuestError> 
 
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), GuestError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| GuestError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| GuestError::io(format!("renaming {}", path.display()), e))
+    std::fs::write(&tmp, data)
+        .map_err(|e| GuestError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| GuestError::io(format!("renaming {}", path.display()), e))
 }
 
 #[cfg(test)]
@@ -181,7 +215,16 @@ mod tests {
     fn init_prints_marker_before_anything_else() {
         let first_command = INIT.lines().nth(1).unwrap();
         assert_eq!(first_command, "/bin/busybox echo KILN_INIT_OK");
-        for needle in ["KILN_CPUS=", "KILN_MEM_KB=", "/kiln/run", "KILN_RUN_EXIT=", "kiln.shell", "kiln.poweroff", "kiln.reboot", "KILN_SHELL_READY"] {
+        for needle in [
+            "KILN_CPUS=",
+            "KILN_MEM_KB=",
+            "/kiln/run",
+            "KILN_RUN_EXIT=",
+            "kiln.shell",
+            "kiln.poweroff",
+            "kiln.reboot",
+            "KILN_SHELL_READY",
+        ] {
             assert!(INIT.contains(needle), "{needle}");
         }
     }
@@ -193,9 +236,13 @@ mod tests {
         let cache = crate::cache_dir();
         let g = ensure_default_guest(&cache).expect("default guest must build (needs apt access)");
         let elf = std::fs::read(&g.vmlinux).unwrap();
-        let entry = vmlinux::pvh_entry(&elf).expect("Debian's kernel carries XEN_ELFNOTE_PHYS32_ENTRY");
+        let entry =
+            vmlinux::pvh_entry(&elf).expect("Debian's kernel carries XEN_ELFNOTE_PHYS32_ENTRY");
         // The 32-bit entry lies in the kernel's physical load range (16 MiB up).
-        assert!((0x0100_0000..0x4000_0000).contains(&entry), "PVH entry {entry:#x}");
+        assert!(
+            (0x0100_0000..0x4000_0000).contains(&entry),
+            "PVH entry {entry:#x}"
+        );
         let cpio = std::fs::read(&g.initramfs).unwrap();
         assert!(cpio.windows(11).any(|w| w == b"virtio_pci."));
         let t0 = std::time::Instant::now();

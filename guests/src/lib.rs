@@ -34,7 +34,10 @@ pub enum GuestError {
 
 impl GuestError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        GuestError::Io { what: what.into(), source }
+        GuestError::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -55,7 +58,9 @@ pub fn cache_dir() -> PathBuf {
 /// A stable 64-bit hash (FNV-1a) for cache keys: the same on every run and
 /// machine, unlike `std`'s hasher.
 pub fn stable_hash(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Prints a progress line on stderr (these steps take seconds to minutes).

@@ -13,7 +13,8 @@ impl FileLock {
     /// Blocks until the lock at `path` is ours; released on drop.
     pub fn acquire(path: &Path) -> Result<FileLock, GuestError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| GuestError::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| GuestError::io(format!("creating {}", dir.display()), e))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -23,7 +24,10 @@ impl FileLock {
             .map_err(|e| GuestError::io(format!("opening lock {}", path.display()), e))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(GuestError::io(format!("locking {}", path.display()), std::io::Error::last_os_error()));
+            return Err(GuestError::io(
+                format!("locking {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(FileLock(file))
     }

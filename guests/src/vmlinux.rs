@@ -12,7 +12,9 @@ const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 /// The compressed payload inside `bzimage`.
@@ -51,7 +53,8 @@ pub fn lz4_legacy_decompress(data: &[u8]) -> Result<Vec<u8>, GuestError> {
             break;
         };
         pos += size;
-        let n = lz4_flex::block::decompress_into(chunk, &mut block).map_err(|e| bad(e.to_string()))?;
+        let n =
+            lz4_flex::block::decompress_into(chunk, &mut block).map_err(|e| bad(e.to_string()))?;
         out.extend_from_slice(&block[..n]);
     }
     if out.is_empty() {
@@ -74,7 +77,9 @@ pub fn extract(bzimage: &[u8]) -> Result<Vec<u8>, GuestError> {
         )));
     };
     if !elf.starts_with(ELF_MAGIC) {
-        return Err(GuestError::Kernel("decompressed kernel payload is not an ELF file".into()));
+        return Err(GuestError::Kernel(
+            "decompressed kernel payload is not an ELF file".into(),
+        ));
     }
     Ok(elf)
 }
@@ -84,11 +89,15 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const PT_NOTE: u32 = 4;
 
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 /// The PVH entry address from a 64-bit little-endian ELF image: the
@@ -113,7 +122,10 @@ pub fn pvh_entry(elf: &[u8]) -> Option<u32> {
         }
         let start = usize::try_from(u64_at(elf, ph.checked_add(0x08)?)?).ok()?;
         let size = usize::try_from(u64_at(elf, ph.checked_add(0x20)?)?).ok()?;
-        if let Some(entry) = elf.get(start..start.checked_add(size)?).and_then(find_phys32_entry) {
+        if let Some(entry) = elf
+            .get(start..start.checked_add(size)?)
+            .and_then(find_phys32_entry)
+        {
             return Some(entry);
         }
     }
@@ -166,7 +178,11 @@ mod tests {
 
     #[test]
     fn legacy_lz4_round_trips_across_blocks() {
-        let a = b"\x7fELF".iter().chain(&[7u8; 5000]).copied().collect::<Vec<_>>();
+        let a = b"\x7fELF"
+            .iter()
+            .chain(&[7u8; 5000])
+            .copied()
+            .collect::<Vec<_>>();
         let b = vec![9u8; 3000];
         let out = lz4_legacy_decompress(&legacy_stream(&[&a, &b])).unwrap();
         assert_eq!(out.len(), a.len() + b.len());
@@ -207,7 +223,11 @@ mod tests {
     fn pvh_entry_is_found_after_other_notes() {
         let mut notes = note(b"Xen\0", 6, b"linux\0");
         notes.extend(note(b"GNU\0", XEN_ELFNOTE_PHYS32_ENTRY, &[1, 2, 3, 4]));
-        notes.extend(note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x0100_0850u64.to_le_bytes()));
+        notes.extend(note(
+            b"Xen\0",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x0100_0850u64.to_le_bytes(),
+        ));
         assert_eq!(pvh_entry(&elf_with_notes(&notes)), Some(0x0100_0850));
     }
 
@@ -224,7 +244,11 @@ mod tests {
     #[test]
     fn hostile_elf_headers_do_not_panic() {
         let mut elf = elf_with_notes(&note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &[0; 4]));
-        for (at, bytes) in [(0x20usize, u64::MAX.to_le_bytes().to_vec()), (0x38, vec![0xff, 0xff]), (0x48, u64::MAX.to_le_bytes().to_vec())] {
+        for (at, bytes) in [
+            (0x20usize, u64::MAX.to_le_bytes().to_vec()),
+            (0x38, vec![0xff, 0xff]),
+            (0x48, u64::MAX.to_le_bytes().to_vec()),
+        ] {
             let mut bad = elf.clone();
             bad[at..at + bytes.len()].copy_from_slice(&bytes);
             let _ = pvh_entry(&bad);

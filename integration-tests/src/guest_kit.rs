@@ -34,7 +34,10 @@ pub struct GuestKit {
 
 impl GuestKit {
     pub fn new(script: &str) -> GuestKit {
-        GuestKit { binaries: Vec::new(), script: script.to_string() }
+        GuestKit {
+            binaries: Vec::new(),
+            script: script.to_string(),
+        }
     }
 
     pub fn binary(mut self, path: impl Into<PathBuf>) -> GuestKit {
@@ -46,14 +49,17 @@ impl GuestKit {
     /// `target/guest-kits/<name>.cpio` and returns that path. `name` must
     /// be unique per test (tests run in parallel).
     pub fn build(&self, name: &str) -> Result<PathBuf, RigError> {
-        let guest = kiln_guests::ensure_default_guest(&kiln_guests::cache_dir()).map_err(|e| RigError::Setup(e.to_string()))?;
+        let guest = kiln_guests::ensure_default_guest(&kiln_guests::cache_dir())
+            .map_err(|e| RigError::Setup(e.to_string()))?;
         let dir = crate::scenario::target_dir().join("guest-kits");
-        std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
         let out = dir.join(format!("{name}.cpio"));
         let mut bytes = std::fs::read(&guest.initramfs)
             .map_err(|e| RigError::Setup(format!("reading {}: {e}", guest.initramfs.display())))?;
         bytes.extend_from_slice(&self.overlay()?);
-        std::fs::write(&out, bytes).map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))?;
+        std::fs::write(&out, bytes)
+            .map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))?;
         Ok(out)
     }
 
@@ -64,10 +70,18 @@ impl GuestKit {
             tree.host_binary(bin)?;
         }
         // Programs that look up users or write temporary files.
-        tree.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
+        tree.file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        );
         tree.file("etc/group", 0o644, b"root:x:0:\n".to_vec());
         tree.dir("root");
-        tree.file("kiln/run", 0o755, format!("{GUEST_PRELUDE}\n{}", self.script).into_bytes());
+        tree.file(
+            "kiln/run",
+            0o755,
+            format!("{GUEST_PRELUDE}\n{}", self.script).into_bytes(),
+        );
         let mut bytes = Vec::new();
         kiln_images::cpio::write_archive(&mut bytes, &tree.entries)
             .map_err(|e| RigError::Setup(format!("building the guest kit: {e}")))?;
@@ -84,5 +98,7 @@ pub fn host_tool(name: &str) -> Result<PathBuf, RigError> {
             return Ok(p);
         }
     }
-    Err(RigError::Setup(format!("{name} not found on this host: run scripts/install-deps.sh")))
+    Err(RigError::Setup(format!(
+        "{name} not found on this host: run scripts/install-deps.sh"
+    )))
 }

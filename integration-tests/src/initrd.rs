@@ -26,7 +26,10 @@ impl Tree {
             self.dir(parent);
         }
         self.dirs.insert(path.to_string());
-        self.entries.push(Entry::Dir { path: path.into(), mode: 0o755 });
+        self.entries.push(Entry::Dir {
+            path: path.into(),
+            mode: 0o755,
+        });
     }
 
     pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
@@ -34,12 +37,17 @@ impl Tree {
         if let Some((parent, _)) = path.rsplit_once('/') {
             self.dir(parent);
         }
-        self.entries.push(Entry::File { path: path.into(), mode, data });
+        self.entries.push(Entry::File {
+            path: path.into(),
+            mode,
+            data,
+        });
     }
 
     /// Copies a host file to the same path.
     pub fn host_file(&mut self, host: &Path, mode: u32) -> Result<(), RigError> {
-        let data = std::fs::read(host).map_err(|e| RigError::Setup(format!("reading {}: {e}", host.display())))?;
+        let data = std::fs::read(host)
+            .map_err(|e| RigError::Setup(format!("reading {}: {e}", host.display())))?;
         self.file(&host.to_string_lossy(), mode, data);
         Ok(())
     }
@@ -57,14 +65,17 @@ impl Tree {
 
     fn has_file(&self, path: &str) -> bool {
         let p = path.trim_start_matches('/');
-        self.entries.iter().any(|e| matches!(e, Entry::File { path, .. } if path == p))
+        self.entries
+            .iter()
+            .any(|e| matches!(e, Entry::File { path, .. } if path == p))
     }
 
     pub fn write(&self, out: &Path) -> Result<(), RigError> {
         let mut bytes = Vec::new();
         kiln_images::cpio::write_archive(&mut bytes, &self.entries)
             .map_err(|e| RigError::Setup(format!("building initramfs: {e}")))?;
-        std::fs::write(out, bytes).map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))
+        std::fs::write(out, bytes)
+            .map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))
     }
 }
 

@@ -19,7 +19,7 @@ pub mod nested;
 pub mod scenario;
 pub mod virtio_vm;
 
-pub use host::HostKvm;
 pub use guest_kit::GuestKit;
+pub use host::HostKvm;
 pub use scenario::{run, Mode, Outcome, RigError, Scenario};
 pub use virtio_vm::{Disk, VmSpec, Vmm};

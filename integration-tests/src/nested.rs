@@ -78,26 +78,45 @@ impl NestedHost {
     pub fn module_files(&self, names: &[String]) -> Result<Vec<(String, Vec<u8>)>, RigError> {
         let dep = std::fs::read_to_string(self.modules.join("modules.dep"))
             .map_err(|e| RigError::Setup(format!("reading the nested host's modules.dep: {e}")))?;
-        let builtin = std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
+        let builtin =
+            std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let order = kiln_images::initramfs::ModuleIndex::parse(&dep, &builtin)
             .load_order(&names)
             .map_err(|e| RigError::Setup(format!("nested host modules: {e}")))?;
         order
             .iter()
-            .map(|rel| Ok((rel.rsplit('/').next().unwrap_or(rel).to_string(), read(&self.modules.join(rel))?)))
+            .map(|rel| {
+                Ok((
+                    rel.rsplit('/').next().unwrap_or(rel).to_string(),
+                    read(&self.modules.join(rel))?,
+                ))
+            })
             .collect()
     }
 }
 
 pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigError> {
-    let pkg = debian::fetch_package(cache, HOST_KERNEL_PACKAGE).map_err(|e| RigError::Setup(e.to_string()))?;
-    let kernel = debian::find_one(&pkg.root.join("boot"), "vmlinuz-").map_err(|e| RigError::Setup(e.to_string()))?;
-    let version = kernel.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    let pkg = debian::fetch_package(cache, HOST_KERNEL_PACKAGE)
+        .map_err(|e| RigError::Setup(e.to_string()))?;
+    let kernel = debian::find_one(&pkg.root.join("boot"), "vmlinuz-")
+        .map_err(|e| RigError::Setup(e.to_string()))?;
+    let version = kernel
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
     let busybox = debian::fetch_package(cache, kiln_guests::default_guest::BUSYBOX_PACKAGE)
         .map_err(|e| RigError::Setup(e.to_string()))?;
 
-    let guest_key = guest.initramfs.parent().and_then(|p| p.file_name()).unwrap_or_default().to_string_lossy().into_owned();
+    let guest_key = guest
+        .initramfs
+        .parent()
+        .and_then(|p| p.file_name())
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     // The key covers everything baked into the base initramfs, /init too.
     let dir = cache.join("rig").join(format!(
         "{}__{guest_key}__init-{:016x}",
@@ -105,35 +124,73 @@ pub fn prepare(cache: &Path, guest: &DefaultGuest) -> Result<NestedHost, RigErro
         kiln_guests::stable_hash(INIT.as_bytes())
     ));
     let base_initrd = dir.join("base.cpio");
-    std::fs::create_dir_all(&dir).map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RigError::Setup(format!("creating {}: {e}", dir.display())))?;
     let modules = pkg.root.join("lib/modules").join(&version);
-    let _lock = kiln_guests::lock::FileLock::acquire(&dir.join("lock")).map_err(|e| RigError::Setup(e.to_string()))?;
+    let _lock = kiln_guests::lock::FileLock::acquire(&dir.join("lock"))
+        .map_err(|e| RigError::Setup(e.to_string()))?;
     debian::ensure_modules_dep(&pkg.root, &version).map_err(|e| RigError::Setup(e.to_string()))?;
     if base_initrd.is_file() {
-        return Ok(NestedHost { kernel, base_initrd, modules });
+        return Ok(NestedHost {
+            kernel,
+            base_initrd,
+            modules,
+        });
     }
     eprintln!("kiln-rig: building the nested host's initramfs (once per kernel/guest version)");
     let mut tree = Tree::default();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "root", "usr/bin", "usr/local/bin", "rig/modules"] {
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "usr/bin",
+        "usr/local/bin",
+        "rig/modules",
+    ] {
         tree.dir(d);
     }
-    tree.entries.push(kiln_images::cpio::Entry::CharDev { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 });
-    tree.file("bin/busybox", 0o755, read(&busybox.root.join("bin/busybox"))?);
+    tree.entries.push(kiln_images::cpio::Entry::CharDev {
+        path: "dev/console".into(),
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    tree.file(
+        "bin/busybox",
+        0o755,
+        read(&busybox.root.join("bin/busybox"))?,
+    );
     tree.file("init", 0o755, INIT.as_bytes().to_vec());
     let mut names = Vec::new();
     for m in KVM_MODULES {
         let name = m.rsplit('/').next().unwrap_or(m);
-        tree.file(&format!("rig/modules/{name}"), 0o644, read(&modules.join(m))?);
+        tree.file(
+            &format!("rig/modules/{name}"),
+            0o644,
+            read(&modules.join(m))?,
+        );
         names.push(name);
     }
-    tree.file("rig/kvm-modules", 0o644, (names.join("\n") + "\n").into_bytes());
+    tree.file(
+        "rig/kvm-modules",
+        0o644,
+        (names.join("\n") + "\n").into_bytes(),
+    );
     tree.file("guest/bzImage", 0o644, read(&guest.bzimage)?);
     tree.file("guest/vmlinux", 0o644, read(&guest.vmlinux)?);
     tree.file("guest/initramfs.cpio", 0o644, read(&guest.initramfs)?);
     let tmp = dir.join("base.cpio.tmp");
     tree.write(&tmp)?;
-    std::fs::rename(&tmp, &base_initrd).map_err(|e| RigError::Setup(format!("renaming {}: {e}", tmp.display())))?;
-    Ok(NestedHost { kernel, base_initrd, modules })
+    std::fs::rename(&tmp, &base_initrd)
+        .map_err(|e| RigError::Setup(format!("renaming {}: {e}", tmp.display())))?;
+    Ok(NestedHost {
+        kernel,
+        base_initrd,
+        modules,
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, RigError> {

@@ -1,15 +1,17 @@
 //! Scenarios: a script, where it runs, and what came back.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::host::HostKvm;
 use crate::initrd::Tree;
-use crate::nested::{self, ALIVE_MARKER, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER};
+use crate::nested::{
+    self, ALIVE_MARKER, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RigError {
@@ -125,7 +127,9 @@ impl Outcome {
     /// The value of the first `KEY=value` line.
     pub fn value(&self, key: &str) -> Option<String> {
         let prefix = format!("{key}=");
-        self.output.lines().find_map(|l| l.trim().strip_prefix(&prefix).map(|v| v.trim().to_string()))
+        self.output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&prefix).map(|v| v.trim().to_string()))
     }
 }
 
@@ -160,16 +164,21 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
     eprintln!("kiln-rig: {}: {}", scenario.name, host.describe());
     let logs = target_dir().join("nested-logs").join(&scenario.name);
     let _ = std::fs::remove_dir_all(&logs);
-    std::fs::create_dir_all(&logs).map_err(|e| RigError::Setup(format!("creating {}: {e}", logs.display())))?;
+    std::fs::create_dir_all(&logs)
+        .map_err(|e| RigError::Setup(format!("creating {}: {e}", logs.display())))?;
     let cache = kiln_guests::cache_dir();
-    let guest = kiln_guests::ensure_default_guest(&cache).map_err(|e| RigError::Setup(e.to_string()))?;
+    let guest =
+        kiln_guests::ensure_default_guest(&cache).map_err(|e| RigError::Setup(e.to_string()))?;
     let kiln = kiln_binary()?;
     let mode = scenario.force_mode.unwrap_or(match host {
         HostKvm::Hardware => Mode::Direct,
         HostKvm::Emulating | HostKvm::None => Mode::Nested,
     });
     if scenario.force_mode.is_some() {
-        eprintln!("kiln-rig: {}: {mode:?} mode forced by the scenario", scenario.name);
+        eprintln!(
+            "kiln-rig: {}: {mode:?} mode forced by the scenario",
+            scenario.name
+        );
     }
     match mode {
         Mode::Direct => run_direct(scenario, &kiln, &guest, &logs),
@@ -177,7 +186,12 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
     }
 }
 
-fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, logs: &Path) -> Result<Outcome, RigError> {
+fn run_direct(
+    scenario: &Scenario,
+    kiln: &Path,
+    guest: &kiln_guests::DefaultGuest,
+    logs: &Path,
+) -> Result<Outcome, RigError> {
     let work = logs.join("work");
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
     // The guest writes to its disks: give it copies (sparse, or reflinks
@@ -193,14 +207,25 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
             .map(|s| s.success())
             .unwrap_or(false);
         if !copied {
-            return Err(RigError::Setup(format!("copying disk {} to {}", disk.display(), copy.display())));
+            return Err(RigError::Setup(format!(
+                "copying disk {} to {}",
+                disk.display(),
+                copy.display()
+            )));
         }
         disks.push(copy);
     }
     for m in &scenario.host_modules {
-        let loaded = Command::new("modprobe").arg(m).status().map(|s| s.success()).unwrap_or(false);
+        let loaded = Command::new("modprobe")
+            .arg(m)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !loaded {
-            eprintln!("kiln-rig: {}: modprobe {m} failed; the script may not find what it needs", scenario.name);
+            eprintln!(
+                "kiln-rig: {}: modprobe {m} failed; the script may not find what it needs",
+                scenario.name
+            );
         }
     }
     if scenario.interactive {
@@ -209,11 +234,20 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
             .status()
             .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
         let log = logs.join("output.log");
-        return Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output: String::new(), log, elapsed: start.elapsed(), host_ready: None });
+        return Ok(Outcome {
+            mode: Mode::Direct,
+            exit_code: status.code().unwrap_or(-1),
+            output: String::new(),
+            log,
+            elapsed: start.elapsed(),
+            host_ready: None,
+        });
     }
     let log = logs.join("output.log");
     let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
-    let err = out.try_clone().map_err(|e| RigError::Setup(e.to_string()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| RigError::Setup(e.to_string()))?;
     let start = Instant::now();
     // Its own process group, so a timeout kills the script's children too.
     let mut child = direct_command(scenario, kiln, guest, &work, &disks)
@@ -224,23 +258,42 @@ fn run_direct(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGues
         .spawn()
         .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
     let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| RigError::Setup(e.to_string()))? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| RigError::Setup(e.to_string()))?
+        {
             break status;
         }
         if start.elapsed() > scenario.timeout {
             // SAFETY: kill(2) on the process group we created for the script.
             unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait();
-            return Err(RigError::TimedOut { timeout_s: scenario.timeout.as_secs(), log });
+            return Err(RigError::TimedOut {
+                timeout_s: scenario.timeout.as_secs(),
+                log,
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
-    Ok(Outcome { mode: Mode::Direct, exit_code: status.code().unwrap_or(-1), output, log, elapsed: start.elapsed(), host_ready: None })
+    Ok(Outcome {
+        mode: Mode::Direct,
+        exit_code: status.code().unwrap_or(-1),
+        output,
+        log,
+        elapsed: start.elapsed(),
+        host_ready: None,
+    })
 }
 
 /// The script as a shell command with the rig's environment, on this host.
-fn direct_command(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::DefaultGuest, work: &Path, disks: &[PathBuf]) -> Command {
+fn direct_command(
+    scenario: &Scenario,
+    kiln: &Path,
+    guest: &kiln_guests::DefaultGuest,
+    work: &Path,
+    disks: &[PathBuf],
+) -> Command {
     let mut cmd = Command::new("sh");
     for (i, disk) in disks.iter().enumerate() {
         cmd.env(format!("RIG_DISK{i}"), disk);
@@ -258,19 +311,35 @@ fn direct_command(scenario: &Scenario, kiln: &Path, guest: &kiln_guests::Default
 }
 
 /// QEMU running the nested KVM host with `initrd`, console on stdio.
-fn qemu_command(qemu: &Path, scenario: &Scenario, host: &nested::NestedHost, initrd: &Path) -> Command {
+fn qemu_command(
+    qemu: &Path,
+    scenario: &Scenario,
+    host: &nested::NestedHost,
+    initrd: &Path,
+) -> Command {
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg", "-cpu", nested::QEMU_CPU, "-smp", "1", "-nographic", "-no-reboot", "-m"])
-        .arg(scenario.nested_memory_mib.to_string())
-        .arg("-kernel")
-        .arg(&host.kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        nested::QEMU_CPU,
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-m",
+    ])
+    .arg(scenario.nested_memory_mib.to_string())
+    .arg("-kernel")
+    .arg(&host.kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
     for disk in &scenario.disks {
         // QEMU's -drive splits on commas; a comma in a path is doubled.
         let path = disk.display().to_string().replace(',', ",,");
-        cmd.arg("-drive").arg(format!("file={path},if=virtio,format=raw,snapshot=on"));
+        cmd.arg("-drive")
+            .arg(format!("file={path},if=virtio,format=raw,snapshot=on"));
     }
     cmd
 }
@@ -300,7 +369,10 @@ fn run_nested(
     })?;
     for disk in &scenario.disks {
         if !disk.is_file() {
-            return Err(RigError::Setup(format!("disk {} not found", disk.display())));
+            return Err(RigError::Setup(format!(
+                "disk {} not found",
+                disk.display()
+            )));
         }
     }
     let host = nested::prepare(cache, guest)?;
@@ -309,7 +381,8 @@ fn run_nested(
     // concatenated newc archives in order).
     let mut tree = Tree::default();
     tree.dir("usr/bin");
-    let kiln_data = std::fs::read(kiln).map_err(|e| RigError::Setup(format!("reading {}: {e}", kiln.display())))?;
+    let kiln_data = std::fs::read(kiln)
+        .map_err(|e| RigError::Setup(format!("reading {}: {e}", kiln.display())))?;
     tree.file("usr/bin/kiln", 0o755, kiln_data);
     for lib in crate::initrd::shared_libraries(kiln)? {
         tree.host_file(Path::new(&lib), 0o755)?;
@@ -337,7 +410,15 @@ fn run_nested(
         tree.file(&format!("rig/modules/{name}"), 0o644, data);
         names.push(name);
     }
-    tree.file("rig/extra-modules", 0o644, names.iter().map(|n| format!("{n}\n")).collect::<String>().into_bytes());
+    tree.file(
+        "rig/extra-modules",
+        0o644,
+        names
+            .iter()
+            .map(|n| format!("{n}\n"))
+            .collect::<String>()
+            .into_bytes(),
+    );
     let script = nested_disk_prelude(scenario.disks.len()) + &scenario.script;
     tree.file("rig/script.sh", 0o755, script.into_bytes());
     if scenario.interactive {
@@ -362,12 +443,28 @@ fn run_nested(
         .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
 
     let (tx, rx) = mpsc::channel::<String>();
-    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
         let tx = tx.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut buf = Vec::new();
-            while reader.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+            while reader
+                .read_until(b'\n', &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
                 let line = String::from_utf8_lossy(&buf).replace('\r', "");
                 buf.clear();
                 if tx.send(line).is_err() {
@@ -398,7 +495,8 @@ fn run_nested(
                     continue;
                 }
                 let trimmed = line.trim_end();
-                if let Some((before, code)) = trimmed.split_once(EXIT_MARKER).filter(|_| in_script) {
+                if let Some((before, code)) = trimmed.split_once(EXIT_MARKER).filter(|_| in_script)
+                {
                     // The script's last line may lack its newline.
                     if !before.is_empty() {
                         output.push_str(before);
@@ -406,7 +504,8 @@ fn run_nested(
                     }
                     exit_code = code.trim().parse::<i32>().ok();
                     in_script = false;
-                } else if !in_script && host_ready.is_none() && trimmed.ends_with(HOST_READY_MARKER) {
+                } else if !in_script && host_ready.is_none() && trimmed.ends_with(HOST_READY_MARKER)
+                {
                     host_ready = Some(start.elapsed());
                 } else if trimmed.ends_with(BEGIN_MARKER) {
                     in_script = true;
@@ -419,10 +518,16 @@ fn run_nested(
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if start.elapsed() > scenario.timeout {
-                    break Some(RigError::TimedOut { timeout_s: scenario.timeout.as_secs(), log: log.clone() });
+                    break Some(RigError::TimedOut {
+                        timeout_s: scenario.timeout.as_secs(),
+                        log: log.clone(),
+                    });
                 }
                 if last_output.elapsed() > scenario.stall_after {
-                    break Some(RigError::Stalled { silent_s: scenario.stall_after.as_secs(), log: log.clone() });
+                    break Some(RigError::Stalled {
+                        silent_s: scenario.stall_after.as_secs(),
+                        log: log.clone(),
+                    });
                 }
             }
         }
@@ -435,7 +540,8 @@ fn run_nested(
         return Err(err);
     }
     let Some(exit_code) = exit_code else {
-        let reason = host_error.unwrap_or_else(|| "QEMU exited without the script's exit marker".into());
+        let reason =
+            host_error.unwrap_or_else(|| "QEMU exited without the script's exit marker".into());
         return Err(RigError::HostFailed { reason, log });
     };
     // The combined initrd is large and rebuilt each time; keep it only
@@ -443,7 +549,14 @@ fn run_nested(
     if exit_code == 0 {
         let _ = std::fs::remove_file(&initrd);
     }
-    Ok(Outcome { mode: Mode::Nested, exit_code, output, log, elapsed: start.elapsed(), host_ready })
+    Ok(Outcome {
+        mode: Mode::Nested,
+        exit_code,
+        output,
+        log,
+        elapsed: start.elapsed(),
+        host_ready,
+    })
 }
 
 /// The nested host with this terminal as its serial console: QEMU puts the
@@ -471,10 +584,13 @@ fn run_nested_interactive(
 }
 
 fn concat(parts: &[&Path], out: &Path) -> Result<(), RigError> {
-    let mut file = std::fs::File::create(out).map_err(|e| RigError::Setup(format!("creating {}: {e}", out.display())))?;
+    let mut file = std::fs::File::create(out)
+        .map_err(|e| RigError::Setup(format!("creating {}: {e}", out.display())))?;
     for part in parts {
-        let mut src = std::fs::File::open(part).map_err(|e| RigError::Setup(format!("opening {}: {e}", part.display())))?;
-        std::io::copy(&mut src, &mut file).map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))?;
+        let mut src = std::fs::File::open(part)
+            .map_err(|e| RigError::Setup(format!("opening {}: {e}", part.display())))?;
+        std::io::copy(&mut src, &mut file)
+            .map_err(|e| RigError::Setup(format!("writing {}: {e}", out.display())))?;
     }
     Ok(())
 }

@@ -95,8 +95,14 @@ impl VmSpec {
     fn cmdline(&self, vmm: Vmm) -> String {
         // QEMU's microvm resets through the keyboard controller it lacks:
         // triple-fault instead (reboot=t), as the rig self-test does.
-        let reboot = if vmm == Vmm::Qemu { "reboot=t" } else { "reboot=k" };
-        format!("console=ttyS0 {reboot} panic=1 {}", self.cmdline_extra).trim().to_string()
+        let reboot = if vmm == Vmm::Qemu {
+            "reboot=t"
+        } else {
+            "reboot=k"
+        };
+        format!("console=ttyS0 {reboot} panic=1 {}", self.cmdline_extra)
+            .trim()
+            .to_string()
     }
 
     /// The command line for `vmm` (one line of shell, no redirections).
@@ -117,7 +123,12 @@ impl VmSpec {
             self.cmdline(Vmm::Kiln)
         );
         for d in &self.disks {
-            c.push_str(&format!(" --disk \"path={}{},serial={}\"", d.path, if d.readonly { ",readonly=on" } else { "" }, d.serial));
+            c.push_str(&format!(
+                " --disk \"path={}{},serial={}\"",
+                d.path,
+                if d.readonly { ",readonly=on" } else { "" },
+                d.serial
+            ));
         }
         if let Some(tap) = &self.tap {
             c.push_str(&format!(" --net tap={tap},mac={}", self.mac));
@@ -172,7 +183,11 @@ impl VmSpec {
             c.push_str(" -device vhost-vsock-pci,guest-cid=3");
         }
         if self.balloon {
-            let fpr = if self.balloon_free_page_reporting { "on" } else { "off" };
+            let fpr = if self.balloon_free_page_reporting {
+                "on"
+            } else {
+                "off"
+            };
             c.push_str(&format!(
                 " -device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={fpr},guest-stats-polling-interval=1"
             ));
@@ -191,7 +206,10 @@ impl VmSpec {
 
     /// Host files QEMU needs inside the nested host (firmware).
     pub fn qemu_files() -> Vec<std::path::PathBuf> {
-        ["qboot.rom", "bios-microvm.bin", "linuxboot_dma.bin"].iter().map(|f| std::path::Path::new("/usr/share/qemu").join(f)).collect()
+        ["qboot.rom", "bios-microvm.bin", "linuxboot_dma.bin"]
+            .iter()
+            .map(|f| std::path::Path::new("/usr/share/qemu").join(f))
+            .collect()
     }
 
     /// Shell: the host-side functions for `vmm` (see [`HOST_PRELUDE`])

@@ -12,18 +12,35 @@ fn kiln(args: &str) -> String {
 
 #[test]
 fn bzimage_boots_to_init_and_poweroff_exits_0() {
-    let script = kiln(r#"--kernel "$GUEST_BZIMAGE" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 reboot=k panic=1 kiln.poweroff""#);
+    let script = kiln(
+        r#"--kernel "$GUEST_BZIMAGE" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 reboot=k panic=1 kiln.poweroff""#,
+    );
     let out = run(&Scenario::new("bzimage_boot", &script)).unwrap();
-    out.expect_exit(0).expect_output("KILN_INIT_OK").expect_output("KILN_CPUS=1");
-    assert_eq!(out.value("KILN_EXIT").as_deref(), Some("0"), "poweroff must exit 0; log {}", out.log.display());
+    out.expect_exit(0)
+        .expect_output("KILN_INIT_OK")
+        .expect_output("KILN_CPUS=1");
+    assert_eq!(
+        out.value("KILN_EXIT").as_deref(),
+        Some("0"),
+        "poweroff must exit 0; log {}",
+        out.log.display()
+    );
 }
 
 #[test]
 fn pvh_vmlinux_boots_to_init() {
-    let script = kiln(r#"--kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 reboot=k panic=1 kiln.poweroff""#);
+    let script = kiln(
+        r#"--kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 reboot=k panic=1 kiln.poweroff""#,
+    );
     let out = run(&Scenario::new("pvh_boot", &script)).unwrap();
-    out.expect_output("KILN_INIT_OK").expect_output("KILN_CPUS=1");
-    assert_eq!(out.value("KILN_EXIT").as_deref(), Some("0"), "log {}", out.log.display());
+    out.expect_output("KILN_INIT_OK")
+        .expect_output("KILN_CPUS=1");
+    assert_eq!(
+        out.value("KILN_EXIT").as_deref(),
+        Some("0"),
+        "log {}",
+        out.log.display()
+    );
 }
 
 /// Drives the guest's shell through kiln's stdin (a FIFO held open by the
@@ -44,9 +61,19 @@ wait $pid; echo KILN_EXIT=$?
 cat out
 "#;
     let out = run(&Scenario::new("interactive_console", script)).unwrap();
-    out.expect_output("ANSWER=42").expect_output("siblings:2").expect_output("cpucores:2");
-    assert_eq!(out.value("KILN_CPUS").as_deref(), Some("2"), "log {}", out.log.display());
-    let mem_kib: u64 = out.value("KILN_MEM_KB").and_then(|v| v.parse().ok()).unwrap_or(0);
+    out.expect_output("ANSWER=42")
+        .expect_output("siblings:2")
+        .expect_output("cpucores:2");
+    assert_eq!(
+        out.value("KILN_CPUS").as_deref(),
+        Some("2"),
+        "log {}",
+        out.log.display()
+    );
+    let mem_kib: u64 = out
+        .value("KILN_MEM_KB")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(
         (440 << 10..=512 << 10).contains(&mem_kib),
         "guest with --memory 512M reports MemTotal {mem_kib} kB; log {}",
@@ -82,10 +109,22 @@ cat r1 r2
 "#;
     let out = run(&Scenario::new("reboot_restart_sigterm", script)).unwrap();
     let log = out.log.display().to_string();
-    assert_eq!(out.value("REBOOT_EXIT").as_deref(), Some("3"), "guest reboot must exit 3; log {log}");
+    assert_eq!(
+        out.value("REBOOT_EXIT").as_deref(),
+        Some("3"),
+        "guest reboot must exit 3; log {log}"
+    );
     assert_eq!(out.value("RESTART_EXIT").as_deref(), Some("0"), "log {log}");
-    assert_eq!(out.value("BOOTS").as_deref(), Some("2"), "--on-reboot restart must boot twice; log {log}");
-    assert_eq!(out.value("SIGTERM_EXIT").as_deref(), Some("143"), "SIGTERM must stop the VM with 143; log {log}");
+    assert_eq!(
+        out.value("BOOTS").as_deref(),
+        Some("2"),
+        "--on-reboot restart must boot twice; log {log}"
+    );
+    assert_eq!(
+        out.value("SIGTERM_EXIT").as_deref(),
+        Some("143"),
+        "SIGTERM must stop the VM with 143; log {log}"
+    );
 }
 
 /// Each bad input: non-zero exit, exactly one line on stderr, no panic,
@@ -96,7 +135,10 @@ fn bad_inputs_get_one_line_errors() {
         ("missing_kernel", r#"--kernel /nonexistent/bzImage"#),
         ("truncated_kernel", r#"--kernel trunc"#),
         ("random_kernel", r#"--kernel random"#),
-        ("initrd_too_big", r#"--kernel "$GUEST_BZIMAGE" --initrd bigrd --memory 64M"#),
+        (
+            "initrd_too_big",
+            r#"--kernel "$GUEST_BZIMAGE" --initrd bigrd --memory 64M"#,
+        ),
         ("zero_cpus", r#"--kernel "$GUEST_BZIMAGE" --cpus 0"#),
         ("one_mib", r#"--kernel "$GUEST_BZIMAGE" --memory 1"#),
     ];
@@ -111,12 +153,32 @@ fn bad_inputs_get_one_line_errors() {
     let out = run(&Scenario::new("bad_inputs", &script)).unwrap();
     for (name, _) in cases {
         let log = out.log.display();
-        let code: i32 = out.value(&format!("{name}_EXIT")).and_then(|v| v.parse().ok()).unwrap_or(-1);
-        assert!(code != 0 && code != 124, "{name}: exit {code} (124 = hung); output:\n{}\nlog {log}", out.output);
-        assert_eq!(out.value(&format!("{name}_LINES")).as_deref(), Some("1"), "{name}: stderr must be one line:\n{}\nlog {log}", out.output);
-        assert_eq!(out.value(&format!("{name}_PANICS")).as_deref(), Some("0"), "{name} panicked; log {log}");
+        let code: i32 = out
+            .value(&format!("{name}_EXIT"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1);
+        assert!(
+            code != 0 && code != 124,
+            "{name}: exit {code} (124 = hung); output:\n{}\nlog {log}",
+            out.output
+        );
+        assert_eq!(
+            out.value(&format!("{name}_LINES")).as_deref(),
+            Some("1"),
+            "{name}: stderr must be one line:\n{}\nlog {log}",
+            out.output
+        );
+        assert_eq!(
+            out.value(&format!("{name}_PANICS")).as_deref(),
+            Some("0"),
+            "{name} panicked; log {log}"
+        );
         let msg = format!("{name}_MSG: kiln: error:");
-        assert!(out.output.contains(&msg), "{name}: message must start with 'kiln: error:'\n{}", out.output);
+        assert!(
+            out.output.contains(&msg),
+            "{name}: message must start with 'kiln: error:'\n{}",
+            out.output
+        );
     }
 }
 
@@ -131,12 +193,22 @@ timeout 300 qemu-system-x86_64 -enable-kvm -M microvm -cpu host -m 256 -nodefaul
 echo QEMU_EXIT=$?; cat out
 "#;
     let mut s = Scenario::new("rig_selftest_qemu", script);
-    s.binaries.push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
+    s.binaries
+        .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
     s.files.push(PathBuf::from("/usr/share/qemu/qboot.rom"));
-    s.files.push(PathBuf::from("/usr/share/qemu/bios-microvm.bin"));
+    s.files
+        .push(PathBuf::from("/usr/share/qemu/bios-microvm.bin"));
     let out = run(&s).unwrap();
-    out.expect_exit(0).expect_output("KILN_INIT_OK").expect_output("KILN_CPUS=1").expect_output("KILN_MEM_KB=");
-    assert_eq!(out.value("QEMU_EXIT").as_deref(), Some("0"), "log {}", out.log.display());
+    out.expect_exit(0)
+        .expect_output("KILN_INIT_OK")
+        .expect_output("KILN_CPUS=1")
+        .expect_output("KILN_MEM_KB=");
+    assert_eq!(
+        out.value("QEMU_EXIT").as_deref(),
+        Some("0"),
+        "log {}",
+        out.log.display()
+    );
     eprintln!(
         "rig self-test: {:?} mode, nested host ready after {:?}, whole scenario {:?}",
         out.mode, out.host_ready, out.elapsed

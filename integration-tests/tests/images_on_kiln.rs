@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_images::{build_image, default_cache_dir, BuildOptions, ImageArtifacts, ImageKind, StderrProgress};
+use kiln_images::{
+    build_image, default_cache_dir, BuildOptions, ImageArtifacts, ImageKind, StderrProgress,
+};
 use kiln_integration_tests::scenario::target_dir;
 use kiln_integration_tests::{run, Disk, HostKvm, Outcome, Scenario, VmSpec, Vmm};
 
@@ -26,7 +28,11 @@ use kiln_integration_tests::{run, Disk, HostKvm, Outcome, Scenario, VmSpec, Vmm}
 /// them: `cargo build --release -p kiln -p kiln-agent [-p clay-shell]`).
 fn release_binary(name: &str, package: &str) -> PathBuf {
     let path = target_dir().join("release").join(name);
-    assert!(path.is_file(), "{} not found: run `cargo build --release -p {package}` first", path.display());
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --release -p {package}` first",
+        path.display()
+    );
     path
 }
 
@@ -34,17 +40,27 @@ fn release_binary(name: &str, package: &str) -> PathBuf {
 /// Builds are serialised across test processes: they share the .deb cache.
 fn image(kind: ImageKind) -> ImageArtifacts {
     // SAFETY: geteuid cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "building guest images needs root (mmdebstrap, chroot, file owners)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "building guest images needs root (mmdebstrap, chroot, file owners)"
+    );
     let cache = default_cache_dir();
-    let _lock = kiln_guests::lock::FileLock::acquire(&cache.join("images/build.lock")).expect("image build lock");
+    let _lock = kiln_guests::lock::FileLock::acquire(&cache.join("images/build.lock"))
+        .expect("image build lock");
     let mut opts = BuildOptions::new(cache, release_binary("kiln-agent", "kiln-agent"));
     if kind == ImageKind::Clay {
         opts.clay_shell_binary = Some(release_binary("clay-shell", "clay-shell"));
     }
     let started = Instant::now();
-    let a = build_image(kind, &opts, &StderrProgress::new(false)).unwrap_or_else(|e| panic!("building the {kind} image: {e}"));
+    let a = build_image(kind, &opts, &StderrProgress::new(false))
+        .unwrap_or_else(|e| panic!("building the {kind} image: {e}"));
     eprint!("{}", a.summary());
-    eprintln!("{kind} image ready in {:?} ({})", started.elapsed(), if a.cached { "cached" } else { "built" });
+    eprintln!(
+        "{kind} image ready in {:?} ({})",
+        started.elapsed(),
+        if a.cached { "cached" } else { "built" }
+    );
     a
 }
 
@@ -91,8 +107,14 @@ fn boot_on_kiln(b: Boot) -> Outcome {
     let mut spec = VmSpec::new(&b.image.initramfs.to_string_lossy());
     spec.kernel = b.image.kernel.to_string_lossy().into_owned();
     spec.memory_mib = b.memory_mib;
-    spec.cmdline_extra = format!("{} {}", b.image.cmdline, b.cmdline_extra).trim().to_string();
-    spec.disks = vec![Disk { path: "$RIG_DISK0".into(), readonly: false, serial: "root".into() }];
+    spec.cmdline_extra = format!("{} {}", b.image.cmdline, b.cmdline_extra)
+        .trim()
+        .to_string();
+    spec.disks = vec![Disk {
+        path: "$RIG_DISK0".into(),
+        readonly: false,
+        serial: "root".into(),
+    }];
     spec.vsock_uds = Some("$WORKDIR/v.sock".into());
     let script = format!(
         "{}\nAGENT=\"{} call --to vsock-uds:$WORKDIR/v.sock:5252\"\nAGENT_DEADLINE={}\n{}\n{WAIT_FOR_AGENT}\n{}\n{SHUT_DOWN}",
@@ -123,7 +145,13 @@ fn boot_on_kiln(b: Boot) -> Outcome {
 }
 
 fn expect_value(out: &Outcome, key: &str, want: &str) {
-    assert_eq!(out.value(key).as_deref(), Some(want), "{key}\n--- output ---\n{}\n--- log {}", out.output, out.log.display());
+    assert_eq!(
+        out.value(key).as_deref(),
+        Some(want),
+        "{key}\n--- output ---\n{}\n--- log {}",
+        out.output,
+        out.log.display()
+    );
 }
 
 /// The common checks: the agent's `info` describes the image's Debian and
@@ -167,10 +195,18 @@ echo "EXEC_EXIT=$?"
 
 /// The Windows test programs, built with mingw by their build script.
 fn windows_test_programs() -> PathBuf {
-    let dir = target_dir().join("tmp").join("images-on-kiln-windows-tests");
+    let dir = target_dir()
+        .join("tmp")
+        .join("images-on-kiln-windows-tests");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/windows-tests/build.sh");
-    let st = Command::new(&script).arg(&dir).status().expect("run guests/windows-tests/build.sh");
-    assert!(st.success(), "building the Windows test programs failed (needs gcc-mingw-w64-x86-64)");
+    let st = Command::new(&script)
+        .arg(&dir)
+        .status()
+        .expect("run guests/windows-tests/build.sh");
+    assert!(
+        st.success(),
+        "building the Windows test programs failed (needs gcc-mingw-w64-x86-64)"
+    );
     dir
 }
 
@@ -224,12 +260,20 @@ fi
     expect_booted_and_powered_off(&out, &image);
     out.expect_output("\"run_windows_app\"");
     expect_value(&out, "PUT_EXIT", "0");
-    for line in ["WIN_OUT: Hello from the Kiln console test\n", "WIN_OUT: arg 1: hello\n", "WIN_OUT: arg 2: two words\n", "WIN_OUT: windows version: "] {
+    for line in [
+        "WIN_OUT: Hello from the Kiln console test\n",
+        "WIN_OUT: arg 1: hello\n",
+        "WIN_OUT: arg 2: two words\n",
+        "WIN_OUT: windows version: ",
+    ] {
         out.expect_output(line);
     }
     out.expect_output("exiting with 7");
     expect_value(&out, "WIN_EXIT", "7");
-    eprintln!("console program under Wine on Kiln: {} s", out.value("WIN_RUN_S").unwrap_or_default());
+    eprintln!(
+        "console program under Wine on Kiln: {} s",
+        out.value("WIN_RUN_S").unwrap_or_default()
+    );
 }
 
 /// clay on Kiln: boots, the agent answers through Kiln's vsock. The

@@ -21,9 +21,22 @@ fn check_env_outcome(mode: Mode, want: &str) {
     s.force_mode = Some(mode);
     let out = run(&s).unwrap();
     assert_eq!(out.mode, mode);
-    out.expect_exit(7).expect_output("KILN_OK").expect_output("GUEST_OK").expect_output("WORKDIR_OK").expect_output("to-stderr");
-    assert_eq!(out.value("MODE").as_deref(), Some(want), "KILN_RIG_MODE; log {}", out.log.display());
-    assert!(out.log.is_file(), "the log {} must be kept", out.log.display());
+    out.expect_exit(7)
+        .expect_output("KILN_OK")
+        .expect_output("GUEST_OK")
+        .expect_output("WORKDIR_OK")
+        .expect_output("to-stderr");
+    assert_eq!(
+        out.value("MODE").as_deref(),
+        Some(want),
+        "KILN_RIG_MODE; log {}",
+        out.log.display()
+    );
+    assert!(
+        out.log.is_file(),
+        "the log {} must be kept",
+        out.log.display()
+    );
 }
 
 #[test]
@@ -41,7 +54,10 @@ fn direct_script_sees_the_environment_and_its_exit_code_comes_back() {
 /// nested host's heartbeat makes it silent, as a frozen kernel would be.
 #[test]
 fn silent_nested_host_is_reported_as_stalled() {
-    let mut s = Scenario::new("rig_stall", "kill -STOP $(cat /rig/heartbeat.pid)\nsleep 600; echo UNREACHABLE\n");
+    let mut s = Scenario::new(
+        "rig_stall",
+        "kill -STOP $(cat /rig/heartbeat.pid)\nsleep 600; echo UNREACHABLE\n",
+    );
     s.force_mode = Some(Mode::Nested);
     s.stall_after = Duration::from_secs(20);
     match run(&s) {
@@ -64,10 +80,20 @@ fn direct_script_past_its_timeout_is_killed() {
         Err(RigError::TimedOut { timeout_s: 2, .. }) => {}
         other => panic!("a script past its timeout must be an error, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(60), "the rig must not wait for the script");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the rig must not wait for the script"
+    );
     std::thread::sleep(Duration::from_millis(200));
-    let left = std::process::Command::new("pgrep").args(["-f", "^sleep 60[12]$"]).output().unwrap();
-    assert!(left.stdout.is_empty(), "the script's children outlived the timeout: pids {}", String::from_utf8_lossy(&left.stdout));
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "^sleep 60[12]$"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "the script's children outlived the timeout: pids {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }
 
 /// A quiet script is not a stall while the nested host's heartbeat goes on;
@@ -75,21 +101,35 @@ fn direct_script_past_its_timeout_is_killed() {
 /// newline is kept.
 #[test]
 fn quiet_script_is_not_a_stall_and_output_stays_clean() {
-    let mut s = Scenario::new("rig_quiet", "printf 'first '; sleep 25; printf 'half'; sleep 5; printf ' line\\nLAST=no-newline'\n");
+    let mut s = Scenario::new(
+        "rig_quiet",
+        "printf 'first '; sleep 25; printf 'half'; sleep 5; printf ' line\\nLAST=no-newline'\n",
+    );
     s.force_mode = Some(Mode::Nested);
     s.stall_after = Duration::from_secs(20);
     let out = run(&s).unwrap();
     out.expect_exit(0);
-    assert_eq!(out.output, "first half line\nLAST=no-newline\n", "log {}", out.log.display());
+    assert_eq!(
+        out.output,
+        "first half line\nLAST=no-newline\n",
+        "log {}",
+        out.log.display()
+    );
     let log = std::fs::read_to_string(&out.log).unwrap();
-    assert!(log.contains("KILN_RIG_ALIVE"), "the heartbeat must show in the console log {}", out.log.display());
+    assert!(
+        log.contains("KILN_RIG_ALIVE"),
+        "the heartbeat must show in the console log {}",
+        out.log.display()
+    );
 }
 
 /// `Scenario::disks`: the script reads and writes `$RIG_DISK0` and
 /// `$RIG_DISK1` (nested: virtio disks of the nested QEMU with
 /// `snapshot=on`; direct: copies), and the host files stay as they were.
 fn check_disks(mode: Mode, name: &str) {
-    let dir = kiln_integration_tests::scenario::target_dir().join("tmp").join(name);
+    let dir = kiln_integration_tests::scenario::target_dir()
+        .join("tmp")
+        .join(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (a, b) = (dir.join("a.img"), dir.join("b.img"));
     let mut data_a = b"DISK-A-MAGIC".to_vec();
@@ -107,10 +147,29 @@ echo "DISK0_AFTER=$(head -c 12 "$RIG_DISK0")"
     s.disks = vec![a.clone(), b.clone()];
     let out = run(&s).unwrap();
     out.expect_exit(0);
-    assert_eq!(out.value("DISK0_HEAD").as_deref(), Some("DISK-A-MAGIC"), "{}", out.output);
-    assert_eq!(out.value("DISK1_SIZE").as_deref(), Some("2097152"), "{}", out.output);
-    assert_eq!(out.value("DISK0_AFTER").as_deref(), Some("OVERWRITTEN!"), "the script can write its disks: {}", out.output);
-    assert_eq!(std::fs::read(&a).expect("read a"), data_a, "the host file must not change");
+    assert_eq!(
+        out.value("DISK0_HEAD").as_deref(),
+        Some("DISK-A-MAGIC"),
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        out.value("DISK1_SIZE").as_deref(),
+        Some("2097152"),
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        out.value("DISK0_AFTER").as_deref(),
+        Some("OVERWRITTEN!"),
+        "the script can write its disks: {}",
+        out.output
+    );
+    assert_eq!(
+        std::fs::read(&a).expect("read a"),
+        data_a,
+        "the host file must not change"
+    );
 }
 
 #[test]

@@ -24,8 +24,19 @@ fn name(base: &str, vmm: Vmm) -> String {
 
 /// A scenario that runs `body` (host side) with `spec` started for `vmm`,
 /// the kit and the tools copied in.
-fn scenario(base: &str, vmm: Vmm, kit: &std::path::Path, spec: &VmSpec, body: &str, host_tools: &[&str]) -> Scenario {
-    let script = format!("{}\n{}\n{body}", spec.host_prelude(vmm), spec.start(vmm, "g"));
+fn scenario(
+    base: &str,
+    vmm: Vmm,
+    kit: &std::path::Path,
+    spec: &VmSpec,
+    body: &str,
+    host_tools: &[&str],
+) -> Scenario {
+    let script = format!(
+        "{}\n{}\n{body}",
+        spec.host_prelude(vmm),
+        spec.start(vmm, "g")
+    );
     let mut s = Scenario::new(&name(base, vmm), &script);
     s.timeout = Duration::from_secs(600);
     s.files.push(kit.to_path_buf());
@@ -34,18 +45,33 @@ fn scenario(base: &str, vmm: Vmm, kit: &std::path::Path, spec: &VmSpec, body: &s
     }
     s.binaries.push(host_tool("socat").unwrap());
     if vmm == Vmm::Qemu {
-        s.binaries.push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        s.binaries
+            .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
         s.files.extend(VmSpec::qemu_files());
     }
     s
 }
 
 fn kib(out: &Outcome, key: &str) -> i64 {
-    out.value(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key}= in the output\n{}\nlog {}", out.output, out.log.display()))
+    out.value(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no numeric {key}= in the output\n{}\nlog {}",
+                out.output,
+                out.log.display()
+            )
+        })
 }
 
 fn expect_value(out: &Outcome, key: &str, want: &str) {
-    assert_eq!(out.value(key).as_deref(), Some(want), "{key}\n--- output ---\n{}\n--- log {}", out.output, out.log.display());
+    assert_eq!(
+        out.value(key).as_deref(),
+        Some(want),
+        "{key}\n--- output ---\n{}\n--- log {}",
+        out.output,
+        out.log.display()
+    );
 }
 
 /// Shell: wait for the guest to power off, print `VM_EXIT`, the console
@@ -88,13 +114,27 @@ umount full
 "#;
 
 fn block(vmm: Vmm) {
-    let kit = GuestKit::new(BLOCK_GUEST).build(&name("block", vmm)).unwrap();
+    let kit = GuestKit::new(BLOCK_GUEST)
+        .build(&name("block", vmm))
+        .unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 384;
     spec.disks = vec![
-        Disk { path: "$WORKDIR/rw.img".into(), readonly: false, serial: "rw".into() },
-        Disk { path: "$WORKDIR/ro.img".into(), readonly: true, serial: "ro".into() },
-        Disk { path: "$WORKDIR/full/disk.img".into(), readonly: false, serial: "full".into() },
+        Disk {
+            path: "$WORKDIR/rw.img".into(),
+            readonly: false,
+            serial: "rw".into(),
+        },
+        Disk {
+            path: "$WORKDIR/ro.img".into(),
+            readonly: true,
+            serial: "ro".into(),
+        },
+        Disk {
+            path: "$WORKDIR/full/disk.img".into(),
+            readonly: false,
+            serial: "full".into(),
+        },
     ];
     // The images exist before the VMM starts: a setup part ahead of start.
     let setup = r#"
@@ -116,10 +156,24 @@ mkdir full && mount -t tmpfs -o size=4m tmpfs full && truncate -s 64M full/disk.
     expect_value(&out, "GUEST_READBACK_SHA", &guest_sha);
     expect_value(&out, "HOST_SHA", &guest_sha);
     expect_value(&out, "RO_FLAG", "1");
-    assert_ne!(out.value("RO_DD").as_deref(), Some("0"), "a write to the read-only disk succeeded\n{}", out.output);
+    assert_ne!(
+        out.value("RO_DD").as_deref(),
+        Some("0"),
+        "a write to the read-only disk succeeded\n{}",
+        out.output
+    );
     expect_value(&out, "RO_UNCHANGED", "yes");
-    assert_ne!(out.value("FULL_DD").as_deref(), Some("0"), "writing 24 MiB to a disk on a 4 MiB filesystem succeeded\n{}", out.output);
-    assert!(kib(&out, "FULL_KERNEL_IO_ERRORS") > 0, "the guest kernel logged no I/O error\n{}", out.output);
+    assert_ne!(
+        out.value("FULL_DD").as_deref(),
+        Some("0"),
+        "writing 24 MiB to a disk on a 4 MiB filesystem succeeded\n{}",
+        out.output
+    );
+    assert!(
+        kib(&out, "FULL_KERNEL_IO_ERRORS") > 0,
+        "the guest kernel logged no I/O error\n{}",
+        out.output
+    );
     expect_value(&out, "FULL_READ_AFTER", "4096");
     eprintln!("block ({}): {:?}", vmm.name(), out.elapsed);
 }
@@ -193,14 +247,20 @@ fn net(vmm: Vmm) {
         Vmm::Kiln => ("ktap0", "10.0.2"),
         Vmm::Qemu => ("qtap0", "10.0.3"),
     };
-    let kit = GuestKit::new(&format!("NET={net}\n{NET_GUEST}")).binary(socat).build(&name("net", vmm)).unwrap();
+    let kit = GuestKit::new(&format!("NET={net}\n{NET_GUEST}"))
+        .binary(socat)
+        .build(&name("net", vmm))
+        .unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
     spec.tap = Some(tap.into());
     let mut host = NET_HOST.to_string();
     if vmm == Vmm::Kiln {
         spec.control = Some("$WORKDIR/ctl.sock".into());
-        host = host.replace("head -c 104857600 /dev/urandom > to_guest", &format!("{KILN_NET_PLACEMENT}\nhead -c 104857600 /dev/urandom > to_guest"));
+        host = host.replace(
+            "head -c 104857600 /dev/urandom > to_guest",
+            &format!("{KILN_NET_PLACEMENT}\nhead -c 104857600 /dev/urandom > to_guest"),
+        );
     }
     let body = format!("NET={net}\nTAP={tap}\n{host}\n{FINISH}");
     let mut s = scenario("net", vmm, &kit, &spec, &body, &[]);
@@ -282,7 +342,11 @@ fn vsock(vmm: Vmm) {
     let socat = host_tool("socat").unwrap();
     let echo = env!("CARGO_BIN_EXE_kiln-vsock-echo");
     let guest = format!("G2H_N={G2H_CONNECTIONS}\nVSOCK_ECHO={echo}\n{VSOCK_GUEST}");
-    let kit = GuestKit::new(&guest).binary(socat).binary(echo).build(&name("vsock", vmm)).unwrap();
+    let kit = GuestKit::new(&guest)
+        .binary(socat)
+        .binary(echo)
+        .build(&name("vsock", vmm))
+        .unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
     spec.vsock_uds = Some("$WORKDIR/v.sock".into());
@@ -393,7 +457,9 @@ grep -E '^(GUEST_INFLATE_TIMEOUT|KILN_RUN_EXIT)' r.out | sed 's/^/VM2_/'; sed 's
 "#;
 
 fn balloon(vmm: Vmm) {
-    let kit = GuestKit::new(BALLOON_GUEST).build(&name("balloon", vmm)).unwrap();
+    let kit = GuestKit::new(BALLOON_GUEST)
+        .build(&name("balloon", vmm))
+        .unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 512;
     spec.balloon = true;
@@ -414,8 +480,16 @@ fn balloon(vmm: Vmm) {
     expect_value(&out, "CTL_INFLATE", "ok");
     expect_value(&out, "CTL_DEFLATE", "ok");
     expect_value(&out, "CTL_REINFLATE", "ok");
-    for timeout in ["GUEST_INFLATE_TIMEOUT", "GUEST_DEFLATE_TIMEOUT", "GUEST_REINFLATE_TIMEOUT"] {
-        assert!(out.value(timeout).is_none(), "{timeout}: the guest never saw the balloon change\n{}\nlog {log}", out.output);
+    for timeout in [
+        "GUEST_INFLATE_TIMEOUT",
+        "GUEST_DEFLATE_TIMEOUT",
+        "GUEST_REINFLATE_TIMEOUT",
+    ] {
+        assert!(
+            out.value(timeout).is_none(),
+            "{timeout}: the guest never saw the balloon change\n{}\nlog {log}",
+            out.output
+        );
     }
     // With free page reporting, freeing already returns memory: measured
     // from the peak. The second guest has none: inflating alone must do it.
@@ -428,16 +502,31 @@ fn balloon(vmm: Vmm) {
     expect_value(&out, "CTL2_INFLATE", "ok");
     expect_value(&out, "VM2_KILN_RUN_EXIT", "0");
     expect_value(&out, "VM2_EXIT", "0");
-    assert!(out.value("VM2_GUEST_INFLATE_TIMEOUT").is_none(), "the second guest never saw the balloon inflate\n{}\nlog {log}", out.output);
+    assert!(
+        out.value("VM2_GUEST_INFLATE_TIMEOUT").is_none(),
+        "the second guest never saw the balloon inflate\n{}\nlog {log}",
+        out.output
+    );
     let (freed2, inflated2) = (kib(&out, "RSS2_FREED_KB"), kib(&out, "RSS2_INFLATED_KB"));
     assert!(
         freed2 - inflated2 >= 230 * 1024,
         "without free page reporting, inflating to 256 MiB took VMM RSS from {freed2} kB to {inflated2} kB: less than 230 MiB given back\n{}\nlog {log}",
         out.output
     );
-    let (freed_avail, inflated_avail) = (kib(&out, "GUEST_FREED_AVAIL_KB"), kib(&out, "GUEST_INFLATED_AVAIL_KB"));
-    assert!(freed_avail - inflated_avail >= 230 * 1024, "guest MemAvailable {freed_avail} → {inflated_avail} kB\n{}", out.output);
-    assert!(kib(&out, "GUEST_DEFLATED_AVAIL_KB") >= freed_avail - 32 * 1024, "deflating gave the memory back\n{}", out.output);
+    let (freed_avail, inflated_avail) = (
+        kib(&out, "GUEST_FREED_AVAIL_KB"),
+        kib(&out, "GUEST_INFLATED_AVAIL_KB"),
+    );
+    assert!(
+        freed_avail - inflated_avail >= 230 * 1024,
+        "guest MemAvailable {freed_avail} → {inflated_avail} kB\n{}",
+        out.output
+    );
+    assert!(
+        kib(&out, "GUEST_DEFLATED_AVAIL_KB") >= freed_avail - 32 * 1024,
+        "deflating gave the memory back\n{}",
+        out.output
+    );
     // The balloon's stats (bytes) agree with the guest's MemFree.
     let stats = out.value("CTL_STATS").unwrap_or_default();
     let free_bytes: i64 = stats
@@ -446,7 +535,10 @@ fn balloon(vmm: Vmm) {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("balloon-stats without free_memory=: {stats:?}\nlog {log}"));
     let guest_free = kib(&out, "GUEST_STATS_MEMFREE_KB");
-    assert!((free_bytes / 1024 - guest_free).abs() <= 32 * 1024, "balloon-stats free_memory={free_bytes} B, guest MemFree {guest_free} kB\nlog {log}");
+    assert!(
+        (free_bytes / 1024 - guest_free).abs() <= 32 * 1024,
+        "balloon-stats free_memory={free_bytes} B, guest MemFree {guest_free} kB\nlog {log}"
+    );
     expect_value(&out, "OOM_DD", "0");
     expect_value(&out, "OOM_FILE_MIB", "400");
     expect_value(&out, "VM_EXIT", "0");
@@ -487,7 +579,9 @@ echo "HVC_MARKER_$(cat /proc/sys/kernel/random/boot_id | cut -c1-8)_KILN" > /dev
 "#;
 
 fn rng_console(vmm: Vmm) {
-    let kit = GuestKit::new(RNG_CONSOLE_GUEST).build(&name("rng_console", vmm)).unwrap();
+    let kit = GuestKit::new(RNG_CONSOLE_GUEST)
+        .build(&name("rng_console", vmm))
+        .unwrap();
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.rng = true;
     spec.virtio_console = Some("$WORKDIR/hvc0.txt".into());
@@ -495,15 +589,34 @@ fn rng_console(vmm: Vmm) {
     let out = run(&scenario("rng_console", vmm, &kit, &spec, &body, &[])).unwrap();
     out.expect_exit(0);
     let current = out.value("RNG_CURRENT").unwrap_or_default();
-    assert!(current.starts_with("virtio_rng"), "rng_current is {current:?}\n{}", out.output);
+    assert!(
+        current.starts_with("virtio_rng"),
+        "rng_current is {current:?}\n{}",
+        out.output
+    );
     expect_value(&out, "RNG_BYTES", "4096");
     expect_value(&out, "RNG_DIFFERS", "yes");
     expect_value(&out, "HVC_WRITE", "0");
     let marker = out.value("HOST_HVC_LINE").unwrap_or_default();
-    assert!(marker.starts_with("HVC_MARKER_") && marker.ends_with("_KILN"), "marker not in the console file: {marker:?}\n{}", out.output);
+    assert!(
+        marker.starts_with("HVC_MARKER_") && marker.ends_with("_KILN"),
+        "marker not in the console file: {marker:?}\n{}",
+        out.output
+    );
     let drivers = out.value("VIRTIO_DRIVERS").unwrap_or_default();
-    for d in ["virtio_blk", "virtio_net", "virtio_console", "virtio_balloon", "virtio_rng", "vmw_vsock_virtio_transport"] {
-        assert!(drivers.contains(d), "driver {d} not registered in the guest: {drivers}\n{}", out.output);
+    for d in [
+        "virtio_blk",
+        "virtio_net",
+        "virtio_console",
+        "virtio_balloon",
+        "virtio_rng",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            drivers.contains(d),
+            "driver {d} not registered in the guest: {drivers}\n{}",
+            out.output
+        );
     }
     expect_value(&out, "VM_EXIT", "0");
     eprintln!("rng_console ({}): {:?}", vmm.name(), out.elapsed);

@@ -60,9 +60,16 @@ impl AuditQuery {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("audit file {path} line {line}: {msg}")]
-    Parse { path: String, line: usize, msg: String },
+    Parse {
+        path: String,
+        line: usize,
+        msg: String,
+    },
 }
 
 pub struct AuditLog {
@@ -75,7 +82,13 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn new(capacity: usize) -> Self {
-        AuditLog { records: VecDeque::new(), capacity, sink: None, sink_failed: false, total: 0 }
+        AuditLog {
+            records: VecDeque::new(),
+            capacity,
+            sink: None,
+            sink_failed: false,
+            total: 0,
+        }
     }
 
     /// Also append every record to `path` as JSON lines.
@@ -84,7 +97,10 @@ impl AuditLog {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+            .map_err(|source| AuditError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
         self.sink = Some(std::io::BufWriter::new(f));
         Ok(self)
     }
@@ -114,7 +130,12 @@ impl AuditLog {
 
     /// Newest first.
     pub fn query(&self, q: &AuditQuery) -> Vec<&AuditRecord> {
-        self.records.iter().rev().filter(|r| q.matches(r)).take(q.limit.unwrap_or(usize::MAX)).collect()
+        self.records
+            .iter()
+            .rev()
+            .filter(|r| q.matches(r))
+            .take(q.limit.unwrap_or(usize::MAX))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -127,15 +148,24 @@ impl AuditLog {
 
     /// Reads a JSON-lines audit file and returns the matching records, newest first.
     pub fn query_file(path: &Path, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
-        let f = std::fs::File::open(path).map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+        let f = std::fs::File::open(path).map_err(|source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let mut out = Vec::new();
         for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+            let line = line.map_err(|source| AuditError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
             if line.trim().is_empty() {
                 continue;
             }
-            let r: AuditRecord = serde_json::from_str(&line)
-                .map_err(|e| AuditError::Parse { path: path.display().to_string(), line: i + 1, msg: e.to_string() })?;
+            let r: AuditRecord = serde_json::from_str(&line).map_err(|e| AuditError::Parse {
+                path: path.display().to_string(),
+                line: i + 1,
+                msg: e.to_string(),
+            })?;
             if q.matches(&r) {
                 out.push(r);
             }
@@ -160,7 +190,11 @@ mod tests {
             model: Some("balloon@1".into()),
             raw_output: Some(1.1),
             action: "balloon 4096 -> 3900 MiB".into(),
-            guardrails: if guard { vec!["max-step".into()] } else { vec![] },
+            guardrails: if guard {
+                vec!["max-step".into()]
+            } else {
+                vec![]
+            },
             reason: "test".into(),
         }
     }
@@ -176,14 +210,28 @@ mod tests {
         log.record(rec(30.0, "a", Lever::Device, false));
         log.flush();
         assert_eq!(log.len(), 3, "bounded");
-        let q = AuditQuery { vm: Some("a".into()), ..Default::default() };
+        let q = AuditQuery {
+            vm: Some("a".into()),
+            ..Default::default()
+        };
         let mem: Vec<f64> = log.query(&q).iter().map(|r| r.t_s).collect();
         assert_eq!(mem, vec![30.0, 20.0]);
-        let file: Vec<f64> = AuditLog::query_file(&path, &q).unwrap().iter().map(|r| r.t_s).collect();
+        let file: Vec<f64> = AuditLog::query_file(&path, &q)
+            .unwrap()
+            .iter()
+            .map(|r| r.t_s)
+            .collect();
         assert_eq!(file, vec![30.0, 20.0, 0.0], "the file keeps everything");
-        let g = AuditQuery { guardrail_only: true, since_s: Some(15.0), ..Default::default() };
+        let g = AuditQuery {
+            guardrail_only: true,
+            since_s: Some(15.0),
+            ..Default::default()
+        };
         assert_eq!(AuditLog::query_file(&path, &g).unwrap().len(), 1);
         std::fs::write(&path, "{not json}\n").unwrap();
-        assert!(matches!(AuditLog::query_file(&path, &q), Err(AuditError::Parse { line: 1, .. })));
+        assert!(matches!(
+            AuditLog::query_file(&path, &q),
+            Err(AuditError::Parse { line: 1, .. })
+        ));
     }
 }

@@ -1,12 +1,12 @@
 //! `kiln policy ...`: the subcommands the `kiln` binary embeds.
 
+use crate::audit::{AuditLog, AuditQuery, Lever};
+use crate::engine::{Engine, Mode, Models};
 use crate::eval::{run_policy, table, targets, PolicyResult};
+use crate::guardrails::GuardConfig;
 use crate::host::Host;
 use crate::trace::Trace;
 use crate::tracegen::{generate, GenSpec, Split, DEFAULT_MIX};
-use crate::audit::{AuditLog, AuditQuery, Lever};
-use crate::engine::{Engine, Mode, Models};
-use crate::guardrails::GuardConfig;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -32,13 +32,21 @@ pub struct BenchArgs {
     #[arg(long)]
     pub host: PathBuf,
     /// Seeds of the held-out traces (training uses 1-4).
-    #[arg(long, value_delimiter = ',', default_value = "1001,1002,1003,1004,1005")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1001,1002,1003,1004,1005"
+    )]
     pub seeds: Vec<u64>,
     #[arg(long, default_value_t = 50)]
     pub vms: usize,
     #[arg(long, default_value_t = 24.0)]
     pub hours: f64,
-    #[arg(long, value_delimiter = ',', default_value = "static,static-pin,mom,vpa,packspread,learned")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "static,static-pin,mom,vpa,packspread,learned"
+    )]
     pub policies: Vec<String>,
     #[arg(long, default_value = default_models_dir())]
     pub models: PathBuf,
@@ -108,7 +116,11 @@ pub struct EvalArgs {
     #[arg(long)]
     pub trace: PathBuf,
     /// Comma-separated: static, static-pin, mom, vpa, packspread, heuristic, learned.
-    #[arg(long, value_delimiter = ',', default_value = "static,static-pin,mom,vpa,packspread,learned")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "static,static-pin,mom,vpa,packspread,learned"
+    )]
     pub policies: Vec<String>,
     /// Directory with the learned models and their schema files.
     #[arg(long, default_value = default_models_dir())]
@@ -181,7 +193,13 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
     }
 }
 
-fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Option<&std::path::Path>, cpus_per_poller: usize) -> Result<Box<dyn crate::policies::Policy>> {
+fn make_policy(
+    name: &str,
+    models_dir: &std::path::Path,
+    mode: Mode,
+    audit: Option<&std::path::Path>,
+    cpus_per_poller: usize,
+) -> Result<Box<dyn crate::policies::Policy>> {
     Ok(match name {
         "learned" => {
             let mut log = AuditLog::new(10_000);
@@ -189,13 +207,24 @@ fn make_policy(name: &str, models_dir: &std::path::Path, mode: Mode, audit: Opti
                 log = log.with_file(p)?;
             }
             let models = Models::load_or_heuristic(models_dir);
-            let label = if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() { "learned(heuristic)" } else { "learned" };
-            let cfg = GuardConfig { cpus_per_poller: cpus_per_poller.max(1), ..GuardConfig::default() };
+            let label =
+                if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() {
+                    "learned(heuristic)"
+                } else {
+                    "learned"
+                };
+            let cfg = GuardConfig {
+                cpus_per_poller: cpus_per_poller.max(1),
+                ..GuardConfig::default()
+            };
             Box::new(Engine::new(mode, cfg, models, log).with_name(label))
         }
         n => match crate::policies::baseline(n) {
             Some(p) => Box::new(p),
-            None => bail!("unknown policy {n:?}; known: {}, learned", crate::policies::BASELINES.join(", ")),
+            None => bail!(
+                "unknown policy {n:?}; known: {}, learned",
+                crate::policies::BASELINES.join(", ")
+            ),
         },
     })
 }
@@ -204,7 +233,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     let host = Host::load(&a.host).context("loading the host description")?;
     let mut all: Vec<Vec<PolicyResult>> = Vec::new();
     for (k, &seed) in a.seeds.iter().enumerate() {
-        let spec = GenSpec { vms: a.vms, hours: a.hours, seed, split: Split::Eval, ..GenSpec::default() };
+        let spec = GenSpec {
+            vms: a.vms,
+            hours: a.hours,
+            seed,
+            split: Split::Eval,
+            ..GenSpec::default()
+        };
         let trace = generate(&spec)?;
         let mut results = Vec::new();
         let mut notes = Vec::new();
@@ -216,7 +251,12 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
             results.push(r);
         }
-        let header = format!("held-out trace seed {seed} (split eval, {} VMs x {} h) on {}", a.vms, a.hours, a.host.display());
+        let header = format!(
+            "held-out trace seed {seed} (split eval, {} VMs x {} h) on {}",
+            a.vms,
+            a.hours,
+            a.host.display()
+        );
         println!("{header}\n{}", table(&results));
         for line in targets(&results) {
             println!("  {line}");
@@ -233,7 +273,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         all.push(results);
     }
-    println!("medians over seeds {:?}:\n{}", a.seeds, crate::eval::median_table(&all));
+    println!(
+        "medians over seeds {:?}:\n{}",
+        a.seeds,
+        crate::eval::median_table(&all)
+    );
     for line in crate::eval::median_targets(&all) {
         println!("  {line}");
     }
@@ -256,13 +300,32 @@ fn dataset(a: DatasetArgs) -> Result<()> {
 }
 
 fn audit(a: AuditArgs) -> Result<()> {
-    let q = AuditQuery { vm: a.vm, lever: a.lever, since_s: a.since_s, until_s: a.until_s, guardrail_only: a.guardrails, limit: Some(a.limit) };
+    let q = AuditQuery {
+        vm: a.vm,
+        lever: a.lever,
+        since_s: a.since_s,
+        until_s: a.until_s,
+        guardrail_only: a.guardrails,
+        limit: Some(a.limit),
+    };
     for r in AuditLog::query_file(&a.file, &q)? {
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            let guards = if r.guardrails.is_empty() { String::new() } else { format!(" [{}]", r.guardrails.join(",")) };
-            println!("t={:>8.0}s {:<10} {:?} {}{} ({})", r.t_s, r.vm, r.lever, r.reason, guards, r.model.as_deref().unwrap_or("heuristic"));
+            let guards = if r.guardrails.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", r.guardrails.join(","))
+            };
+            println!(
+                "t={:>8.0}s {:<10} {:?} {}{} ({})",
+                r.t_s,
+                r.vm,
+                r.lever,
+                r.reason,
+                guards,
+                r.model.as_deref().unwrap_or("heuristic")
+            );
         }
     }
     Ok(())
@@ -273,7 +336,13 @@ fn host(a: HostArgs) -> Result<()> {
     let mut live = crate::live::LiveHost::open().context("reading this host's sysfs/procfs")?;
     let snap = live.sample().context("sampling this host")?;
     let h = live.host();
-    println!("{} CPUs, {} cache groups, {} NUMA nodes, {} MiB", h.cpus, h.cache_groups.len(), h.numa_nodes.len(), h.memory_mib);
+    println!(
+        "{} CPUs, {} cache groups, {} NUMA nodes, {} MiB",
+        h.cpus,
+        h.cache_groups.len(),
+        h.numa_nodes.len(),
+        h.memory_mib
+    );
     for (i, g) in h.cache_groups.iter().enumerate() {
         println!("  cache group {i}: CPUs {g} (node {})", h.group_node[i]);
     }
@@ -293,11 +362,26 @@ fn gen_trace(a: GenTraceArgs) -> Result<()> {
     if let Some(m) = a.mix {
         mix.copy_from_slice(&m);
     }
-    let spec = GenSpec { vms: a.vms, hours: a.hours, step_s: a.step_s, seed: a.seed, split: a.split, mix };
+    let spec = GenSpec {
+        vms: a.vms,
+        hours: a.hours,
+        step_s: a.step_s,
+        seed: a.seed,
+        split: a.split,
+        mix,
+    };
     let trace = generate(&spec)?;
-    let f = std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    trace.write(f).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {} ({} VMs x {} steps)", a.out.display(), trace.vms.len(), trace.steps);
+    let f =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    trace
+        .write(f)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} ({} VMs x {} steps)",
+        a.out.display(),
+        trace.vms.len(),
+        trace.steps
+    );
     Ok(())
 }
 
@@ -307,7 +391,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut results: Vec<PolicyResult> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for name in &a.policies {
-        let mut policy = make_policy(name, &a.models, a.mode, a.audit.as_deref(), a.cpus_per_poller)?;
+        let mut policy = make_policy(
+            name,
+            &a.models,
+            a.mode,
+            a.audit.as_deref(),
+            a.cpus_per_poller,
+        )?;
         let r = run_policy(&host, &trace, policy.as_mut())?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
         if let Some(b) = policy.intervention_breakdown() {

@@ -46,7 +46,9 @@ pub struct Actions {
 
 impl Actions {
     pub fn none(n: usize) -> Actions {
-        Actions { vms: vec![VmActions::default(); n] }
+        Actions {
+            vms: vec![VmActions::default(); n],
+        }
     }
 }
 

@@ -4,7 +4,10 @@
 
 use crate::audit::{AuditLog, AuditRecord, Lever};
 use crate::decision::{DevicePlacement, IoMode, VcpuPlacement, VmActions};
-use crate::features::{balloon_features, cpu_features, device_features, BALLOON_FEATURES, CPU_FEATURES, DEVICE_FEATURES};
+use crate::features::{
+    balloon_features, cpu_features, device_features, BALLOON_FEATURES, CPU_FEATURES,
+    DEVICE_FEATURES,
+};
 use crate::guardrails::{self as g, names, GuardConfig, RollbackMonitor};
 use crate::model::{runtime, Model, ModelError};
 use crate::policies::balloon::Vpa;
@@ -74,11 +77,15 @@ impl Models {
             if !RUNTIME_WARNED.swap(true, Ordering::SeqCst) {
                 RUNTIME_WARNINGS.fetch_add(1, Ordering::SeqCst);
                 tracing::warn!("{e}; the policy engine runs the heuristic policy instead of the learned models");
-                eprintln!("kiln policy: {e}; running the heuristic policy instead of the learned models");
+                eprintln!(
+                    "kiln policy: {e}; running the heuristic policy instead of the learned models"
+                );
             }
             return Models::default();
         }
-        let load = |name: &str, feats: &[&str]| match Model::load(dir, name).and_then(|m| m.schema.expect_features(feats).map(|_| m)) {
+        let load = |name: &str, feats: &[&str]| match Model::load(dir, name)
+            .and_then(|m| m.schema.expect_features(feats).map(|_| m))
+        {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::error!("model {name} not used: {e}; its lever runs the heuristic");
@@ -194,18 +201,34 @@ impl Engine {
     /// Feeds the guarded metrics and rolls a lever back when its metric worsened.
     fn watch_metrics(&mut self, ctx: &Ctx) {
         let hs = &ctx.hist.vms;
-        let lasts: Vec<_> = hs.iter().filter_map(|h| h.last().map(|o| (h.class, *o))).collect();
+        let lasts: Vec<_> = hs
+            .iter()
+            .filter_map(|h| h.last().map(|o| (h.class, *o)))
+            .collect();
         if lasts.is_empty() {
             return;
         }
         let ws: f64 = lasts.iter().map(|(_, o)| o.ws_mib).sum();
         let oom = lasts.iter().any(|(_, o)| o.oom_kills > 0);
-        let swap = 100.0 * lasts.iter().map(|(_, o)| o.swap_in_mib_per_min).sum::<f64>() / ws.max(1.0);
+        let swap = 100.0
+            * lasts
+                .iter()
+                .map(|(_, o)| o.swap_in_mib_per_min)
+                .sum::<f64>()
+            / ws.max(1.0);
         let balloon_metric = if oom { 100.0 } else { swap };
-        let lc: Vec<f64> = lasts.iter().filter(|(c, _)| *c == Some(VmClass::LatencyCritical)).map(|(_, o)| o.wait_ms).collect();
+        let lc: Vec<f64> = lasts
+            .iter()
+            .filter(|(c, _)| *c == Some(VmClass::LatencyCritical))
+            .map(|(_, o)| o.wait_ms)
+            .collect();
         let wait = lc.iter().sum::<f64>() / lc.len().max(1) as f64;
         let reqs: f64 = lasts.iter().map(|(_, o)| o.iops).sum();
-        let io = lasts.iter().map(|(_, o)| o.iops * o.io_latency_us).sum::<f64>() / reqs.max(1e-9);
+        let io = lasts
+            .iter()
+            .map(|(_, o)| o.iops * o.io_latency_us)
+            .sum::<f64>()
+            / reqs.max(1e-9);
         let metrics = [balloon_metric, wait, io];
         for (k, lever) in LEVERS.iter().enumerate() {
             if !self.model_on[k] {
@@ -217,7 +240,10 @@ impl Engine {
                 self.model_on[k] = false;
                 self.monitors[k].reset_window();
                 self.fire(names::ROLLBACK);
-                let msg = format!("{lever:?} model rolled back to the heuristic for {:.0} s: {why}", self.cfg.rollback_cooldown_s);
+                let msg = format!(
+                    "{lever:?} model rolled back to the heuristic for {:.0} s: {why}",
+                    self.cfg.rollback_cooldown_s
+                );
                 tracing::warn!("{msg}");
                 self.audit.record(AuditRecord {
                     t_s: self.now_s,
@@ -262,7 +288,10 @@ impl Engine {
             return Err(names::TIME_BUDGET);
         }
         let (lo, hi) = (model.schema.output_min, model.schema.output_max);
-        Ok(out.into_iter().map(|x| if x.is_finite() { x.clamp(lo, hi) } else { lo }).collect())
+        Ok(out
+            .into_iter()
+            .map(|x| if x.is_finite() { x.clamp(lo, hi) } else { lo })
+            .collect())
     }
 
     fn model_tag(&self, l: Lever) -> Option<String> {
@@ -275,13 +304,29 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, ctx: &Ctx, v: usize, lever: Lever, inputs: (&[&str], &[f32]), model: bool, raw: Option<f32>, action: String, guards: Vec<&'static str>, reason: String) {
+    fn record(
+        &mut self,
+        ctx: &Ctx,
+        v: usize,
+        lever: Lever,
+        inputs: (&[&str], &[f32]),
+        model: bool,
+        raw: Option<f32>,
+        action: String,
+        guards: Vec<&'static str>,
+        reason: String,
+    ) {
         self.audit.record(AuditRecord {
             t_s: ctx.snap.t_s,
             vm: ctx.snap.vms[v].id.clone(),
             lever,
             mode: self.mode.name().into(),
-            inputs: inputs.0.iter().zip(inputs.1).map(|(n, x)| (n.to_string(), *x)).collect(),
+            inputs: inputs
+                .0
+                .iter()
+                .zip(inputs.1)
+                .map(|(n, x)| (n.to_string(), *x))
+                .collect(),
             model: if model { self.model_tag(lever) } else { None },
             raw_output: raw,
             action,
@@ -293,7 +338,8 @@ impl Engine {
     fn decide_balloon(&mut self, ctx: &Ctx, v: usize) -> Option<f64> {
         let t0 = Instant::now();
         let r = self.decide_balloon_inner(ctx, v);
-        self.decision_us.push((t0.elapsed().as_secs_f64() * 1e6) as f32);
+        self.decision_us
+            .push((t0.elapsed().as_secs_f64() * 1e6) as f32);
         r
     }
 
@@ -334,7 +380,10 @@ impl Engine {
         }
         if !from_model {
             proposal = heuristic;
-            why = format!("heuristic (VPA-like p90 of 5-min working-set peaks + 15%), working set {:.0} MiB", o.ws_mib);
+            why = format!(
+                "heuristic (VPA-like p90 of 5-min working-set peaks + 15%), working set {:.0} MiB",
+                o.ws_mib
+            );
         }
         if o.swap_in_mib_per_min > 0.0 || o.oom_kills > 0 {
             let escape = o.actual_mib + self.cfg.balloon_escape * mem;
@@ -342,7 +391,11 @@ impl Engine {
                 proposal = Some(escape);
                 self.fire(names::ESCAPE);
                 guards.push(names::ESCAPE);
-                why = format!("guest swapped in {:.1} MiB/min: giving back {:.0}% of its memory", o.swap_in_mib_per_min, self.cfg.balloon_escape * 100.0);
+                why = format!(
+                    "guest swapped in {:.1} MiB/min: giving back {:.0}% of its memory",
+                    o.swap_in_mib_per_min,
+                    self.cfg.balloon_escape * 100.0
+                );
             }
         }
         let mut target = proposal?;
@@ -352,13 +405,21 @@ impl Engine {
             guards.push(names::HARD_BOUND);
         }
         target = t;
-        let (t, hit) = g::balloon_step(cur, target, mem, self.cfg.balloon_max_inflate, self.cfg.balloon_max_deflate);
+        let (t, hit) = g::balloon_step(
+            cur,
+            target,
+            mem,
+            self.cfg.balloon_max_inflate,
+            self.cfg.balloon_max_deflate,
+        );
         if hit {
             self.fire(names::MAX_STEP);
             guards.push(names::MAX_STEP);
         }
         target = t;
-        let since_escape = self.last_escape[v].map(|t| ctx.snap.t_s - t).unwrap_or(f64::INFINITY);
+        let since_escape = self.last_escape[v]
+            .map(|t| ctx.snap.t_s - t)
+            .unwrap_or(f64::INFINITY);
         if guards.contains(&names::ESCAPE) {
             self.last_escape[v] = Some(ctx.snap.t_s);
         } else if target < cur && since_escape < self.cfg.balloon_escape_hold_s {
@@ -366,7 +427,13 @@ impl Engine {
             self.fire(names::MIN_INTERVAL);
             return None;
         }
-        if target < cur && g::too_soon(self.last_balloon_change[v], ctx.snap.t_s, self.cfg.balloon_min_interval_s) {
+        if target < cur
+            && g::too_soon(
+                self.last_balloon_change[v],
+                ctx.snap.t_s,
+                self.cfg.balloon_min_interval_s,
+            )
+        {
             self.fire(names::MIN_INTERVAL);
             return None;
         }
@@ -376,10 +443,24 @@ impl Engine {
         }
         self.last_balloon_change[v] = Some(ctx.snap.t_s);
         let delta = target - cur;
-        let action = format!("balloon {cur:.0} -> {target:.0} MiB ({}{:.0} MiB for the guest)", if delta >= 0.0 { "+" } else { "" }, delta);
+        let action = format!(
+            "balloon {cur:.0} -> {target:.0} MiB ({}{:.0} MiB for the guest)",
+            if delta >= 0.0 { "+" } else { "" },
+            delta
+        );
         let reason = format!("{action}: {why}");
         let feats = row.map(|r| r.to_vec()).unwrap_or_default();
-        self.record(ctx, v, Lever::Balloon, (&BALLOON_FEATURES, &feats), from_model, raw, action, guards, reason);
+        self.record(
+            ctx,
+            v,
+            Lever::Balloon,
+            (&BALLOON_FEATURES, &feats),
+            from_model,
+            raw,
+            action,
+            guards,
+            reason,
+        );
         Some(target)
     }
 
@@ -390,7 +471,8 @@ impl Engine {
         for v in 0..n {
             let t0 = Instant::now();
             let p = self.predict_cpu_vm(ctx, v);
-            self.decision_us.push((t0.elapsed().as_secs_f64() * 1e6) as f32);
+            self.decision_us
+                .push((t0.elapsed().as_secs_f64() * 1e6) as f32);
             out.push(p);
         }
         out
@@ -402,7 +484,8 @@ impl Engine {
                 return (0.0, None, Vec::new());
             };
             let w = ctx.hist.steps(300.0);
-            let recent = h.window(w).map(|o| o.cpu).sum::<f64>() / h.window(w).count().max(1) as f64;
+            let recent =
+                h.window(w).map(|o| o.cpu).sum::<f64>() / h.window(w).count().max(1) as f64;
             let Some(row) = cpu_features(ctx.hist, v) else {
                 return (recent, None, Vec::new());
             };
@@ -424,7 +507,11 @@ impl Engine {
         let preds = self.predict_cpu(ctx);
         let (lc, excl) = lc_exclusive(host, &classes(ctx));
         let polls = CpuSet::new(self.poll_cpu.iter().flatten().copied().collect());
-        let shared: Vec<CpuSet> = host.numa_nodes.iter().map(|s| s.minus(&excl).minus(&polls)).collect();
+        let shared: Vec<CpuSet> = host
+            .numa_nodes
+            .iter()
+            .map(|s| s.minus(&excl).minus(&polls))
+            .collect();
         let cap: Vec<f64> = shared.iter().map(|s| s.len() as f64 * 0.85).collect();
         let mut load = vec![0.0; shared.len()];
         let mut order: Vec<usize> = (0..n).filter(|&v| lc[v].is_none()).collect();
@@ -436,7 +523,13 @@ impl Engine {
         }
         for &v in &order {
             if self.node_of[v].is_none() {
-                let nd = (0..shared.len()).max_by(|&a, &b| (cap[a] - load[a]).total_cmp(&(cap[b] - load[b])).then(b.cmp(&a))).unwrap_or(0);
+                let nd = (0..shared.len())
+                    .max_by(|&a, &b| {
+                        (cap[a] - load[a])
+                            .total_cmp(&(cap[b] - load[b]))
+                            .then(b.cmp(&a))
+                    })
+                    .unwrap_or(0);
                 self.node_of[v] = Some(nd);
                 load[nd] += preds[v].0;
             }
@@ -444,18 +537,27 @@ impl Engine {
         let mut moved = 0;
         while moved < self.cfg.cpu_max_moves {
             let ratio = |k: usize| load[k] / cap[k].max(1e-9);
-            let Some(hot) = (0..shared.len()).max_by(|&a, &b| ratio(a).total_cmp(&ratio(b))) else { break };
+            let Some(hot) = (0..shared.len()).max_by(|&a, &b| ratio(a).total_cmp(&ratio(b))) else {
+                break;
+            };
             if ratio(hot) <= 1.0 + self.cfg.cpu_hysteresis {
                 break;
             }
-            let Some(cold) = (0..shared.len()).min_by(|&a, &b| ratio(a).total_cmp(&ratio(b))) else { break };
+            let Some(cold) = (0..shared.len()).min_by(|&a, &b| ratio(a).total_cmp(&ratio(b)))
+            else {
+                break;
+            };
             let excess = load[hot] - cap[hot];
             // Move the VM whose demand best matches the excess and fits the cold node.
             let cand = order
                 .iter()
                 .copied()
                 .filter(|&v| self.node_of[v] == Some(hot) && load[cold] + preds[v].0 <= cap[cold])
-                .min_by(|&a, &b| (preds[a].0 - excess).abs().total_cmp(&(preds[b].0 - excess).abs()));
+                .min_by(|&a, &b| {
+                    (preds[a].0 - excess)
+                        .abs()
+                        .total_cmp(&(preds[b].0 - excess).abs())
+                });
             let Some(v) = cand else { break };
             self.node_of[v] = Some(cold);
             load[hot] -= preds[v].0;
@@ -475,8 +577,19 @@ impl Engine {
                 Some(p) => p,
                 None => {
                     let nd = self.node_of[v].unwrap_or(0);
-                    let set = if shared[nd].is_empty() { host.all_cpus().minus(&excl) } else { shared[nd].clone() };
-                    vec![VcpuPlacement { cpus: set, weight: weight(vm.class), exclusive: false }; vm.vcpus.len()]
+                    let set = if shared[nd].is_empty() {
+                        host.all_cpus().minus(&excl)
+                    } else {
+                        shared[nd].clone()
+                    };
+                    vec![
+                        VcpuPlacement {
+                            cpus: set,
+                            weight: weight(vm.class),
+                            exclusive: false
+                        };
+                        vm.vcpus.len()
+                    ]
                 }
             };
             if ctx.state[v].vcpus != p {
@@ -485,12 +598,27 @@ impl Engine {
                 let why = if p[0].exclusive {
                     "latency-critical: exclusive CPUs in one cache group".to_string()
                 } else if raw.is_some() {
-                    format!("predicted p90 demand {pred:.2} vCPUs; node {} load {:.1}/{:.1} CPUs", self.node_of[v].unwrap_or(0), load[self.node_of[v].unwrap_or(0)], cap[self.node_of[v].unwrap_or(0)])
+                    format!(
+                        "predicted p90 demand {pred:.2} vCPUs; node {} load {:.1}/{:.1} CPUs",
+                        self.node_of[v].unwrap_or(0),
+                        load[self.node_of[v].unwrap_or(0)],
+                        cap[self.node_of[v].unwrap_or(0)]
+                    )
                 } else {
                     format!("recent demand {pred:.2} vCPUs (no model prediction)")
                 };
                 let reason = format!("{action}: {why}");
-                self.record(ctx, v, Lever::Vcpu, (&CPU_FEATURES, row), raw.is_some(), *raw, action, vec![], reason);
+                self.record(
+                    ctx,
+                    v,
+                    Lever::Vcpu,
+                    (&CPU_FEATURES, row),
+                    raw.is_some(),
+                    *raw,
+                    action,
+                    vec![],
+                    reason,
+                );
             }
             plan.push(p);
         }
@@ -519,20 +647,36 @@ impl Engine {
         self.fb_cpu.plan_now(ctx).filter(|p| {
             let ok = g::check_exclusive(p, &devices).is_ok();
             if !ok {
-                self.interventions.entry(names::EXCLUSIVE).and_modify(|c| *c += 1).or_insert(1);
+                self.interventions
+                    .entry(names::EXCLUSIVE)
+                    .and_modify(|c| *c += 1)
+                    .or_insert(1);
             }
             ok
         })
     }
 
-    fn decide_device(&mut self, ctx: &Ctx, v: usize, vcpus: &[VcpuPlacement], plan: Option<&[Vec<VcpuPlacement>]>) -> Option<DevicePlacement> {
+    fn decide_device(
+        &mut self,
+        ctx: &Ctx,
+        v: usize,
+        vcpus: &[VcpuPlacement],
+        plan: Option<&[Vec<VcpuPlacement>]>,
+    ) -> Option<DevicePlacement> {
         let t0 = Instant::now();
         let r = self.decide_device_inner(ctx, v, vcpus, plan);
-        self.decision_us.push((t0.elapsed().as_secs_f64() * 1e6) as f32);
+        self.decision_us
+            .push((t0.elapsed().as_secs_f64() * 1e6) as f32);
         r
     }
 
-    fn decide_device_inner(&mut self, ctx: &Ctx, v: usize, vcpus: &[VcpuPlacement], plan: Option<&[Vec<VcpuPlacement>]>) -> Option<DevicePlacement> {
+    fn decide_device_inner(
+        &mut self,
+        ctx: &Ctx,
+        v: usize,
+        vcpus: &[VcpuPlacement],
+        plan: Option<&[Vec<VcpuPlacement>]>,
+    ) -> Option<DevicePlacement> {
         let host = ctx.host;
         let (_, cur) = ctx.state[v].devices.first()?.clone();
         let mut excl = Vec::new();
@@ -546,7 +690,11 @@ impl Engine {
         let on_exclusive = cur.cpus.intersects(&excl);
         if on_exclusive {
             self.fire(names::EXCLUSIVE);
-        } else if g::too_soon(self.last_device_change[v], ctx.snap.t_s, self.cfg.device_min_interval_s) {
+        } else if g::too_soon(
+            self.last_device_change[v],
+            ctx.snap.t_s,
+            self.cfg.device_min_interval_s,
+        ) {
             return None;
         }
         let obs = ctx.hist.vms.get(v).and_then(|h| h.last()).copied();
@@ -561,11 +709,28 @@ impl Engine {
             self.last_device_change[v] = Some(ctx.snap.t_s);
             self.poll_cpu[v] = None;
             let action = format!("I/O worker -> CPUs {} ({:?})", p.cpus, p.mode);
-            self.record(ctx, v, Lever::Device, (&[], &[]), false, None, action.clone(), vec![], format!("{action}: heuristic: notify on the vCPUs' cache group"));
+            self.record(
+                ctx,
+                v,
+                Lever::Device,
+                (&[], &[]),
+                false,
+                None,
+                action.clone(),
+                vec![],
+                format!("{action}: heuristic: notify on the vCPUs' cache group"),
+            );
             return Some(p);
         }
         let o = obs?;
-        let pollers = CpuSet::new(self.poll_cpu.iter().enumerate().filter(|(k, _)| *k != v).filter_map(|(_, c)| *c).collect());
+        let pollers = CpuSet::new(
+            self.poll_cpu
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k != v)
+                .filter_map(|(_, c)| *c)
+                .collect(),
+        );
         let avoid = excl.union(&pollers);
         let gi = home_group(host, vcpus);
         let node = host.group_node[gi];
@@ -575,36 +740,71 @@ impl Engine {
         let mut cands: Vec<DevicePlacement> = vec![cur.clone()];
         for s in [&group, &node_set, &all] {
             if !s.is_empty() {
-                cands.push(DevicePlacement { cpus: s.clone(), mode: IoMode::Notify });
+                cands.push(DevicePlacement {
+                    cpus: s.clone(),
+                    mode: IoMode::Notify,
+                });
             }
         }
         // Traffic each polling thread already serves (other VMs' devices).
         let peer_iops = |c: u32| -> f64 {
-            self.poll_cpu.iter().enumerate()
+            self.poll_cpu
+                .iter()
+                .enumerate()
                 .filter(|(k, p)| *k != v && **p == Some(c))
-                .map(|(k, _)| ctx.hist.vms.get(k).and_then(|h| h.last()).map(|o| o.iops).unwrap_or(0.0))
+                .map(|(k, _)| {
+                    ctx.hist
+                        .vms
+                        .get(k)
+                        .and_then(|h| h.last())
+                        .map(|o| o.iops)
+                        .unwrap_or(0.0)
+                })
                 .sum()
         };
         if o.iops >= POLL_MIN_IOPS {
             // Join a poller on this VM's NUMA node with room...
             for &c in pollers.cpus() {
                 if host.cpu_node[c as usize] == node && peer_iops(c) + o.iops <= POLLER_MAX_IOPS {
-                    cands.push(DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll });
+                    cands.push(DevicePlacement {
+                        cpus: CpuSet::single(c),
+                        mode: IoMode::Poll,
+                    });
                 }
             }
             // ...or start one, within the budget.
             let budget = (host.cpus as usize / self.cfg.cpus_per_poller.max(1)).max(1);
             if self.poll_cpu[v].is_none() && pollers.len() < budget {
                 let pool = if group.is_empty() { &node_set } else { &group };
-                if let Some(c) = pool.cpus().iter().copied().min_by(|a, b| self.load[*a as usize].total_cmp(&self.load[*b as usize])) {
-                    cands.push(DevicePlacement { cpus: CpuSet::single(c), mode: IoMode::Poll });
+                if let Some(c) = pool
+                    .cpus()
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| self.load[*a as usize].total_cmp(&self.load[*b as usize]))
+                {
+                    cands.push(DevicePlacement {
+                        cpus: CpuSet::single(c),
+                        mode: IoMode::Poll,
+                    });
                 }
             }
         }
         let mut rows = Vec::with_capacity(cands.len() * DEVICE_FEATURES.len());
         for d in &cands {
-            let peers = if d.mode == IoMode::Poll { peer_iops(d.cpus.cpus()[0]) } else { 0.0 };
-            rows.extend_from_slice(&placement_features(host, vcpus, d, &self.load, o.iops, d == &cur, peers));
+            let peers = if d.mode == IoMode::Poll {
+                peer_iops(d.cpus.cpus()[0])
+            } else {
+                0.0
+            };
+            rows.extend_from_slice(&placement_features(
+                host,
+                vcpus,
+                d,
+                &self.load,
+                o.iops,
+                d == &cur,
+                peers,
+            ));
         }
         let pred = match self.infer(Lever::Device, &rows) {
             Ok(p) => p,
@@ -616,13 +816,24 @@ impl Engine {
                 }
                 self.last_device_change[v] = Some(ctx.snap.t_s);
                 self.poll_cpu[v] = None;
-                self.record(ctx, v, Lever::Device, (&[], &[]), false, None, format!("I/O worker -> CPUs {} (notify)", p.cpus), vec![guard], "heuristic after a model guardrail".into());
+                self.record(
+                    ctx,
+                    v,
+                    Lever::Device,
+                    (&[], &[]),
+                    false,
+                    None,
+                    format!("I/O worker -> CPUs {} (notify)", p.cpus),
+                    vec![guard],
+                    "heuristic after a model guardrail".into(),
+                );
                 return Some(p);
             }
         };
         let best = (1..cands.len()).min_by(|&a, &b| pred[a].total_cmp(&pred[b]))?;
         let gain = (pred[0] - pred[best]) as f64;
-        let cur_invalid = on_exclusive || (cur.mode == IoMode::Notify && cur.cpus.intersects(&avoid));
+        let cur_invalid =
+            on_exclusive || (cur.mode == IoMode::Notify && cur.cpus.intersects(&avoid));
         if !cur_invalid && gain < self.cfg.device_min_gain_us {
             self.fire(names::HYSTERESIS);
             return None;
@@ -641,7 +852,17 @@ impl Engine {
         let reason = format!("{action}: predicted latency {:.1} us above service time vs {:.1} us where it is ({:.0} IOPS)", pred[best], pred[0], o.iops);
         let k = DEVICE_FEATURES.len();
         let row = rows[best * k..(best + 1) * k].to_vec();
-        self.record(ctx, v, Lever::Device, (&DEVICE_FEATURES, &row), true, Some(pred[best]), action, vec![], reason);
+        self.record(
+            ctx,
+            v,
+            Lever::Device,
+            (&DEVICE_FEATURES, &row),
+            true,
+            Some(pred[best]),
+            action,
+            vec![],
+            reason,
+        );
         Some(chosen)
     }
 }
@@ -675,7 +896,11 @@ impl Policy for Engine {
         let start = *self.start_s.get_or_insert(ctx.snap.t_s);
         let warm = ctx.snap.t_s - start < self.cfg.warmup_s;
         self.watch_metrics(ctx);
-        let present = [self.models.balloon.is_some(), self.models.cpu.is_some(), self.models.device.is_some()];
+        let present = [
+            self.models.balloon.is_some(),
+            self.models.cpu.is_some(),
+            self.models.device.is_some(),
+        ];
         for (k, on) in self.model_on.iter_mut().enumerate() {
             *on = present[k] && !warm && self.now_s >= self.rolled_back_until[k];
         }
@@ -699,14 +924,26 @@ impl Policy for Engine {
             _ => Vec::new(),
         };
         match self.mode {
-            Mode::Active => VmActions { vcpus, balloon_target_mib, devices },
+            Mode::Active => VmActions {
+                vcpus,
+                balloon_target_mib,
+                devices,
+            },
             _ => VmActions::default(),
         }
     }
 
     fn intervention_breakdown(&self) -> Option<String> {
-        let parts: Vec<String> = self.interventions.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        Some(if parts.is_empty() { "none".into() } else { parts.join(", ") })
+        let parts: Vec<String> = self
+            .interventions
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        Some(if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        })
     }
 
     fn decision_latencies(&self) -> Option<&[f32]> {
@@ -714,7 +951,11 @@ impl Policy for Engine {
     }
 
     fn interventions(&self) -> u64 {
-        self.interventions.iter().filter(|(k, _)| **k != names::HYSTERESIS).map(|(_, v)| v).sum()
+        self.interventions
+            .iter()
+            .filter(|(k, _)| **k != names::HYSTERESIS)
+            .map(|(_, v)| v)
+            .sum()
     }
 }
 
@@ -722,7 +963,15 @@ impl Policy for Engine {
 /// `vcpus`, given estimated CPU loads (which include the worker in force when
 /// `in_force`, so its own load is taken out). `peer_iops`: traffic of other
 /// devices on the same polling thread.
-pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: &DevicePlacement, load: &[f64], iops: f64, in_force: bool, peer_iops: f64) -> [f32; 7] {
+pub fn placement_features(
+    host: &crate::host::Host,
+    vcpus: &[VcpuPlacement],
+    d: &DevicePlacement,
+    load: &[f64],
+    iops: f64,
+    in_force: bool,
+    peer_iops: f64,
+) -> [f32; 7] {
     let mut vg = vec![0.0; host.cache_groups.len()];
     let mut vn = vec![0.0; host.numa_nodes.len()];
     for p in vcpus {
@@ -732,13 +981,23 @@ pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: 
         }
     }
     let size = d.cpus.len().max(1) as f64;
-    let mut other = d.cpus.cpus().iter().map(|&c| load.get(c as usize).copied().unwrap_or(0.0)).sum::<f64>() / size;
+    let mut other = d
+        .cpus
+        .cpus()
+        .iter()
+        .map(|&c| load.get(c as usize).copied().unwrap_or(0.0))
+        .sum::<f64>()
+        / size;
     if d.mode == IoMode::Poll {
         // A polling thread's CPU is taken out of the shared vCPU pools (the
         // engine re-plans as soon as a poller appears), so nothing else runs there.
         other = 0.0;
     } else if in_force {
-        let own = if d.mode == IoMode::Poll { 1.0 } else { iops * crate::sim::model::IO_CPU_US * 1e-6 };
+        let own = if d.mode == IoMode::Poll {
+            1.0
+        } else {
+            iops * crate::sim::model::IO_CPU_US * 1e-6
+        };
         other -= own / size;
     }
     let (mut sg, mut sn) = (0.0, 0.0);
@@ -746,5 +1005,13 @@ pub fn placement_features(host: &crate::host::Host, vcpus: &[VcpuPlacement], d: 
         sg += vg[host.cpu_group[c as usize]] / size;
         sn += vn[host.cpu_node[c as usize]] / size;
     }
-    device_features(iops, d.mode == IoMode::Poll, other.max(0.0), d.cpus.len(), sg, sn, peer_iops)
+    device_features(
+        iops,
+        d.mode == IoMode::Poll,
+        other.max(0.0),
+        d.cpus.len(),
+        sg,
+        sn,
+        peer_iops,
+    )
 }

@@ -39,12 +39,17 @@ impl PolicyResult {
     }
     /// Share of one core the engine would use deciding once per second.
     pub fn engine_cpu_pct_at_1s(&self) -> f64 {
-        let mean_us = self.round_us.iter().map(|&x| x as f64).sum::<f64>() / self.round_us.len().max(1) as f64;
+        let mean_us = self.round_us.iter().map(|&x| x as f64).sum::<f64>()
+            / self.round_us.len().max(1) as f64;
         mean_us / 1e6 * 100.0
     }
 }
 
-pub fn run_policy(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> Result<PolicyResult, EvalError> {
+pub fn run_policy(
+    host: &Host,
+    trace: &Trace,
+    policy: &mut dyn Policy,
+) -> Result<PolicyResult, EvalError> {
     let started = Instant::now();
     let mut sim = Simulator::new(host, trace);
     let mut hist = History::new();
@@ -57,7 +62,12 @@ pub fn run_policy(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> Result
         hist.ingest(&snap);
         let mut actions = Actions::none(n);
         {
-            let ctx = Ctx { host, snap: &snap, hist: &hist, state: sim.state() };
+            let ctx = Ctx {
+                host,
+                snap: &snap,
+                hist: &hist,
+                state: sim.state(),
+            };
             policy.begin_round(&ctx);
             let shared_us = t_round.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
             for (v, slot) in actions.vms.iter_mut().enumerate() {
@@ -67,7 +77,10 @@ pub fn run_policy(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> Result
             }
         }
         round_us.push((t_round.elapsed().as_secs_f64() * 1e6) as f32);
-        sim.apply(&actions).map_err(|source| EvalError::Sim { policy: policy.name().to_string(), source })?;
+        sim.apply(&actions).map_err(|source| EvalError::Sim {
+            policy: policy.name().to_string(),
+            source,
+        })?;
         sim.advance();
     }
     if let Some(own) = policy.decision_latencies() {
@@ -90,7 +103,18 @@ pub fn table(results: &[PolicyResult]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "{:<11} {:>9} {:>5} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6}\n",
-        "policy", "reclaim%", "OOM", "swapin%/min", "lcwait99ms", "batch", "io99us", "dec50us", "dec99us", "cpu%@1s", "guard", "wall_s"
+        "policy",
+        "reclaim%",
+        "OOM",
+        "swapin%/min",
+        "lcwait99ms",
+        "batch",
+        "io99us",
+        "dec50us",
+        "dec99us",
+        "cpu%@1s",
+        "guard",
+        "wall_s"
     ));
     for r in results {
         let m = &r.metrics;
@@ -123,19 +147,32 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
     let lm = &l.metrics;
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let reclaim = lm.reclaimed_pct();
-    out.push(format!("balloon: reclaimed {reclaim:.1}% (target >= 25%): {}", verdict(reclaim >= 25.0)));
+    out.push(format!(
+        "balloon: reclaimed {reclaim:.1}% (target >= 25%): {}",
+        verdict(reclaim >= 25.0)
+    ));
     if let Some(m) = get("mom") {
         let mom = m.metrics.reclaimed_pct();
         if mom < 0.05 {
             out.push(format!("balloon: MOM reclaimed {mom:.2}% (host never under pressure), learned {reclaim:.1}% (target >= 1.5x): {}", verdict(reclaim >= 1.5 * mom)));
         } else {
             let r = reclaim / mom;
-            out.push(format!("balloon: {r:.2}x MOM's {mom:.1}% (target >= 1.5x): {}", verdict(r >= 1.5)));
+            out.push(format!(
+                "balloon: {r:.2}x MOM's {mom:.1}% (target >= 1.5x): {}",
+                verdict(r >= 1.5)
+            ));
         }
     }
-    out.push(format!("balloon: {} OOM events (target 0): {}", lm.oom_events, verdict(lm.oom_events == 0)));
+    out.push(format!(
+        "balloon: {} OOM events (target 0): {}",
+        lm.oom_events,
+        verdict(lm.oom_events == 0)
+    ));
     let sw = lm.swap_in_pct_per_min();
-    out.push(format!("balloon: swap-ins {sw:.4}% of working set per minute (target <= 0.2%): {}", verdict(sw <= 0.2)));
+    out.push(format!(
+        "balloon: swap-ins {sw:.4}% of working set per minute (target <= 0.2%): {}",
+        verdict(sw <= 0.2)
+    ));
     if let Some(p) = get("static-pin") {
         let (lw, pw) = (lm.lc_wait_p99_ms(), p.metrics.lc_wait_p99_ms());
         out.push(format!(
@@ -143,7 +180,10 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
             verdict(lw <= pw * 1.05 + 1e-9)
         ));
         let r = lm.batch_throughput() / p.metrics.batch_throughput().max(1e-9);
-        out.push(format!("vcpu: batch throughput {r:.2}x static pinning (target >= 1.2x): {}", verdict(r >= 1.2)));
+        out.push(format!(
+            "vcpu: batch throughput {r:.2}x static pinning (target >= 1.2x): {}",
+            verdict(r >= 1.2)
+        ));
     }
     if let Some(s) = get("static") {
         let (li, si) = (lm.io_p99_us(), s.metrics.io_p99_us());
@@ -155,9 +195,16 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
         ));
     }
     let d99 = l.decision_p(99.0);
-    out.push(format!("latency: decision p99 {d99:.2} us (target < 20 us): {}", verdict(d99 < 20.0)));
+    out.push(format!(
+        "latency: decision p99 {d99:.2} us (target < 20 us): {}",
+        verdict(d99 < 20.0)
+    ));
     let cpu = l.engine_cpu_pct_at_1s();
-    out.push(format!("latency: engine CPU {cpu:.3}% of a core at 1 s for {} VMs (target < 1%): {}", l.vms, verdict(cpu < 1.0)));
+    out.push(format!(
+        "latency: engine CPU {cpu:.3}% of a core at 1 s for {} VMs (target < 1%): {}",
+        l.vms,
+        verdict(cpu < 1.0)
+    ));
     out
 }
 
@@ -188,14 +235,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Per policy, the median of each figure over several traces (`runs[trace][policy]`).
 pub fn medians(runs: &[Vec<PolicyResult>]) -> Vec<(String, [f64; 9])> {
-    let Some(first) = runs.first() else { return Vec::new() };
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
     first
         .iter()
         .enumerate()
         .map(|(p, r)| {
             let mut out = [0.0; 9];
             for (k, slot) in out.iter_mut().enumerate() {
-                *slot = median(runs.iter().filter_map(|t| t.get(p)).map(|r| figures(r)[k]).collect());
+                *slot = median(
+                    runs.iter()
+                        .filter_map(|t| t.get(p))
+                        .map(|r| figures(r)[k])
+                        .collect(),
+                );
             }
             (r.name.clone(), out)
         })
@@ -205,7 +259,16 @@ pub fn medians(runs: &[Vec<PolicyResult>]) -> Vec<(String, [f64; 9])> {
 pub fn median_table(runs: &[Vec<PolicyResult>]) -> String {
     let mut s = format!(
         "{:<11} {:>9} {:>5} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8} {:>7}\n",
-        "policy", "reclaim%", "OOM", "swapin%/min", "lcwait99ms", "batch", "io99us", "dec50us", "dec99us", "cpu%@1s"
+        "policy",
+        "reclaim%",
+        "OOM",
+        "swapin%/min",
+        "lcwait99ms",
+        "batch",
+        "io99us",
+        "dec50us",
+        "dec99us",
+        "cpu%@1s"
     );
     for (name, f) in medians(runs) {
         s.push_str(&format!(
@@ -234,23 +297,58 @@ pub fn median_targets(runs: &[Vec<PolicyResult>]) -> Vec<String> {
     let mut out = Vec::new();
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     if let Some(l) = get("learned") {
-        out.push(format!("balloon: median reclaimed {:.1}% (>= 25%): {}", l[0], verdict(l[0] >= 25.0)));
+        out.push(format!(
+            "balloon: median reclaimed {:.1}% (>= 25%): {}",
+            l[0],
+            verdict(l[0] >= 25.0)
+        ));
         if let Some(r) = ratio("learned", "mom", 0) {
-            out.push(format!("balloon: median {r:.2}x MOM (>= 1.5x): {}", verdict(r >= 1.5)));
+            out.push(format!(
+                "balloon: median {r:.2}x MOM (>= 1.5x): {}",
+                verdict(r >= 1.5)
+            ));
         }
-        out.push(format!("balloon: median OOM events {:.0} (0): {}", l[1], verdict(l[1] == 0.0)));
-        out.push(format!("balloon: median swap-ins {:.4}%/min (<= 0.2%): {}", l[2], verdict(l[2] <= 0.2)));
+        out.push(format!(
+            "balloon: median OOM events {:.0} (0): {}",
+            l[1],
+            verdict(l[1] == 0.0)
+        ));
+        out.push(format!(
+            "balloon: median swap-ins {:.4}%/min (<= 0.2%): {}",
+            l[2],
+            verdict(l[2] <= 0.2)
+        ));
         if let Some(p) = get("static-pin") {
-            out.push(format!("vcpu: median LC wait p99 {:.2} vs static-pin {:.2} ms/s (within 5%): {}", l[3], p[3], verdict(l[3] <= p[3] * 1.05)));
+            out.push(format!(
+                "vcpu: median LC wait p99 {:.2} vs static-pin {:.2} ms/s (within 5%): {}",
+                l[3],
+                p[3],
+                verdict(l[3] <= p[3] * 1.05)
+            ));
         }
         if let Some(r) = ratio("learned", "static-pin", 4) {
-            out.push(format!("vcpu: median batch throughput {r:.3}x static-pin (>= 1.2x): {}", verdict(r >= 1.2)));
+            out.push(format!(
+                "vcpu: median batch throughput {r:.3}x static-pin (>= 1.2x): {}",
+                verdict(r >= 1.2)
+            ));
         }
         if let Some(r) = ratio("learned", "static", 5) {
-            out.push(format!("device: median I/O p99 {:.1}% lower than unplaced (>= 15%): {}", (1.0 - r) * 100.0, verdict(r <= 0.85)));
+            out.push(format!(
+                "device: median I/O p99 {:.1}% lower than unplaced (>= 15%): {}",
+                (1.0 - r) * 100.0,
+                verdict(r <= 0.85)
+            ));
         }
-        out.push(format!("latency: median decision p99 {:.2} us (< 20 us): {}", l[7], verdict(l[7] < 20.0)));
-        out.push(format!("latency: median engine CPU {:.3}% of a core at 1 s (< 1%): {}", l[8], verdict(l[8] < 1.0)));
+        out.push(format!(
+            "latency: median decision p99 {:.2} us (< 20 us): {}",
+            l[7],
+            verdict(l[7] < 20.0)
+        ));
+        out.push(format!(
+            "latency: median engine CPU {:.3}% of a core at 1 s (< 1%): {}",
+            l[8],
+            verdict(l[8] < 1.0)
+        ));
     }
     out
 }

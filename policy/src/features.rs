@@ -58,7 +58,10 @@ pub struct History {
 
 impl History {
     pub fn new() -> Self {
-        History { step_s: 10.0, ..Default::default() }
+        History {
+            step_s: 10.0,
+            ..Default::default()
+        }
     }
 
     /// Number of observations covering `seconds`.
@@ -67,11 +70,17 @@ impl History {
     }
 
     pub fn ingest(&mut self, snap: &Snapshot) {
-        if self.ids.len() != snap.vms.len() || self.ids.iter().zip(&snap.vms).any(|(a, b)| a != &b.id) {
+        if self.ids.len() != snap.vms.len()
+            || self.ids.iter().zip(&snap.vms).any(|(a, b)| a != &b.id)
+        {
             // VM set changed: keep histories of VMs that are still there.
             let mut vms = Vec::with_capacity(snap.vms.len());
             for vm in &snap.vms {
-                let old = self.ids.iter().position(|i| i == &vm.id).map(|k| self.vms[k].clone());
+                let old = self
+                    .ids
+                    .iter()
+                    .position(|i| i == &vm.id)
+                    .map(|k| self.vms[k].clone());
                 vms.push(old.unwrap_or_default());
             }
             self.vms = vms;
@@ -98,20 +107,31 @@ impl History {
 }
 
 fn observe(prev: &VmTelemetry, now: &VmTelemetry, dt: f64, t_s: f64) -> Obs {
-    let sum = |f: fn(&crate::telemetry::VcpuStat) -> u64, v: &VmTelemetry| v.vcpus.iter().map(f).sum::<u64>();
+    let sum = |f: fn(&crate::telemetry::VcpuStat) -> u64, v: &VmTelemetry| {
+        v.vcpus.iter().map(f).sum::<u64>()
+    };
     let cpu_ns = sum(|s| s.cpu_time_ns, now).saturating_sub(sum(|s| s.cpu_time_ns, prev));
     let wait_ns = sum(|s| s.wait_ns, now).saturating_sub(sum(|s| s.wait_ns, prev));
     let n = now.vcpus.len().max(1) as f64;
-    let reqs: u64 = now.devices.iter().map(|d| d.requests).sum::<u64>()
+    let reqs: u64 = now
+        .devices
+        .iter()
+        .map(|d| d.requests)
+        .sum::<u64>()
         .saturating_sub(prev.devices.iter().map(|d| d.requests).sum::<u64>());
-    let lat: f64 = now.devices.iter().map(|d| d.latency_sum_us).sum::<f64>() - prev.devices.iter().map(|d| d.latency_sum_us).sum::<f64>();
+    let lat: f64 = now.devices.iter().map(|d| d.latency_sum_us).sum::<f64>()
+        - prev.devices.iter().map(|d| d.latency_sum_us).sum::<f64>();
     let b = &now.balloon;
     // Guest-reported numbers are hostile input: a non-finite value stays NaN
     // so the engine's input validation sees it (f64::max would hide it).
     let ws = b.actual_mib - b.available_mib;
     Obs {
         t_s,
-        ws_mib: if ws.is_finite() { ws.max(0.0) } else { f64::NAN },
+        ws_mib: if ws.is_finite() {
+            ws.max(0.0)
+        } else {
+            f64::NAN
+        },
         actual_mib: b.actual_mib,
         free_mib: b.free_mib,
         cpu: cpu_ns as f64 / 1e9 / dt,
@@ -119,13 +139,22 @@ fn observe(prev: &VmTelemetry, now: &VmTelemetry, dt: f64, t_s: f64) -> Obs {
         swap_in_mib_per_min: (b.swap_in_mib - prev.balloon.swap_in_mib).max(0.0) / dt * 60.0,
         oom_kills: b.oom_kills.saturating_sub(prev.balloon.oom_kills),
         iops: reqs as f64 / dt,
-        io_latency_us: if reqs > 0 { (lat / reqs as f64).max(0.0) } else { 0.0 },
+        io_latency_us: if reqs > 0 {
+            (lat / reqs as f64).max(0.0)
+        } else {
+            0.0
+        },
     }
 }
 
 fn class_flags(c: Option<VmClass>) -> [f32; 4] {
     let is = |k| if c == Some(k) { 1.0 } else { 0.0 };
-    [is(VmClass::LatencyCritical), is(VmClass::Batch), is(VmClass::Service), is(VmClass::Desktop)]
+    [
+        is(VmClass::LatencyCritical),
+        is(VmClass::Batch),
+        is(VmClass::Service),
+        is(VmClass::Desktop),
+    ]
 }
 
 struct Stats {
@@ -151,8 +180,19 @@ fn stats(it: impl Iterator<Item = f64> + Clone) -> Stats {
 /// model predicts the guest's demand, which must not depend on what the
 /// balloon currently allows (training data is collected with no balloon).
 pub const BALLOON_FEATURES: [&str; 13] = [
-    "ws_frac", "ws_mean_5m_rel", "ws_max_5m_rel", "ws_max_1h_rel", "ws_min_1h_rel", "ws_slope_10m",
-    "cpu_frac", "cpu_mean_1h_frac", "io_log", "is_lc", "is_batch", "is_service", "is_desktop",
+    "ws_frac",
+    "ws_mean_5m_rel",
+    "ws_max_5m_rel",
+    "ws_max_1h_rel",
+    "ws_min_1h_rel",
+    "ws_slope_10m",
+    "cpu_frac",
+    "cpu_mean_1h_frac",
+    "io_log",
+    "is_lc",
+    "is_batch",
+    "is_service",
+    "is_desktop",
 ];
 
 /// Balloon model inputs: working-set history relative to the current working set.
@@ -180,13 +220,27 @@ pub fn balloon_features(h: &History, v: usize) -> Option<[f32; 13]> {
         (last.cpu / vcpus) as f32,
         (cpu1h.mean / vcpus) as f32,
         (last.iops.ln_1p()) as f32,
-        f[0], f[1], f[2], f[3],
+        f[0],
+        f[1],
+        f[2],
+        f[3],
     ])
 }
 
 pub const CPU_FEATURES: [&str; 13] = [
-    "cpu_frac", "cpu_mean_5m_frac", "cpu_max_5m_frac", "cpu_std_5m_frac", "cpu_mean_1h_frac",
-    "cpu_max_1h_frac", "wait_ms_5m", "io_log", "vcpus", "is_lc", "is_batch", "is_service", "is_desktop",
+    "cpu_frac",
+    "cpu_mean_5m_frac",
+    "cpu_max_5m_frac",
+    "cpu_std_5m_frac",
+    "cpu_mean_1h_frac",
+    "cpu_max_1h_frac",
+    "wait_ms_5m",
+    "io_log",
+    "vcpus",
+    "is_lc",
+    "is_batch",
+    "is_service",
+    "is_desktop",
 ];
 
 /// CPU model inputs: recent CPU use per vCPU over 5-minute and 1-hour windows.
@@ -208,16 +262,34 @@ pub fn cpu_features(h: &History, v: usize) -> Option<[f32; 13]> {
         wait5.mean as f32,
         last.iops.ln_1p() as f32,
         vcpus as f32,
-        f[0], f[1], f[2], f[3],
+        f[0],
+        f[1],
+        f[2],
+        f[3],
     ])
 }
 
-pub const DEVICE_FEATURES: [&str; 7] =
-    ["iops_log", "poll", "other_load", "set_size_log", "same_group", "same_node", "peer_iops_log"];
+pub const DEVICE_FEATURES: [&str; 7] = [
+    "iops_log",
+    "poll",
+    "other_load",
+    "set_size_log",
+    "same_group",
+    "same_node",
+    "peer_iops_log",
+];
 
 /// Device model inputs for one candidate worker placement; `peer_iops` is the
 /// traffic of other devices served by the same polling thread.
-pub fn device_features(iops: f64, poll: bool, other_load: f64, set_size: usize, same_group: f64, same_node: f64, peer_iops: f64) -> [f32; 7] {
+pub fn device_features(
+    iops: f64,
+    poll: bool,
+    other_load: f64,
+    set_size: usize,
+    same_group: f64,
+    same_node: f64,
+    peer_iops: f64,
+) -> [f32; 7] {
     [
         iops.ln_1p() as f32,
         if poll { 1.0 } else { 0.0 },
@@ -243,8 +315,20 @@ mod tests {
                 class: VmClass::Batch,
                 mem_mib: 4096.0,
                 floor_mib: 256.0,
-                vcpus: vec![VcpuStat { cpu_time_ns: cpu_ns, wait_ns: cpu_ns / 10, timeslices: 0 }; 2],
-                balloon: BalloonStats { actual_mib: actual, available_mib: avail, swap_in_mib: swap_in, ..Default::default() },
+                vcpus: vec![
+                    VcpuStat {
+                        cpu_time_ns: cpu_ns,
+                        wait_ns: cpu_ns / 10,
+                        timeslices: 0
+                    };
+                    2
+                ],
+                balloon: BalloonStats {
+                    actual_mib: actual,
+                    available_mib: avail,
+                    swap_in_mib: swap_in,
+                    ..Default::default()
+                },
                 devices: vec![],
             }],
         }
@@ -260,7 +344,10 @@ mod tests {
         assert_eq!(o.cpu, 1.0, "2 vCPUs x 5 s in 10 s");
         assert_eq!(o.ws_mib, 2000.0);
         assert_eq!(o.swap_in_mib_per_min, 60.0);
-        assert!((o.wait_ms - 50.0).abs() < 1e-9, "1 s of wait per vCPU in 10 s");
+        assert!(
+            (o.wait_ms - 50.0).abs() < 1e-9,
+            "1 s of wait per vCPU in 10 s"
+        );
         let f = balloon_features(&h, 0).unwrap();
         assert!((f[0] - 2000.0 / 4096.0).abs() < 1e-6);
         assert_eq!(f[10], 1.0, "batch flag");

@@ -109,7 +109,13 @@ pub fn balloon_bounds(target: f64, floor: f64, mem: f64) -> (f64, bool) {
 
 /// Limits one decision's change: inflation (taking memory) by `max_inflate`,
 /// deflation by `max_deflate`, both as shares of the VM's memory.
-pub fn balloon_step(cur: f64, target: f64, mem: f64, max_inflate: f64, max_deflate: f64) -> (f64, bool) {
+pub fn balloon_step(
+    cur: f64,
+    target: f64,
+    mem: f64,
+    max_inflate: f64,
+    max_deflate: f64,
+) -> (f64, bool) {
     let t = target.clamp(cur - max_inflate * mem, cur + max_deflate * mem);
     (t, t != target)
 }
@@ -126,7 +132,10 @@ pub fn too_soon(last_change_s: Option<f64>, now_s: f64, min_interval_s: f64) -> 
 
 /// Checks the hard CPU bounds of a whole plan: no CPU is exclusive to two
 /// VMs, and no other VM's vCPU or any I/O worker may use an exclusive CPU.
-pub fn check_exclusive(plan: &[Vec<VcpuPlacement>], devices: &[Option<&DevicePlacement>]) -> Result<(), String> {
+pub fn check_exclusive(
+    plan: &[Vec<VcpuPlacement>],
+    devices: &[Option<&DevicePlacement>],
+) -> Result<(), String> {
     let mut owner: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     for (v, vcpus) in plan.iter().enumerate() {
         for p in vcpus.iter().filter(|p| p.exclusive) {
@@ -145,7 +154,10 @@ pub fn check_exclusive(plan: &[Vec<VcpuPlacement>], devices: &[Option<&DevicePla
     for (v, vcpus) in plan.iter().enumerate() {
         for p in vcpus.iter().filter(|p| !p.exclusive) {
             if let Some(&c) = p.cpus.cpus().iter().find(|&&c| owner.contains_key(&c)) {
-                return Err(format!("VM {v} shares CPU {c}, which is exclusive to VM {}", owner[&c]));
+                return Err(format!(
+                    "VM {v} shares CPU {c}, which is exclusive to VM {}",
+                    owner[&c]
+                ));
             }
         }
     }
@@ -175,7 +187,15 @@ pub struct RollbackMonitor {
 
 impl RollbackMonitor {
     pub fn new(window_s: f64, rel: f64, abs: f64, limit: Option<f64>) -> Self {
-        RollbackMonitor { rel, abs, limit, window_s, baseline_sum: 0.0, baseline_n: 0, recent: VecDeque::new() }
+        RollbackMonitor {
+            rel,
+            abs,
+            limit,
+            window_s,
+            baseline_sum: 0.0,
+            baseline_n: 0,
+            recent: VecDeque::new(),
+        }
     }
 
     /// Adds a sample taken while the heuristic was deciding.
@@ -188,7 +208,11 @@ impl RollbackMonitor {
     /// the metric has worsened beyond the threshold.
     pub fn model_sample(&mut self, t_s: f64, v: f64) -> Option<String> {
         self.recent.push_back((t_s, v));
-        while self.recent.front().is_some_and(|&(t, _)| t_s - t > self.window_s) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|&(t, _)| t_s - t > self.window_s)
+        {
             self.recent.pop_front();
         }
         // Judge only a full window: one bad sample is noise.
@@ -197,9 +221,18 @@ impl RollbackMonitor {
             return None;
         }
         let mean = self.recent.iter().map(|x| x.1).sum::<f64>() / self.recent.len() as f64;
-        let base = if self.baseline_n > 0 { self.baseline_sum / self.baseline_n as f64 } else { 0.0 };
+        let base = if self.baseline_n > 0 {
+            self.baseline_sum / self.baseline_n as f64
+        } else {
+            0.0
+        };
         let threshold = self.limit.unwrap_or(base * (1.0 + self.rel) + self.abs);
-        (mean > threshold).then(|| format!("mean {mean:.3} over the last {:.0} s exceeds {threshold:.3} (baseline {base:.3})", self.window_s))
+        (mean > threshold).then(|| {
+            format!(
+                "mean {mean:.3} over the last {:.0} s exceeds {threshold:.3} (baseline {base:.3})",
+                self.window_s
+            )
+        })
     }
 
     pub fn reset_window(&mut self) {
@@ -212,7 +245,11 @@ mod tests {
     use super::*;
 
     fn p(cpus: &[u32], exclusive: bool) -> VcpuPlacement {
-        VcpuPlacement { cpus: CpuSet::new(cpus.to_vec()), weight: 1.0, exclusive }
+        VcpuPlacement {
+            cpus: CpuSet::new(cpus.to_vec()),
+            weight: 1.0,
+            exclusive,
+        }
     }
 
     #[test]
@@ -224,9 +261,18 @@ mod tests {
 
     #[test]
     fn max_step_limits_inflation_more_than_deflation() {
-        assert_eq!(balloon_step(4096.0, 1000.0, 4096.0, 0.05, 0.5), (4096.0 - 204.8, true));
-        assert_eq!(balloon_step(1000.0, 4096.0, 4096.0, 0.05, 0.5), (3048.0, true));
-        assert_eq!(balloon_step(2000.0, 1950.0, 4096.0, 0.05, 0.5), (1950.0, false));
+        assert_eq!(
+            balloon_step(4096.0, 1000.0, 4096.0, 0.05, 0.5),
+            (4096.0 - 204.8, true)
+        );
+        assert_eq!(
+            balloon_step(1000.0, 4096.0, 4096.0, 0.05, 0.5),
+            (3048.0, true)
+        );
+        assert_eq!(
+            balloon_step(2000.0, 1950.0, 4096.0, 0.05, 0.5),
+            (1950.0, false)
+        );
     }
 
     #[test]
@@ -247,14 +293,25 @@ mod tests {
 
     #[test]
     fn two_vms_never_share_an_exclusive_cpu() {
-        let ok = vec![vec![p(&[0], true)], vec![p(&[1], true)], vec![p(&[2, 3], false)]];
+        let ok = vec![
+            vec![p(&[0], true)],
+            vec![p(&[1], true)],
+            vec![p(&[2, 3], false)],
+        ];
         assert!(check_exclusive(&ok, &[]).is_ok());
         let clash = vec![vec![p(&[0], true)], vec![p(&[0], true)]];
-        assert!(check_exclusive(&clash, &[]).unwrap_err().contains("exclusive to VMs 0 and 1"));
+        assert!(check_exclusive(&clash, &[])
+            .unwrap_err()
+            .contains("exclusive to VMs 0 and 1"));
         let intrude = vec![vec![p(&[0], true)], vec![p(&[0, 1], false)]];
         assert!(check_exclusive(&intrude, &[]).is_err());
-        let worker = DevicePlacement { cpus: CpuSet::single(0), mode: crate::decision::IoMode::Poll };
-        assert!(check_exclusive(&ok, &[None, Some(&worker)]).unwrap_err().contains("I/O worker"));
+        let worker = DevicePlacement {
+            cpus: CpuSet::single(0),
+            mode: crate::decision::IoMode::Poll,
+        };
+        assert!(check_exclusive(&ok, &[None, Some(&worker)])
+            .unwrap_err()
+            .contains("I/O worker"));
     }
 
     #[test]
@@ -265,10 +322,16 @@ mod tests {
         }
         // threshold = 2 * 1.5 + 1 = 4
         for t in 0..7 {
-            assert!(m.model_sample(t as f64 * 10.0, 3.0).is_none(), "within threshold");
+            assert!(
+                m.model_sample(t as f64 * 10.0, 3.0).is_none(),
+                "within threshold"
+            );
         }
         m.reset_window();
-        assert!(m.model_sample(100.0, 9.0).is_none(), "one sample is not a window");
+        assert!(
+            m.model_sample(100.0, 9.0).is_none(),
+            "one sample is not a window"
+        );
         let mut fired = None;
         for t in 1..8 {
             fired = fired.or(m.model_sample(100.0 + t as f64 * 10.0, 9.0));

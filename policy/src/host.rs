@@ -9,7 +9,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot read host file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("host file is not valid TOML for a host description: {0}")]
     Toml(#[from] toml::de::Error),
     #[error("host {what}: {source}")]
@@ -62,8 +65,10 @@ const MAX_HOST_CPUS: u32 = 4096;
 
 impl Host {
     pub fn load(path: &Path) -> Result<Host, HostError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| HostError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| HostError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Host::from_toml(&text)
     }
 
@@ -74,8 +79,10 @@ impl Host {
 
     pub fn from_file(file: &HostFile) -> Result<Host, HostError> {
         let parse = |what: &str, i: usize, g: &GroupFile| {
-            CpuSet::parse(&g.cpus)
-                .map_err(|source| HostError::CpuList { what: format!("{what} {i}"), source })
+            CpuSet::parse(&g.cpus).map_err(|source| HostError::CpuList {
+                what: format!("{what} {i}"),
+                source,
+            })
         };
         let groups: Vec<CpuSet> = file
             .cache_groups
@@ -165,11 +172,19 @@ impl Host {
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             reserved_mib: self.reserved_mib,
-            numa_nodes: self.numa_nodes.iter().map(|s| GroupFile { cpus: s.to_string() }).collect(),
+            numa_nodes: self
+                .numa_nodes
+                .iter()
+                .map(|s| GroupFile {
+                    cpus: s.to_string(),
+                })
+                .collect(),
             cache_groups: self
                 .cache_groups
                 .iter()
-                .map(|s| GroupFile { cpus: s.to_string() })
+                .map(|s| GroupFile {
+                    cpus: s.to_string(),
+                })
                 .collect(),
         };
         // Serialising plain structs of strings and integers cannot fail.
@@ -210,11 +225,18 @@ cpus = "6,7"
     #[test]
     fn rejects_inconsistent_hosts() {
         let spans = TWO_NODES
-            .replace("[[cache_groups]]\ncpus = \"0-3\"", "[[cache_groups]]\ncpus = \"0-2\"")
+            .replace(
+                "[[cache_groups]]\ncpus = \"0-3\"",
+                "[[cache_groups]]\ncpus = \"0-2\"",
+            )
             .replace("cpus = \"4-5\"", "cpus = \"3-5\"");
-        assert!(matches!(Host::from_toml(&spans), Err(HostError::Invalid(m)) if m.contains("spans NUMA")));
+        assert!(
+            matches!(Host::from_toml(&spans), Err(HostError::Invalid(m)) if m.contains("spans NUMA"))
+        );
         let missing = TWO_NODES.replace("cpus = \"6,7\"", "cpus = \"6\"");
-        assert!(matches!(Host::from_toml(&missing), Err(HostError::Invalid(m)) if m.contains("CPU 7 is in no")));
+        assert!(
+            matches!(Host::from_toml(&missing), Err(HostError::Invalid(m)) if m.contains("CPU 7 is in no"))
+        );
         let outside = TWO_NODES.replace("cpus = \"6,7\"", "cpus = \"6-9\"");
         assert!(Host::from_toml(&outside).is_err());
         assert!(Host::from_toml("cpus = 'x'").is_err());

@@ -10,19 +10,30 @@ use crate::util::CpuSet;
 use std::path::{Path, PathBuf};
 
 fn read(path: &Path) -> Result<String, TelemetryError> {
-    std::fs::read_to_string(path).map_err(|source| TelemetryError::Read { path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|source| TelemetryError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn parse_err(path: &Path, msg: impl Into<String>) -> TelemetryError {
-    TelemetryError::Parse { path: path.display().to_string(), msg: msg.into() }
+    TelemetryError::Parse {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// Reads the host's CPUs, last-level-cache groups and NUMA nodes from a sysfs
 /// tree (normally `/sys`) and memory from `meminfo`.
 pub fn read_topology(sys: &Path, meminfo: &Path) -> Result<Host, TelemetryError> {
     let online_path = sys.join("devices/system/cpu/online");
-    let online = CpuSet::parse(&read(&online_path)?).map_err(|e| parse_err(&online_path, e.to_string()))?;
-    let max = online.cpus().last().copied().ok_or_else(|| parse_err(&online_path, "no CPU online"))?;
+    let online =
+        CpuSet::parse(&read(&online_path)?).map_err(|e| parse_err(&online_path, e.to_string()))?;
+    let max = online
+        .cpus()
+        .last()
+        .copied()
+        .ok_or_else(|| parse_err(&online_path, "no CPU online"))?;
     if online.len() != max as usize + 1 {
         // Offline holes would leave CPUs with no group; the engine never places on them anyway.
         tracing::warn!("CPUs {online} online: offline CPUs are treated as absent");
@@ -30,7 +41,11 @@ pub fn read_topology(sys: &Path, meminfo: &Path) -> Result<Host, TelemetryError>
     let cpus = max + 1;
     let mut groups: Vec<CpuSet> = Vec::new();
     for cpu in 0..cpus {
-        let set = if online.contains(cpu) { llc_group(sys, cpu)? } else { CpuSet::single(cpu) };
+        let set = if online.contains(cpu) {
+            llc_group(sys, cpu)?
+        } else {
+            CpuSet::single(cpu)
+        };
         if !groups.iter().any(|g| g.contains(cpu)) {
             groups.push(set);
         }
@@ -41,7 +56,12 @@ pub fn read_topology(sys: &Path, meminfo: &Path) -> Result<Host, TelemetryError>
         let mut names: Vec<(u32, PathBuf)> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().strip_prefix("node")?.parse::<u32>().ok()?;
+                let n = e
+                    .file_name()
+                    .to_string_lossy()
+                    .strip_prefix("node")?
+                    .parse::<u32>()
+                    .ok()?;
                 Some((n, e.path()))
             })
             .collect();
@@ -69,11 +89,18 @@ fn llc_group(sys: &Path, cpu: u32) -> Result<CpuSet, TelemetryError> {
     let mut best: Option<(u32, CpuSet)> = None;
     if let Ok(entries) = std::fs::read_dir(&cache) {
         for e in entries.filter_map(|e| e.ok()) {
-            let Some(idx) = e.file_name().to_string_lossy().strip_prefix("index").and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(idx) = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("index")
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             let path = e.path().join("shared_cpu_list");
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
             let set = CpuSet::parse(&text).map_err(|e| parse_err(&path, e.to_string()))?;
             if best.as_ref().is_none_or(|(b, _)| idx > *b) {
                 best = Some((idx, set));
@@ -90,29 +117,51 @@ pub struct MemInfo {
 
 pub fn parse_meminfo(text: &str) -> Option<MemInfo> {
     let field = |name: &str| -> Option<f64> {
-        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))?;
-        let kib: f64 = line[name.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))?;
+        let kib: f64 = line[name.len() + 1..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
         Some(kib / 1024.0)
     };
     let total_mib = field("MemTotal")?;
-    let available_mib = field("MemAvailable").or_else(|| field("MemFree")).unwrap_or(0.0);
-    Some(MemInfo { total_mib, available_mib })
+    let available_mib = field("MemAvailable")
+        .or_else(|| field("MemFree"))
+        .unwrap_or(0.0);
+    Some(MemInfo {
+        total_mib,
+        available_mib,
+    })
 }
 
 /// Parses one `/proc/pressure/*` file.
 pub fn parse_psi(text: &str) -> Option<Psi> {
     let avg10 = |kind: &str| -> Option<f64> {
         let line = text.lines().find(|l| l.starts_with(kind))?;
-        line.split_whitespace().find_map(|f| f.strip_prefix("avg10="))?.parse().ok()
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("avg10="))?
+            .parse()
+            .ok()
     };
     // The "full" line is absent for CPU pressure on older kernels.
-    Some(Psi { some_avg10: avg10("some")?, full_avg10: avg10("full").unwrap_or(0.0) })
+    Some(Psi {
+        some_avg10: avg10("some")?,
+        full_avg10: avg10("full").unwrap_or(0.0),
+    })
 }
 
 /// Parses `/proc/<pid>/task/<tid>/schedstat`: "cpu_ns wait_ns timeslices".
 pub fn parse_schedstat(text: &str) -> Option<VcpuStat> {
     let mut it = text.split_whitespace().map(|f| f.parse::<u64>().ok());
-    Some(VcpuStat { cpu_time_ns: it.next()??, wait_ns: it.next()??, timeslices: it.next()?? })
+    Some(VcpuStat {
+        cpu_time_ns: it.next()??,
+        wait_ns: it.next()??,
+        timeslices: it.next()??,
+    })
 }
 
 /// A VM the live host is watching: its vCPU threads and what the VMM reported.
@@ -143,7 +192,12 @@ impl LiveHost {
 
     pub fn open_at(sys: &Path, proc_root: &Path) -> Result<LiveHost, TelemetryError> {
         let host = read_topology(sys, &proc_root.join("meminfo"))?;
-        Ok(LiveHost { proc_root: proc_root.to_path_buf(), host, vms: Vec::new(), started: std::time::Instant::now() })
+        Ok(LiveHost {
+            proc_root: proc_root.to_path_buf(),
+            host,
+            vms: Vec::new(),
+            started: std::time::Instant::now(),
+        })
     }
 
     pub fn watch(&mut self, vm: WatchedVm) {
@@ -176,7 +230,8 @@ impl TelemetrySource for LiveHost {
 
     fn sample(&mut self) -> Result<Snapshot, TelemetryError> {
         let meminfo_path = self.proc_root.join("meminfo");
-        let mem = parse_meminfo(&read(&meminfo_path)?).ok_or_else(|| parse_err(&meminfo_path, "no MemTotal"))?;
+        let mem = parse_meminfo(&read(&meminfo_path)?)
+            .ok_or_else(|| parse_err(&meminfo_path, "no MemTotal"))?;
         let host = HostTelemetry {
             mem_total_mib: mem.total_mib,
             mem_available_mib: mem.available_mib,
@@ -188,8 +243,13 @@ impl TelemetrySource for LiveHost {
         for vm in &self.vms {
             let mut vcpus = Vec::with_capacity(vm.vcpu_tids.len());
             for tid in &vm.vcpu_tids {
-                let path = self.proc_root.join(format!("{}/task/{tid}/schedstat", vm.pid));
-                vcpus.push(parse_schedstat(&read(&path)?).ok_or_else(|| parse_err(&path, "expected three counters"))?);
+                let path = self
+                    .proc_root
+                    .join(format!("{}/task/{tid}/schedstat", vm.pid));
+                vcpus.push(
+                    parse_schedstat(&read(&path)?)
+                        .ok_or_else(|| parse_err(&path, "expected three counters"))?,
+                );
             }
             vms.push(VmTelemetry {
                 id: vm.id.clone(),
@@ -201,7 +261,11 @@ impl TelemetrySource for LiveHost {
                 devices: vm.devices.clone(),
             });
         }
-        Ok(Snapshot { t_s: self.started.elapsed().as_secs_f64(), host, vms })
+        Ok(Snapshot {
+            t_s: self.started.elapsed().as_secs_f64(),
+            host,
+            vms,
+        })
     }
 }
 
@@ -217,7 +281,8 @@ mod tests {
         let s = parse_schedstat("123 456 7\n").unwrap();
         assert_eq!((s.cpu_time_ns, s.wait_ns, s.timeslices), (123, 456, 7));
         assert!(parse_schedstat("1 2").is_none());
-        let m = parse_meminfo("MemTotal:       2048 kB\nMemFree: 10 kB\nMemAvailable:   1024 kB\n").unwrap();
+        let m = parse_meminfo("MemTotal:       2048 kB\nMemFree: 10 kB\nMemAvailable:   1024 kB\n")
+            .unwrap();
         assert_eq!((m.total_mib, m.available_mib), (2.0, 1.0));
     }
 
@@ -225,8 +290,14 @@ mod tests {
     #[test]
     fn reads_this_machine() {
         let mut live = LiveHost::open().expect("this machine's /sys and /proc must be readable");
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
-        assert!(live.host().cpus >= n, "sysfs lists {} CPUs, the scheduler offers {n}", live.host().cpus);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as u32;
+        assert!(
+            live.host().cpus >= n,
+            "sysfs lists {} CPUs, the scheduler offers {n}",
+            live.host().cpus
+        );
         assert!(live.host().memory_mib > 256);
         let pid = std::process::id();
         // Burn some CPU on this thread so its schedstat is non-zero.
@@ -248,7 +319,10 @@ mod tests {
             devices: vec![],
         });
         let snap = live.sample().expect("sample of this process");
-        assert!(snap.host.mem_total_mib > snap.host.mem_available_mib && snap.host.mem_available_mib > 0.0);
+        assert!(
+            snap.host.mem_total_mib > snap.host.mem_available_mib
+                && snap.host.mem_available_mib > 0.0
+        );
         assert!(snap.vms[0].vcpus[0].cpu_time_ns > 0);
         assert!(snap.host.psi_memory.some_avg10 >= 0.0);
     }
@@ -271,8 +345,14 @@ mod tests {
         };
         w("devices/system/cpu/online", "0-3\n");
         for c in 0..4 {
-            w(&format!("devices/system/cpu/cpu{c}/cache/index0/shared_cpu_list"), &format!("{c}\n"));
-            w(&format!("devices/system/cpu/cpu{c}/cache/index3/shared_cpu_list"), if c < 2 { "0-1\n" } else { "2-3\n" });
+            w(
+                &format!("devices/system/cpu/cpu{c}/cache/index0/shared_cpu_list"),
+                &format!("{c}\n"),
+            );
+            w(
+                &format!("devices/system/cpu/cpu{c}/cache/index3/shared_cpu_list"),
+                if c < 2 { "0-1\n" } else { "2-3\n" },
+            );
         }
         w("devices/system/node/node0/cpulist", "0-1\n");
         w("devices/system/node/node1/cpulist", "2-3\n");

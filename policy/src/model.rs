@@ -46,16 +46,32 @@ pub struct Schema {
 
 impl Schema {
     pub fn load(path: &Path) -> Result<Schema, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::Read { path: path.display().to_string(), msg: e.to_string() })?;
-        let s: Schema = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Schema { path: path.display().to_string(), msg: e.to_string() })?;
-        let bad = |msg: String| Err(ModelError::Schema { path: path.display().to_string(), msg });
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let s: Schema = serde_json::from_str(&text).map_err(|e| ModelError::Schema {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let bad = |msg: String| {
+            Err(ModelError::Schema {
+                path: path.display().to_string(),
+                msg,
+            })
+        };
         if s.features.is_empty() || s.features.len() > 256 {
             return bad(format!("{} features (want 1..=256)", s.features.len()));
         }
-        if let Some(f) = s.features.iter().find(|f| !(f.min.is_finite() && f.max.is_finite() && f.min <= f.max)) {
-            return bad(format!("feature {} has range [{}, {}]", f.name, f.min, f.max));
+        if let Some(f) = s
+            .features
+            .iter()
+            .find(|f| !(f.min.is_finite() && f.max.is_finite() && f.min <= f.max))
+        {
+            return bad(format!(
+                "feature {} has range [{}, {}]",
+                f.name, f.min, f.max
+            ));
         }
         if !(s.output_min.is_finite() && s.output_max.is_finite() && s.output_min <= s.output_max) {
             return bad("bad output range".into());
@@ -78,10 +94,14 @@ impl Schema {
     /// The first feature outside its training range (widened by `slack` of the
     /// range on each side), if any: the model would be extrapolating.
     pub fn out_of_distribution(&self, row: &[f32], slack: f32) -> Option<(usize, f32)> {
-        self.features.iter().zip(row).enumerate().find_map(|(i, (f, &x))| {
-            let pad = slack * (f.max - f.min).max(1e-3);
-            (x < f.min - pad || x > f.max + pad).then_some((i, x))
-        })
+        self.features
+            .iter()
+            .zip(row)
+            .enumerate()
+            .find_map(|(i, (f, &x))| {
+                let pad = slack * (f.max - f.min).max(1e-3);
+                (x < f.min - pad || x > f.max + pad).then_some((i, x))
+            })
     }
 }
 
@@ -93,13 +113,15 @@ pub fn runtime() -> Result<&'static ort::environment::Environment, ModelError> {
         None => Err("ORT_DYLIB_PATH is not set (run policy/training/setup.sh and export the path it prints)".into()),
         Some(p) => load_runtime(Path::new(&p)),
     });
-    r.as_ref().map_err(|e| ModelError::RuntimeUnavailable(e.clone()))
+    r.as_ref()
+        .map_err(|e| ModelError::RuntimeUnavailable(e.clone()))
 }
 
 /// Loads ONNX Runtime once per process from `path` (the first load wins).
 pub fn runtime_from(path: &Path) -> Result<&'static ort::environment::Environment, ModelError> {
     let r = RUNTIME.get_or_init(|| load_runtime(path));
-    r.as_ref().map_err(|e| ModelError::RuntimeUnavailable(e.clone()))
+    r.as_ref()
+        .map_err(|e| ModelError::RuntimeUnavailable(e.clone()))
 }
 
 fn load_runtime(path: &Path) -> Result<ort::environment::Environment, String> {
@@ -109,7 +131,10 @@ fn load_runtime(path: &Path) -> Result<ort::environment::Environment, String> {
         return Err(format!("{} does not exist", path.display()));
     }
     let builder = ort::init_from(path).map_err(|e| format!("loading {}: {e}", path.display()))?;
-    builder.with_name("kiln-policy").build().map_err(|e| format!("initialising {}: {e}", path.display()))
+    builder
+        .with_name("kiln-policy")
+        .build()
+        .map_err(|e| format!("initialising {}: {e}", path.display()))
 }
 
 /// A loaded model with its schema.
@@ -132,8 +157,14 @@ impl Model {
         let env = runtime()?;
         let schema = Schema::load(&dir.join(format!("{name}.schema.json")))?;
         let path = dir.join(format!("{name}.onnx"));
-        let mismatch = |msg: String| ModelError::Mismatch { name: name.to_string(), msg };
-        let read_err = |e: String| ModelError::Read { path: path.display().to_string(), msg: e };
+        let mismatch = |msg: String| ModelError::Mismatch {
+            name: name.to_string(),
+            msg,
+        };
+        let read_err = |e: String| ModelError::Read {
+            path: path.display().to_string(),
+            msg: e,
+        };
         let session = ort::session::Session::builder(env)
             .map_err(|e| read_err(e.to_string()))?
             .with_intra_threads(1)
@@ -145,7 +176,10 @@ impl Model {
         let inputs = session.inputs();
         if inputs.len() != 1 || inputs[0].name() != schema.input {
             let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
-            return Err(mismatch(format!("inputs {names:?}, schema says [{:?}]", schema.input)));
+            return Err(mismatch(format!(
+                "inputs {names:?}, schema says [{:?}]",
+                schema.input
+            )));
         }
         let ty = inputs[0].dtype();
         if ty.tensor_type() != Some(ort::value::TensorElementType::Float32) {
@@ -153,27 +187,51 @@ impl Model {
         }
         let shape = ty.tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
         if shape.len() != 2 || shape[1] != schema.features.len() as i64 {
-            return Err(mismatch(format!("input shape {shape:?}, schema has {} features", schema.features.len())));
+            return Err(mismatch(format!(
+                "input shape {shape:?}, schema has {} features",
+                schema.features.len()
+            )));
         }
         if !session.outputs().iter().any(|o| o.name() == schema.output) {
             let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-            return Err(mismatch(format!("outputs {names:?} lack {:?}", schema.output)));
+            return Err(mismatch(format!(
+                "outputs {names:?} lack {:?}",
+                schema.output
+            )));
         }
-        Ok(Model { schema, path, session })
+        Ok(Model {
+            schema,
+            path,
+            session,
+        })
     }
 
     /// Runs the model on `rows` (row-major, `features` columns each); one output per row.
     pub fn predict(&mut self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         let k = self.schema.features.len();
-        let fail = |msg: String| ModelError::Inference { name: self.schema.name.clone(), msg };
+        let fail = |msg: String| ModelError::Inference {
+            name: self.schema.name.clone(),
+            msg,
+        };
         if rows.is_empty() || !rows.len().is_multiple_of(k) {
-            return Err(fail(format!("{} values is not a whole number of {k}-feature rows", rows.len())));
+            return Err(fail(format!(
+                "{} values is not a whole number of {k}-feature rows",
+                rows.len()
+            )));
         }
         let n = rows.len() / k;
-        let input = ort::value::TensorRef::from_array_view(([n, k], rows)).map_err(|e| fail(e.to_string()))?;
-        let outputs = self.session.run(ort::inputs![self.schema.input.as_str() => input]).map_err(|e| fail(e.to_string()))?;
-        let out = outputs.get(self.schema.output.as_str()).ok_or_else(|| fail("output missing".into()))?;
-        let (_, values) = out.try_extract_tensor::<f32>().map_err(|e| fail(e.to_string()))?;
+        let input = ort::value::TensorRef::from_array_view(([n, k], rows))
+            .map_err(|e| fail(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.schema.input.as_str() => input])
+            .map_err(|e| fail(e.to_string()))?;
+        let out = outputs
+            .get(self.schema.output.as_str())
+            .ok_or_else(|| fail("output missing".into()))?;
+        let (_, values) = out
+            .try_extract_tensor::<f32>()
+            .map_err(|e| fail(e.to_string()))?;
         if values.len() != n {
             return Err(fail(format!("{} outputs for {n} rows", values.len())));
         }

@@ -83,7 +83,10 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot parse {path}: {msg}")]
     Parse { path: String, msg: String },
     #[error("host topology: {0}")]

@@ -9,7 +9,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     #[error("cannot open trace {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("trace CSV: {0}")]
     Csv(#[from] csv::Error),
     #[error("trace header lacks required column {0:?}")]
@@ -106,23 +109,37 @@ impl Trace {
     }
 
     pub fn load(path: &Path) -> Result<Trace, TraceError> {
-        let f = std::fs::File::open(path)
-            .map_err(|source| TraceError::Open { path: path.display().to_string(), source })?;
+        let f = std::fs::File::open(path).map_err(|source| TraceError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         Trace::read(std::io::BufReader::new(f))
     }
 
     pub fn read<R: Read>(reader: R) -> Result<Trace, TraceError> {
-        let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).comment(Some(b'#')).from_reader(reader);
+        let mut rdr = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .comment(Some(b'#'))
+            .from_reader(reader);
         let headers = rdr.headers()?.clone();
         let col = |name: &'static str| {
-            headers.iter().position(|h| h == name).ok_or(TraceError::MissingColumn(name))
+            headers
+                .iter()
+                .position(|h| h == name)
+                .ok_or(TraceError::MissingColumn(name))
         };
         let (c_t, c_vm, c_vcpus, c_mem) = (col("t_s")?, col("vm")?, col("vcpus")?, col("mem_mib")?);
         let (c_cpu, c_ws, c_io) = (col("cpu_demand")?, col("ws_mib")?, col("io_iops")?);
         let c_class = col("class").ok();
         let c_floor = col("floor_mib").ok();
 
-        struct Row { t: f64, vm: usize, cpu: f64, ws: f64, io: f64 }
+        struct Row {
+            t: f64,
+            vm: usize,
+            cpu: f64,
+            ws: f64,
+            io: f64,
+        }
         let mut vm_index: HashMap<String, usize> = HashMap::new();
         let mut vms: Vec<VmInfo> = Vec::new();
         let mut rows = Vec::new();
@@ -132,7 +149,9 @@ impl Trace {
             let err = |msg: String| TraceError::Row { line, msg };
             let field = |i: usize| rec.get(i).unwrap_or("");
             let num = |i: usize, name: &str| -> Result<f64, TraceError> {
-                let v: f64 = field(i).parse().map_err(|_| err(format!("{name} = {:?} is not a number", field(i))))?;
+                let v: f64 = field(i)
+                    .parse()
+                    .map_err(|_| err(format!("{name} = {:?} is not a number", field(i))))?;
                 if !v.is_finite() || v < 0.0 {
                     return Err(err(format!("{name} = {v} must be finite and not negative")));
                 }
@@ -144,25 +163,36 @@ impl Trace {
             }
             let vcpus = num(c_vcpus, "vcpus")?;
             if vcpus < 1.0 || vcpus > MAX_VCPUS as f64 || vcpus.fract() != 0.0 {
-                return Err(err(format!("vcpus = {vcpus} must be an integer in 1..={MAX_VCPUS}")));
+                return Err(err(format!(
+                    "vcpus = {vcpus} must be an integer in 1..={MAX_VCPUS}"
+                )));
             }
             let mem = num(c_mem, "mem_mib")?;
             if mem < 64.0 {
                 return Err(err(format!("mem_mib = {mem} is below 64")));
             }
             let class = match c_class {
-                Some(i) => VmClass::parse(field(i)).ok_or_else(|| err(format!("unknown class {:?}", field(i))))?,
+                Some(i) => VmClass::parse(field(i))
+                    .ok_or_else(|| err(format!("unknown class {:?}", field(i))))?,
                 None => VmClass::General,
             };
             let floor = match c_floor {
                 Some(i) if !field(i).is_empty() => num(i, "floor_mib")?.min(mem),
                 _ => default_floor_mib(mem),
             };
-            let info = VmInfo { name: name.to_string(), vcpus: vcpus as u32, mem_mib: mem, class, floor_mib: floor };
+            let info = VmInfo {
+                name: name.to_string(),
+                vcpus: vcpus as u32,
+                mem_mib: mem,
+                class,
+                floor_mib: floor,
+            };
             let vm = match vm_index.get(name) {
                 Some(&i) => {
                     if vms[i] != info {
-                        return Err(err(format!("vm {name} changes vcpus, mem_mib, class or floor_mib mid-trace")));
+                        return Err(err(format!(
+                            "vm {name} changes vcpus, mem_mib, class or floor_mib mid-trace"
+                        )));
                     }
                     i
                 }
@@ -179,7 +209,13 @@ impl Trace {
             if cpu > vcpus {
                 return Err(err(format!("cpu_demand = {cpu} exceeds vcpus = {vcpus}")));
             }
-            rows.push(Row { t: num(c_t, "t_s")?, vm, cpu, ws: num(c_ws, "ws_mib")?, io: num(c_io, "io_iops")? });
+            rows.push(Row {
+                t: num(c_t, "t_s")?,
+                vm,
+                cpu,
+                ws: num(c_ws, "ws_mib")?,
+                io: num(c_io, "io_iops")?,
+            });
             if rows.len() > MAX_CELLS {
                 return Err(TraceError::Invalid(format!("more than {MAX_CELLS} rows")));
             }
@@ -191,7 +227,11 @@ impl Trace {
         times.sort_unstable_by(|a, b| a.total_cmp(b));
         times.dedup();
         let start_s = times[0];
-        let step_s = if times.len() > 1 { times[1] - times[0] } else { 10.0 };
+        let step_s = if times.len() > 1 {
+            times[1] - times[0]
+        } else {
+            10.0
+        };
         for (i, w) in times.windows(2).enumerate() {
             if ((w[1] - w[0]) - step_s).abs() > 1e-6 * step_s.max(1.0) {
                 return Err(TraceError::Invalid(format!(
@@ -216,7 +256,10 @@ impl Trace {
             let step = ((r.t - start_s) / step_s).round() as usize;
             let i = trace.at(step, r.vm);
             if seen[i] {
-                return Err(TraceError::Invalid(format!("vm {} appears twice at t_s = {}", trace.vms[r.vm].name, r.t)));
+                return Err(TraceError::Invalid(format!(
+                    "vm {} appears twice at t_s = {}",
+                    trace.vms[r.vm].name, r.t
+                )));
             }
             seen[i] = true;
             trace.cpu[i] = r.cpu;
@@ -235,7 +278,10 @@ impl Trace {
 
     pub fn write<W: Write>(&self, w: W) -> Result<(), TraceError> {
         let mut out = std::io::BufWriter::new(w);
-        writeln!(out, "t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class,floor_mib")?;
+        writeln!(
+            out,
+            "t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class,floor_mib"
+        )?;
         for s in 0..self.steps {
             for (v, vm) in self.vms.iter().enumerate() {
                 let i = self.at(s, v);
@@ -284,7 +330,10 @@ mod tests {
 
     #[test]
     fn minimal_columns_are_enough() {
-        let t = Trace::read("t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops\n0,x,1,512,0.1,100,0\n".as_bytes()).unwrap();
+        let t = Trace::read(
+            "t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops\n0,x,1,512,0.1,100,0\n".as_bytes(),
+        )
+        .unwrap();
         assert_eq!(t.vms[0].class, VmClass::General);
         assert_eq!(t.vms[0].floor_mib, default_floor_mib(512.0));
     }
@@ -295,11 +344,23 @@ mod tests {
             (SMALL.replace("0.5,900", "NaN,900"), "cpu_demand"),
             (SMALL.replace("3.5,2100", "5.0,2100"), "exceeds vcpus"),
             (SMALL.replace("10,a,2,2048", "10,a,3,2048"), "changes vcpus"),
-            (SMALL.replace("10,a,2,2048,0.6", "25,a,2,2048,0.6"), "evenly spaced"),
+            (
+                SMALL.replace("10,a,2,2048,0.6", "25,a,2,2048,0.6"),
+                "evenly spaced",
+            ),
             (SMALL.replace("io_iops,class", "iops,class"), "io_iops"),
             (SMALL.replace(",batch\n10", ",gpu\n10"), "unknown class"),
-            (SMALL.replace("0,b,4,4096,3.0,2000,0,batch", "0,a,2,2048,0.5,900,100,latency-critical"), "twice"),
-            (format!("{SMALL}20,a,2,2048,0.6,950,120,latency-critical\n"), "no row"),
+            (
+                SMALL.replace(
+                    "0,b,4,4096,3.0,2000,0,batch",
+                    "0,a,2,2048,0.5,900,100,latency-critical",
+                ),
+                "twice",
+            ),
+            (
+                format!("{SMALL}20,a,2,2048,0.6,950,120,latency-critical\n"),
+                "no row",
+            ),
             (SMALL.replace("900,100", "-900,100"), "not negative"),
         ];
         for (text, want) in cases {

@@ -63,7 +63,14 @@ pub struct GenSpec {
 
 impl Default for GenSpec {
     fn default() -> Self {
-        GenSpec { vms: 50, hours: 24.0, step_s: 10.0, seed: 1, split: Split::Eval, mix: DEFAULT_MIX }
+        GenSpec {
+            vms: 50,
+            hours: 24.0,
+            step_s: 10.0,
+            seed: 1,
+            split: Split::Eval,
+            mix: DEFAULT_MIX,
+        }
     }
 }
 
@@ -94,7 +101,11 @@ struct Wander {
 
 impl Wander {
     fn new(keep: f64, scale: f64) -> Self {
-        Wander { x: 0.0, keep, scale }
+        Wander {
+            x: 0.0,
+            keep,
+            scale,
+        }
     }
     fn next(&mut self, rng: &mut Prng) -> f64 {
         self.x = self.keep * self.x + (1.0 - self.keep * self.keep).sqrt() * rng.normal();
@@ -106,14 +117,21 @@ const DAY_S: f64 = 86_400.0;
 
 pub fn generate(spec: &GenSpec) -> Result<Trace, GenError> {
     if spec.vms == 0 || spec.vms > 5000 {
-        return Err(GenError::Invalid(format!("vms = {} must be 1..=5000", spec.vms)));
+        return Err(GenError::Invalid(format!(
+            "vms = {} must be 1..=5000",
+            spec.vms
+        )));
     }
     if !(spec.step_s >= 1.0 && spec.hours > 0.0 && spec.hours <= 24.0 * 14.0) {
-        return Err(GenError::Invalid("need step_s >= 1 and 0 < hours <= 336".into()));
+        return Err(GenError::Invalid(
+            "need step_s >= 1 and 0 < hours <= 336".into(),
+        ));
     }
     let total: f64 = spec.mix.iter().sum();
     if total.is_nan() || total <= 0.0 || spec.mix.iter().any(|w| w.is_nan() || *w < 0.0) {
-        return Err(GenError::Invalid("mix weights must be non-negative with a positive sum".into()));
+        return Err(GenError::Invalid(
+            "mix weights must be non-negative with a positive sum".into(),
+        ));
     }
     let steps = ((spec.hours * 3600.0) / spec.step_s).round().max(1.0) as usize;
     let n = spec.vms;
@@ -128,7 +146,11 @@ pub fn generate(spec: &GenSpec) -> Result<Trace, GenError> {
         iops: vec![0.0; steps * n],
     };
     for (v, shape) in shapes.into_iter().enumerate() {
-        let mut rng = Prng::new(spec.seed.wrapping_mul(0x1000_0001).wrapping_add(v as u64 * 7919 + 1));
+        let mut rng = Prng::new(
+            spec.seed
+                .wrapping_mul(0x1000_0001)
+                .wrapping_add(v as u64 * 7919 + 1),
+        );
         let series = gen_vm(shape, spec.split, steps, spec.step_s, &mut rng);
         trace.vms.push(VmInfo {
             name: format!("{}-{v:02}", short(shape)),
@@ -163,7 +185,9 @@ fn assign_shapes(n: usize, mix: &[f64; 5]) -> Vec<Shape> {
     let quotas: Vec<f64> = mix.iter().map(|w| w / total * n as f64).collect();
     let mut counts: Vec<usize> = quotas.iter().map(|q| q.floor() as usize).collect();
     let mut order: Vec<usize> = (0..5).collect();
-    order.sort_by(|&a, &b| (quotas[b] - quotas[b].floor()).total_cmp(&(quotas[a] - quotas[a].floor())));
+    order.sort_by(|&a, &b| {
+        (quotas[b] - quotas[b].floor()).total_cmp(&(quotas[a] - quotas[a].floor()))
+    });
     let mut missing = n - counts.iter().sum::<usize>();
     for &k in order.iter().cycle() {
         if missing == 0 {
@@ -194,7 +218,8 @@ struct Series {
 }
 
 fn gen_vm(shape: Shape, split: Split, steps: usize, dt: f64, rng: &mut Prng) -> Series {
-    let pick = |rng: &mut Prng, options: &[f64]| options[rng.int(0, options.len() as u64 - 1) as usize];
+    let pick =
+        |rng: &mut Prng, options: &[f64]| options[rng.int(0, options.len() as u64 - 1) as usize];
     let (vcpus, mem_mib) = match shape {
         Shape::DiurnalService => (pick(rng, &[2.0, 4.0]), pick(rng, &[4096.0, 8192.0])),
         Shape::BatchBurst => (pick(rng, &[4.0, 6.0]), pick(rng, &[8192.0, 12288.0])),
@@ -206,7 +231,8 @@ fn gen_vm(shape: Shape, split: Split, steps: usize, dt: f64, rng: &mut Prng) -> 
     let mut ws = vec![0.0; steps];
     let mut iops = vec![0.0; steps];
     let phase = rng.range(0.0, DAY_S);
-    let day = |t: f64, phase: f64| 0.5 + 0.5 * (2.0 * std::f64::consts::PI * (t - phase) / DAY_S).sin();
+    let day =
+        |t: f64, phase: f64| 0.5 + 0.5 * (2.0 * std::f64::consts::PI * (t - phase) / DAY_S).sin();
     match shape {
         Shape::DiurnalService => {
             let base = split_range(rng, split, 0.05, 0.12, 0.2) * vcpus;
@@ -317,7 +343,13 @@ fn gen_vm(shape: Shape, split: Split, steps: usize, dt: f64, rng: &mut Prng) -> 
         ws[s] = ws[s].clamp(64.0, mem_mib * 0.95);
         iops[s] = iops[s].max(0.0);
     }
-    Series { vcpus: vcpus as u32, mem_mib, cpu, ws, iops }
+    Series {
+        vcpus: vcpus as u32,
+        mem_mib,
+        cpu,
+        ws,
+        iops,
+    }
 }
 
 #[cfg(test)]
@@ -326,10 +358,18 @@ mod tests {
 
     #[test]
     fn same_seed_same_trace_other_seed_differs() {
-        let spec = GenSpec { vms: 10, hours: 2.0, ..GenSpec::default() };
+        let spec = GenSpec {
+            vms: 10,
+            hours: 2.0,
+            ..GenSpec::default()
+        };
         let a = generate(&spec).unwrap();
         assert_eq!(a, generate(&spec).unwrap());
-        let b = generate(&GenSpec { seed: 2, ..spec.clone() }).unwrap();
+        let b = generate(&GenSpec {
+            seed: 2,
+            ..spec.clone()
+        })
+        .unwrap();
         assert_ne!(a.ws, b.ws);
         assert_eq!(a.steps, 720);
     }
@@ -338,14 +378,27 @@ mod tests {
     fn mix_is_apportioned_exactly() {
         let shapes = assign_shapes(50, &DEFAULT_MIX);
         let count = |s| shapes.iter().filter(|x| **x == s).count();
-        assert_eq!(count(Shape::LatencyCritical) + count(Shape::BatchBurst) + count(Shape::DiurnalService) + count(Shape::IdleDesktop) + count(Shape::MemoryLeak), 50);
+        assert_eq!(
+            count(Shape::LatencyCritical)
+                + count(Shape::BatchBurst)
+                + count(Shape::DiurnalService)
+                + count(Shape::IdleDesktop)
+                + count(Shape::MemoryLeak),
+            50
+        );
         assert_eq!(count(Shape::DiurnalService), 14);
         assert_eq!(count(Shape::LatencyCritical), 6);
     }
 
     #[test]
     fn values_stay_within_the_vm() {
-        let t = generate(&GenSpec { vms: 25, hours: 6.0, split: Split::Train, ..GenSpec::default() }).unwrap();
+        let t = generate(&GenSpec {
+            vms: 25,
+            hours: 6.0,
+            split: Split::Train,
+            ..GenSpec::default()
+        })
+        .unwrap();
         for s in 0..t.steps {
             for (v, vm) in t.vms.iter().enumerate() {
                 let i = t.at(s, v);
@@ -357,8 +410,20 @@ mod tests {
 
     #[test]
     fn rejects_silly_specs() {
-        assert!(generate(&GenSpec { vms: 0, ..GenSpec::default() }).is_err());
-        assert!(generate(&GenSpec { mix: [0.0; 5], ..GenSpec::default() }).is_err());
-        assert!(generate(&GenSpec { step_s: 0.0, ..GenSpec::default() }).is_err());
+        assert!(generate(&GenSpec {
+            vms: 0,
+            ..GenSpec::default()
+        })
+        .is_err());
+        assert!(generate(&GenSpec {
+            mix: [0.0; 5],
+            ..GenSpec::default()
+        })
+        .is_err());
+        assert!(generate(&GenSpec {
+            step_s: 0.0,
+            ..GenSpec::default()
+        })
+        .is_err());
     }
 }

@@ -20,7 +20,9 @@ impl Prng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Prng { s: [next(), next(), next(), next()] }
+        Prng {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -96,7 +98,12 @@ impl CpuSet {
     /// Parses the kernel's list format ("0-3,8,10-11"), as in sysfs.
     pub fn parse(text: &str) -> Result<Self, CpuListError> {
         let mut cpus = Vec::new();
-        for part in text.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in text
+            .trim()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let bad = || CpuListError::Element(part.to_string());
             let (lo, hi) = match part.split_once('-') {
                 Some((a, b)) => (
@@ -140,7 +147,13 @@ impl CpuSet {
     }
 
     pub fn minus(&self, other: &CpuSet) -> CpuSet {
-        CpuSet(self.0.iter().copied().filter(|c| !other.contains(*c)).collect())
+        CpuSet(
+            self.0
+                .iter()
+                .copied()
+                .filter(|c| !other.contains(*c))
+                .collect(),
+        )
     }
 
     pub fn union(&self, other: &CpuSet) -> CpuSet {
@@ -201,17 +214,32 @@ mod tests {
 
     #[test]
     fn cpu_list_rejects_garbage() {
-        assert!(matches!(CpuSet::parse("1-x"), Err(CpuListError::Element(_))));
+        assert!(matches!(
+            CpuSet::parse("1-x"),
+            Err(CpuListError::Element(_))
+        ));
         assert_eq!(CpuSet::parse("5-2"), Err(CpuListError::Reversed(5, 2)));
-        assert!(matches!(CpuSet::parse("0-4294967295"), Err(CpuListError::TooLarge(..))));
+        assert!(matches!(
+            CpuSet::parse("0-4294967295"),
+            Err(CpuListError::TooLarge(..))
+        ));
     }
 
     #[test]
     fn prng_is_stable_for_a_seed() {
-        let a: Vec<u64> = { let mut p = Prng::new(7); (0..4).map(|_| p.next_u64()).collect() };
-        let b: Vec<u64> = { let mut p = Prng::new(7); (0..4).map(|_| p.next_u64()).collect() };
+        let a: Vec<u64> = {
+            let mut p = Prng::new(7);
+            (0..4).map(|_| p.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut p = Prng::new(7);
+            (0..4).map(|_| p.next_u64()).collect()
+        };
         assert_eq!(a, b);
-        assert_ne!(a, { let mut p = Prng::new(8); (0..4).map(|_| p.next_u64()).collect::<Vec<_>>() });
+        assert_ne!(a, {
+            let mut p = Prng::new(8);
+            (0..4).map(|_| p.next_u64()).collect::<Vec<_>>()
+        });
     }
 
     #[test]

@@ -14,23 +14,55 @@ use std::sync::atomic::Ordering;
 
 #[test]
 fn missing_runtime_warns_once_and_runs_the_heuristic() {
-    let err = runtime_from(Path::new("/nonexistent/libonnxruntime.so.1")).expect_err("bogus path must not load");
-    assert!(matches!(err, ModelError::RuntimeUnavailable(ref m) if m.contains("/nonexistent")), "{err}");
+    let err = runtime_from(Path::new("/nonexistent/libonnxruntime.so.1"))
+        .expect_err("bogus path must not load");
+    assert!(
+        matches!(err, ModelError::RuntimeUnavailable(ref m) if m.contains("/nonexistent")),
+        "{err}"
+    );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let a = Models::load_or_heuristic(&dir);
     let b = Models::load_or_heuristic(&dir);
     assert!(a.balloon.is_none() && a.cpu.is_none() && a.device.is_none() && b.balloon.is_none());
-    assert_eq!(RUNTIME_WARNINGS.load(Ordering::SeqCst), 1, "said once, not once per attempt");
+    assert_eq!(
+        RUNTIME_WARNINGS.load(Ordering::SeqCst),
+        1,
+        "said once, not once per attempt"
+    );
 
-    let host = Host::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/host-32.toml")).unwrap();
-    let trace = generate(&GenSpec { vms: 10, hours: 2.0, seed: 5, ..GenSpec::default() }).unwrap();
-    let cfg = GuardConfig { warmup_s: 0.0, ..GuardConfig::default() };
+    let host =
+        Host::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/host-32.toml")).unwrap();
+    let trace = generate(&GenSpec {
+        vms: 10,
+        hours: 2.0,
+        seed: 5,
+        ..GenSpec::default()
+    })
+    .unwrap();
+    let cfg = GuardConfig {
+        warmup_s: 0.0,
+        ..GuardConfig::default()
+    };
     let mut engine = Engine::new(Mode::Active, cfg, a, AuditLog::new(100_000));
     let r = run_policy(&host, &trace, &mut engine).unwrap();
     assert_eq!(r.metrics.oom_events, 0);
-    assert!(r.metrics.reclaimed_pct() > 5.0, "the heuristic balloon still reclaims: {}", r.metrics.reclaimed_pct());
-    assert_eq!(r.metrics.lc_wait_p99_ms(), 0.0, "pack/spread gives LC guests exclusive CPUs");
-    let recs = engine.audit.query(&AuditQuery { lever: Some(Lever::Balloon), ..Default::default() });
+    assert!(
+        r.metrics.reclaimed_pct() > 5.0,
+        "the heuristic balloon still reclaims: {}",
+        r.metrics.reclaimed_pct()
+    );
+    assert_eq!(
+        r.metrics.lc_wait_p99_ms(),
+        0.0,
+        "pack/spread gives LC guests exclusive CPUs"
+    );
+    let recs = engine.audit.query(&AuditQuery {
+        lever: Some(Lever::Balloon),
+        ..Default::default()
+    });
     assert!(!recs.is_empty());
-    assert!(recs.iter().all(|r| r.model.is_none() && r.reason.contains("heuristic") || r.guardrails.iter().any(|g| g == "pressure-escape")));
+    assert!(recs
+        .iter()
+        .all(|r| r.model.is_none() && r.reason.contains("heuristic")
+            || r.guardrails.iter().any(|g| g == "pressure-escape")));
 }

@@ -51,7 +51,8 @@ impl DeviceConfigs {
         where
             T::Err: std::fmt::Display,
         {
-            text.parse().map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e}"))
+            text.parse()
+                .map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e}"))
         }
         let mut d = DeviceConfigs::default();
         for (i, text) in flags.disks.iter().enumerate() {
@@ -71,10 +72,26 @@ impl DeviceConfigs {
             }
             d.nets.push(net);
         }
-        d.vsock = flags.vsock.as_deref().map(|t| parse("--vsock", t)).transpose()?;
-        d.console = flags.console.as_deref().map(|t| parse("--virtio-console", t)).transpose()?;
-        d.balloon = flags.balloon.as_deref().map(|t| parse("--balloon", t)).transpose()?;
-        d.rng = flags.rng.as_deref().map(|t| parse("--rng", t)).transpose()?;
+        d.vsock = flags
+            .vsock
+            .as_deref()
+            .map(|t| parse("--vsock", t))
+            .transpose()?;
+        d.console = flags
+            .console
+            .as_deref()
+            .map(|t| parse("--virtio-console", t))
+            .transpose()?;
+        d.balloon = flags
+            .balloon
+            .as_deref()
+            .map(|t| parse("--balloon", t))
+            .transpose()?;
+        d.rng = flags
+            .rng
+            .as_deref()
+            .map(|t| parse("--rng", t))
+            .transpose()?;
         Ok(d)
     }
 }
@@ -251,13 +268,20 @@ mod tests {
         std::fs::write(&empty, b"").unwrap();
 
         let err = |r: Result<()>| format!("{:#}", r.unwrap_err());
-        assert!(err(validate(&dir.join("nope"), None, 1, 64 << 20, None)).contains("cannot open kernel"));
+        assert!(err(validate(&dir.join("nope"), None, 1, 64 << 20, None))
+            .contains("cannot open kernel"));
         assert!(err(validate(&empty, None, 1, 64 << 20, None)).contains("is empty"));
-        assert!(err(validate(&kernel, None, 0, 64 << 20, None)).contains("--cpus must be at least 1"));
+        assert!(
+            err(validate(&kernel, None, 0, 64 << 20, None)).contains("--cpus must be at least 1")
+        );
         assert!(err(validate(&kernel, None, 255, 64 << 20, None)).contains("254"));
         assert!(err(validate(&kernel, None, 1, 1 << 20, None)).contains("too small"));
-        assert!(err(validate(&kernel, None, 1, 8 << 30, Some(4 << 30))).contains("more than this host"));
-        assert!(err(validate(&kernel, Some(&dir), 1, 64 << 20, None)).contains("not a regular file"));
+        assert!(
+            err(validate(&kernel, None, 1, 8 << 30, Some(4 << 30))).contains("more than this host")
+        );
+        assert!(
+            err(validate(&kernel, Some(&dir), 1, 64 << 20, None)).contains("not a regular file")
+        );
         validate(&kernel, None, 2, 512 << 20, Some(4 << 30)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

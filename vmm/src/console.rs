@@ -27,14 +27,25 @@ pub struct ConsoleInput {
 
 impl ConsoleInput {
     pub fn new(input: File, serial: Arc<Mutex<SerialConsole>>, rx_room: EventFd) -> Self {
-        ConsoleInput { input, serial, rx_room, pending: Vec::new(), polling_input: false, at_eof: false }
+        ConsoleInput {
+            input,
+            serial,
+            rx_room,
+            pending: Vec::new(),
+            polling_input: false,
+            at_eof: false,
+        }
     }
 
     fn push_pending(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        let taken = self.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&self.pending);
+        let taken = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_input(&self.pending);
         self.pending.drain(..taken);
     }
 
@@ -43,7 +54,11 @@ impl ConsoleInput {
             return;
         }
         let events = Events::new(&self.input, EventSet::IN);
-        let result = if on { ops.add(events) } else { ops.remove(events) };
+        let result = if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
         match result {
             Ok(()) => self.polling_input = on,
             Err(e) => {
@@ -112,20 +127,28 @@ pub struct ConsoleOutputFlush {
 
 impl ConsoleOutputFlush {
     pub fn new(serial: Arc<Mutex<SerialConsole>>, flush_needed: EventFd) -> Self {
-        ConsoleOutputFlush { serial, flush_needed }
+        ConsoleOutputFlush {
+            serial,
+            flush_needed,
+        }
     }
 }
 
 impl MutEventSubscriber for ConsoleOutputFlush {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.flush_needed, EventSet::IN)) {
-            tracing::warn!("console output flushing disabled, partial lines wait for a newline: {e:?}");
+            tracing::warn!(
+                "console output flushing disabled, partial lines wait for a newline: {e:?}"
+            );
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.flush_needed.read();
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 }
 

@@ -38,16 +38,23 @@ impl ControlSocket {
     pub fn start(path: &Path, handles: DeviceHandles) -> Result<ControlSocket> {
         if path.exists() {
             // A socket nobody listens on is stale; anything else is not ours.
-            let stale = std::fs::symlink_metadata(path).map(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }).unwrap_or(false) && UnixStream::connect(path).is_err();
+            let stale = std::fs::symlink_metadata(path)
+                .map(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                })
+                .unwrap_or(false)
+                && UnixStream::connect(path).is_err();
             if !stale {
-                anyhow::bail!("control socket {} already exists and is in use (or is not a socket)", path.display());
+                anyhow::bail!(
+                    "control socket {} already exists and is in use (or is not a socket)",
+                    path.display()
+                );
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).with_context(|| format!("cannot create control socket {}", path.display()))?;
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot create control socket {}", path.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -59,11 +66,17 @@ impl ControlSocket {
                     }
                     let handles = handles.clone();
                     // One thread per client, so a slow client does not block others.
-                    let _ = std::thread::Builder::new().name("kiln-control-client".into()).spawn(move || serve(stream, &handles));
+                    let _ = std::thread::Builder::new()
+                        .name("kiln-control-client".into())
+                        .spawn(move || serve(stream, &handles));
                 }
             })
             .context("starting the control socket thread")?;
-        Ok(ControlSocket { path: path.to_path_buf(), stop, thread: Some(thread) })
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -84,7 +97,9 @@ impl Drop for ControlSocket {
 
 fn serve(stream: UnixStream, handles: &DeviceHandles) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
-    let Ok(mut out) = stream.try_clone() else { return };
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream).take(1 << 20);
     let mut line = String::new();
     loop {
@@ -116,13 +131,23 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
             Ok(format!("running devices={}", names.join(",")))
         }
         Some("balloon") => {
-            let balloon = handles.balloon.as_ref().context("this VM has no balloon (start it with --balloon)")?;
-            let mib: u64 = words.next().context("usage: balloon <target MiB>")?.parse().context("the target must be a number of MiB")?;
+            let balloon = handles
+                .balloon
+                .as_ref()
+                .context("this VM has no balloon (start it with --balloon)")?;
+            let mib: u64 = words
+                .next()
+                .context("usage: balloon <target MiB>")?
+                .parse()
+                .context("the target must be a number of MiB")?;
             balloon.set_target_mib(mib)?;
             Ok(String::new())
         }
         Some("balloon-stats") => {
-            let balloon = handles.balloon.as_ref().context("this VM has no balloon (start it with --balloon)")?;
+            let balloon = handles
+                .balloon
+                .as_ref()
+                .context("this VM has no balloon (start it with --balloon)")?;
             let mut text = format!(
                 "target_mib={} actual_mib={} inflated_mib={}",
                 balloon.target_mib(),
@@ -140,18 +165,28 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
             .iter()
             .map(|(name, w)| {
                 let p = w.placement();
-                let cpus = p.cpus.map_or("any".to_string(), |c| c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("+"));
+                let cpus = p.cpus.map_or("any".to_string(), |c| {
+                    c.iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join("+")
+                });
                 let wait = match p.wait {
                     WaitMode::Notify => "notify".to_string(),
                     WaitMode::Poll { spin } => format!("poll:{}", spin.as_micros()),
                 };
                 let tid = w.thread_id().map_or("-".into(), |t| t.to_string());
-                format!("{name}:tid={tid},cpus={cpus},wait={wait},busy={}", w.busy_rounds())
+                format!(
+                    "{name}:tid={tid},cpus={cpus},wait={wait},busy={}",
+                    w.busy_rounds()
+                )
             })
             .collect::<Vec<_>>()
             .join(" ")),
         Some("worker") => {
-            let name = words.next().context("usage: worker <device> [cpus=0,1|any] [wait=notify|poll:<µs>]")?;
+            let name = words
+                .next()
+                .context("usage: worker <device> [cpus=0,1|any] [wait=notify|poll:<µs>]")?;
             let (_, control) = handles
                 .workers
                 .iter()
@@ -162,15 +197,26 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
                 match word.split_once('=') {
                     Some(("cpus", "any")) => placement.cpus = None,
                     Some(("cpus", list)) => {
-                        let cpus = list.split(',').map(|c| c.parse::<usize>()).collect::<Result<Vec<_>, _>>().context("cpus must be a list of CPU numbers or any")?;
+                        let cpus = list
+                            .split(',')
+                            .map(|c| c.parse::<usize>())
+                            .collect::<Result<Vec<_>, _>>()
+                            .context("cpus must be a list of CPU numbers or any")?;
                         placement.cpus = Some(cpus);
                     }
                     Some(("wait", "notify")) => placement.wait = WaitMode::Notify,
                     Some(("wait", poll)) if poll.starts_with("poll") => {
-                        let us: u64 = poll.strip_prefix("poll:").map_or(Ok(50), |v| v.parse()).context("wait=poll:<microseconds>")?;
-                        placement.wait = WaitMode::Poll { spin: Duration::from_micros(us) };
+                        let us: u64 = poll
+                            .strip_prefix("poll:")
+                            .map_or(Ok(50), |v| v.parse())
+                            .context("wait=poll:<microseconds>")?;
+                        placement.wait = WaitMode::Poll {
+                            spin: Duration::from_micros(us),
+                        };
                     }
-                    _ => anyhow::bail!("unknown setting {word:?}: use cpus=... or wait=notify|poll:<µs>"),
+                    _ => anyhow::bail!(
+                        "unknown setting {word:?}: use cpus=... or wait=notify|poll:<µs>"
+                    ),
                 }
             }
             control.set_placement(placement);
@@ -181,7 +227,9 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
                 None => Ok(String::new()),
             }
         }
-        Some(other) => anyhow::bail!("unknown command {other:?} (status, balloon, balloon-stats, workers, worker)"),
+        Some(other) => anyhow::bail!(
+            "unknown command {other:?} (status, balloon, balloon-stats, workers, worker)"
+        ),
         None => anyhow::bail!("empty command"),
     }
 }
@@ -201,7 +249,10 @@ fn stats_line(s: &kiln_devices::virtio::balloon::BalloonStats) -> String {
         ("hugetlb_allocations", s.hugetlb_allocations),
         ("hugetlb_failures", s.hugetlb_failures),
     ];
-    let mut out: Vec<String> = fields.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))).collect();
+    let mut out: Vec<String> = fields
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect();
     if let Ok(age) = s.received_at.elapsed() {
         out.push(format!("age_s={}", age.as_secs()));
     }
@@ -216,7 +267,10 @@ mod tests {
 
     fn handles(with_balloon: bool) -> DeviceHandles {
         let mut h = DeviceHandles::default();
-        h.workers.push(("disk0".into(), WorkerControl::new(Placement::default()).unwrap()));
+        h.workers.push((
+            "disk0".into(),
+            WorkerControl::new(Placement::default()).unwrap(),
+        ));
         if with_balloon {
             let b = VirtioBalloon::new("stats=1".parse().unwrap()).unwrap();
             h.balloon = Some(b.control());
@@ -232,7 +286,9 @@ mod tests {
     fn balloon_commands() {
         let h = handles(true);
         assert_eq!(execute("balloon 64", &h).unwrap(), "");
-        assert!(execute("balloon-stats", &h).unwrap().starts_with("target_mib=64 actual_mib=0"));
+        assert!(execute("balloon-stats", &h)
+            .unwrap()
+            .starts_with("target_mib=64 actual_mib=0"));
         assert!(err("balloon lots", &h).contains("number of MiB"));
         assert!(err("balloon", &handles(false)).contains("no balloon"));
     }
@@ -243,10 +299,17 @@ mod tests {
         execute("worker disk0 cpus=0,1 wait=poll:25", &h).unwrap();
         let p = h.workers[0].1.placement();
         assert_eq!(p.cpus, Some(vec![0, 1]));
-        assert_eq!(p.wait, WaitMode::Poll { spin: Duration::from_micros(25) });
+        assert_eq!(
+            p.wait,
+            WaitMode::Poll {
+                spin: Duration::from_micros(25)
+            }
+        );
         execute("worker disk0 cpus=any wait=notify", &h).unwrap();
         assert_eq!(h.workers[0].1.placement(), Placement::default());
-        assert!(execute("workers", &h).unwrap().starts_with("disk0:tid=-,cpus=any,wait=notify"));
+        assert!(execute("workers", &h)
+            .unwrap()
+            .starts_with("disk0:tid=-,cpus=any,wait=notify"));
         assert!(err("worker net9 cpus=0", &h).contains("no device"));
         assert!(err("worker disk0 cpus=x", &h).contains("CPU numbers"));
         assert!(err("worker disk0 speed=11", &h).contains("unknown setting"));
@@ -266,7 +329,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ctl");
         let sock = ControlSocket::start(&path, handles(true)).unwrap();
-        assert!(ControlSocket::start(&path, handles(true)).is_err(), "a live socket is not replaced");
+        assert!(
+            ControlSocket::start(&path, handles(true)).is_err(),
+            "a live socket is not replaced"
+        );
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"balloon 32\nnonsense\n").unwrap();
         let mut r = BufReader::new(c);

@@ -11,7 +11,9 @@ use kiln_firmware::{e820, layout};
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::config::human_size;
 
@@ -86,18 +88,29 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
 fn load_elf(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<LoadedKernel> {
     let high = GuestAddress(layout::HIGH_MEMORY_START);
     let loaded = Elf::load(mem, None, file, Some(high)).map_err(|e| {
-        anyhow::anyhow!("cannot load ELF kernel {}: {e} (truncated, or larger than guest memory?)", path.display())
+        anyhow::anyhow!(
+            "cannot load ELF kernel {}: {e} (truncated, or larger than guest memory?)",
+            path.display()
+        )
     })?;
     let (format, entry) = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => {
-            (KernelFormat::ElfPvh, EntryPoint::Pvh { rip: addr.raw_value() })
-        }
+        PvhBootCapability::PvhEntryPresent(addr) => (
+            KernelFormat::ElfPvh,
+            EntryPoint::Pvh {
+                rip: addr.raw_value(),
+            },
+        ),
         _ => {
             let rip = read_elf_entry(file)?;
             (KernelFormat::Elf64, EntryPoint::Linux64 { rip })
         }
     };
-    Ok(LoadedKernel { format, entry, header: None, end: loaded.kernel_end })
+    Ok(LoadedKernel {
+        format,
+        entry,
+        header: None,
+        end: loaded.kernel_end,
+    })
 }
 
 fn read_elf_entry(file: &mut File) -> Result<u64> {
@@ -128,10 +141,14 @@ fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<L
     }
     let load = loaded.kernel_load.raw_value();
     // The kernel decompresses itself in place and needs `init_size` bytes.
-    let end = load.max(loaded.kernel_end).max(load + u64::from(header.init_size));
+    let end = load
+        .max(loaded.kernel_end)
+        .max(load + u64::from(header.init_size));
     Ok(LoadedKernel {
         format: KernelFormat::BzImage,
-        entry: EntryPoint::Linux64 { rip: load + BZIMAGE_64BIT_ENTRY_OFFSET },
+        entry: EntryPoint::Linux64 {
+            rip: load + BZIMAGE_64BIT_ENTRY_OFFSET,
+        },
         header: Some(header),
         end,
     })
@@ -142,8 +159,12 @@ fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<L
 fn check_bzimage_complete(file: &mut File, path: &Path) -> Result<()> {
     let mut hdr = [0u8; 0x20];
     file.seek(SeekFrom::Start(0x1f1))?;
-    file.read_exact(&mut hdr)
-        .with_context(|| format!("kernel {} is truncated inside its boot header", path.display()))?;
+    file.read_exact(&mut hdr).with_context(|| {
+        format!(
+            "kernel {} is truncated inside its boot header",
+            path.display()
+        )
+    })?;
     file.rewind()?;
     let setup_sects = match hdr[0] {
         0 => 4,

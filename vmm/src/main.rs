@@ -28,7 +28,11 @@ mod exit_code {
 }
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Kiln: a KVM hypervisor with learned resource policies")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a KVM hypervisor with learned resource policies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,13 @@ impl RunArgs {
             rng: self.rng,
         };
         let devices = config::DeviceConfigs::from_flags(&flags)?;
-        config::validate(&self.kernel, self.initrd.as_deref(), self.cpus, memory, config::host_memory())?;
+        config::validate(
+            &self.kernel,
+            self.initrd.as_deref(),
+            self.cpus,
+            memory,
+            config::host_memory(),
+        )?;
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -154,7 +164,10 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => args.into_config().and_then(|c| run::run(&c)).map(report_exit),
+        Command::Run(args) => args
+            .into_config()
+            .and_then(|c| run::run(&c))
+            .map(report_exit),
         Command::Guest(GuestCommand::Fetch) => guest_fetch().map(|_| 0),
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
         Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
@@ -220,5 +233,9 @@ fn report_exit(reason: ExitReason) -> u8 {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

@@ -16,10 +16,14 @@ use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 
 pub fn run(config: &VmConfig) -> Result<ExitReason> {
-    let kvm = Kvm::new().context("cannot open /dev/kvm (is KVM available and do you have access?)")?;
+    let kvm =
+        Kvm::new().context("cannot open /dev/kvm (is KVM available and do you have access?)")?;
     let max = kvm.get_max_vcpus();
     if usize::from(config.cpus) > max {
-        anyhow::bail!("--cpus {} is more than this host's KVM allows ({max})", config.cpus);
+        anyhow::bail!(
+            "--cpus {} is more than this host's KVM allows ({max})",
+            config.cpus
+        );
     }
     cpu::vcpu::install_kick_handler()?;
     let signals = stop_signals_fd().context("setting up signal handling")?;
@@ -31,7 +35,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     loop {
         let vm = vm::start(&kvm, config, serial_output(&config.console)?)?;
         let _control = match &config.control {
-            Some(path) => Some(crate::control::ControlSocket::start(path, vm.handles.clone())?),
+            Some(path) => Some(crate::control::ControlSocket::start(
+                path,
+                vm.handles.clone(),
+            )?),
             None => None,
         };
         let mut events: EventManager<Box<dyn MutEventSubscriber>> =
@@ -45,7 +52,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
                 )));
             }
         }
-        events.add_subscriber(Box::new(ConsoleOutputFlush::new(vm.serial.clone(), vm.serial_flush.try_clone()?)));
+        events.add_subscriber(Box::new(ConsoleOutputFlush::new(
+            vm.serial.clone(),
+            vm.serial_flush.try_clone()?,
+        )));
         let control = VmControl::new(vm.lifecycle.clone(), signals.take());
         let control_id = events.add_subscriber(Box::new(control));
         while !vm.lifecycle.is_stopping() {

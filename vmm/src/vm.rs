@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use kiln_devices::legacy::{AcpiPowerPorts, Cmos, LineBufferedOutput, SerialConsole, I8042};
 use kiln_devices::{MmioBus, PioBus, VmLifecycle};
 use kiln_firmware::layout;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -40,19 +42,30 @@ impl RunningVm {
     /// Stops every vCPU thread; the VM's resources are freed on drop.
     pub fn stop(mut self) {
         vcpu::stop_all(std::mem::take(&mut self.threads), &self.stop);
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 }
 
 /// Builds the VM described by `config` and starts its vCPUs.
-pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::SerialOutput) -> Result<RunningVm> {
+pub fn start(
+    kvm: &Kvm,
+    config: &VmConfig,
+    serial_out: kiln_devices::legacy::SerialOutput,
+) -> Result<RunningVm> {
     check_capabilities(kvm)?;
     let vm = kvm.create_vm().context("cannot create a KVM VM")?;
-    vm.set_tss_address(layout::KVM_TSS_START as usize).context("KVM_SET_TSS_ADDR")?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .context("KVM_SET_TSS_ADDR")?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
         .context("KVM_SET_IDENTITY_MAP_ADDR")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).context("KVM_CREATE_PIT2")?;
 
     let memory = Arc::new(create_memory(&vm, config.memory)?);
@@ -63,15 +76,26 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
         Some(path) => Some(loader::load_initrd(&memory, &kernel, path)?),
         None => None,
     };
-    loader::write_boot_structures(&memory, &kernel, &config.cmdline, initrd, config.cpus, config.memory)?;
+    loader::write_boot_structures(
+        &memory,
+        &kernel,
+        &config.cmdline,
+        initrd,
+        config.cpus,
+        config.memory,
+    )?;
     regs::write_boot_tables(&memory)?;
 
     let lifecycle = Arc::new(VmLifecycle::new().context("creating the VM lifecycle eventfd")?);
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).context("registering the COM1 irqfd")?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .context("registering the COM1 irqfd")?;
     let serial_rx_room = EventFd::new(libc::EFD_NONBLOCK)?;
     let serial_flush = EventFd::new(libc::EFD_NONBLOCK)?;
-    let serial_out = Box::new(LineBufferedOutput::new(serial_out, serial_flush.try_clone()?));
+    let serial_out = Box::new(LineBufferedOutput::new(
+        serial_out,
+        serial_flush.try_clone()?,
+    ));
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         serial_rx_room.try_clone()?,
@@ -80,8 +104,16 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
 
     let mut bus = PioBus::new();
     bus.insert(layout::COM1_PORT, 8, serial.clone())?;
-    bus.insert(layout::I8042_DATA_PORT, 5, Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))?;
-    bus.insert(layout::CMOS_PORT, Cmos::LEN, Arc::new(Mutex::new(Cmos::new())))?;
+    bus.insert(
+        layout::I8042_DATA_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
+    )?;
+    bus.insert(
+        layout::CMOS_PORT,
+        Cmos::LEN,
+        Arc::new(Mutex::new(Cmos::new())),
+    )?;
     bus.insert(
         layout::ACPI_SLEEP_CONTROL_PORT,
         AcpiPowerPorts::LEN,
@@ -94,8 +126,16 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     let vm = Arc::new(vm);
     let mut mmio = MmioBus::new();
     let (pci, handles) = crate::devices::build_pci(&vm, &memory, config)?;
-    bus.insert(layout::PCI_CONFIG_PORT, layout::PCI_CONFIG_PORT_LEN, pci.clone())?;
-    mmio.insert(layout::PCI_MMIO_START, layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE - layout::PCI_MMIO_START, pci)?;
+    bus.insert(
+        layout::PCI_CONFIG_PORT,
+        layout::PCI_CONFIG_PORT_LEN,
+        pci.clone(),
+    )?;
+    mmio.insert(
+        layout::PCI_MMIO_START,
+        layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE - layout::PCI_MMIO_START,
+        pci,
+    )?;
     let bus = Arc::new(bus);
     let mmio = Arc::new(mmio);
 
@@ -125,7 +165,14 @@ pub fn start(kvm: &Kvm, config: &VmConfig, serial_out: kiln_devices::legacy::Ser
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, fd) in vcpus.into_iter().enumerate() {
-        match vcpu::spawn(index as u8, fd, bus.clone(), mmio.clone(), lifecycle.clone(), stop.clone()) {
+        match vcpu::spawn(
+            index as u8,
+            fd,
+            bus.clone(),
+            mmio.clone(),
+            lifecycle.clone(),
+            stop.clone(),
+        ) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 vcpu::stop_all(threads, &stop);
@@ -170,8 +217,12 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges)
-        .with_context(|| format!("cannot allocate {} of guest memory", crate::config::human_size(size)))?;
+    let memory = GuestMemoryMmap::from_ranges(&ranges).with_context(|| {
+        format!(
+            "cannot allocate {} of guest memory",
+            crate::config::human_size(size)
+        )
+    })?;
     for (slot, region) in memory.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))

@@ -75,7 +75,12 @@ impl Cmos {
         let mut ram = [0u8; 128];
         ram[REG_A as usize] = REG_A_DEFAULT;
         ram[REG_B as usize] = REG_B_24H;
-        Cmos { index: 0, ram, offset_secs: 0, now }
+        Cmos {
+            index: 0,
+            ram,
+            offset_secs: 0,
+            now,
+        }
     }
 
     fn guest_time(&self) -> DateTime {
@@ -156,7 +161,7 @@ impl Cmos {
             REG_MONTH => t.month = field_value.clamp(1, 12),
             REG_YEAR => t.year = t.year.div_euclid(100) * 100 + i64::from(field_value % 100),
             REG_CENTURY => t.year = i64::from(field_value) * 100 + t.year.rem_euclid(100),
-            REG_WEEKDAY => return, // derived from the date
+            REG_WEEKDAY => return,   // derived from the date
             REG_C | REG_D => return, // read-only
             r => {
                 self.ram[r as usize] = value;
@@ -217,7 +222,14 @@ fn from_unix(secs: i64) -> DateTime {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400) as u32;
     let (year, month, day) = civil_from_days(days);
-    DateTime { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60 }
+    DateTime {
+        year,
+        month,
+        day,
+        hour: rem / 3600,
+        minute: rem / 60 % 60,
+        second: rem % 60,
+    }
 }
 
 fn to_unix(t: DateTime) -> i64 {

@@ -22,7 +22,11 @@ pub struct LineBufferedOutput {
 
 impl LineBufferedOutput {
     pub fn new(inner: Box<dyn Write + Send>, flush_needed: EventFd) -> Self {
-        LineBufferedOutput { inner, pending: Vec::with_capacity(256), flush_needed }
+        LineBufferedOutput {
+            inner,
+            pending: Vec::with_capacity(256),
+            flush_needed,
+        }
     }
 }
 
@@ -43,7 +47,10 @@ impl Write for LineBufferedOutput {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let result = self.inner.write_all(&self.pending).and_then(|_| self.inner.flush());
+        let result = self
+            .inner
+            .write_all(&self.pending)
+            .and_then(|_| self.inner.flush());
         // Drop the bytes even on error: a dead stdout must not grow the
         // buffer forever; the serial device reports the error once.
         self.pending.clear();
@@ -71,7 +78,11 @@ mod tests {
     fn output() -> (LineBufferedOutput, Writes, EventFd) {
         let w = Writes::default();
         let ev = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (LineBufferedOutput::new(Box::new(w.clone()), ev.try_clone().unwrap()), w, ev)
+        (
+            LineBufferedOutput::new(Box::new(w.clone()), ev.try_clone().unwrap()),
+            w,
+            ev,
+        )
     }
 
     #[test]
@@ -80,7 +91,10 @@ mod tests {
         for b in b"hello\nworld\n" {
             out.write_all(&[*b]).unwrap();
         }
-        assert_eq!(*w.0.lock().unwrap(), vec![b"hello\n".to_vec(), b"world\n".to_vec()]);
+        assert_eq!(
+            *w.0.lock().unwrap(),
+            vec![b"hello\n".to_vec(), b"world\n".to_vec()]
+        );
     }
 
     #[test]

@@ -23,7 +23,11 @@ impl AcpiPowerPorts {
     pub const LEN: u16 = 3;
 
     pub fn new(lifecycle: Arc<VmLifecycle>, s5_sleep_type: u8, reset_value: u8) -> Self {
-        AcpiPowerPorts { lifecycle, s5_sleep_type, reset_value }
+        AcpiPowerPorts {
+            lifecycle,
+            s5_sleep_type,
+            reset_value,
+        }
     }
 }
 

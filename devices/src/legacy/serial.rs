@@ -134,7 +134,10 @@ mod tests {
         assert_eq!(b, [b'a']);
         c.read(0, &mut b);
         assert_eq!(b, [b'b']);
-        assert!(room.read().unwrap() >= 1, "empty FIFO must wake the input loop");
+        assert!(
+            room.read().unwrap() >= 1,
+            "empty FIFO must wake the input loop"
+        );
     }
 
     #[test]

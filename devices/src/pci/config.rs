@@ -48,7 +48,14 @@ pub struct ConfigSpace {
 }
 
 impl ConfigSpace {
-    pub fn new(vendor: u16, device: u16, class_code: u32, revision: u8, subsystem_vendor: u16, subsystem: u16) -> Self {
+    pub fn new(
+        vendor: u16,
+        device: u16,
+        class_code: u32,
+        revision: u8,
+        subsystem_vendor: u16,
+        subsystem: u16,
+    ) -> Self {
         let mut c = ConfigSpace {
             regs: [0; CONFIG_SIZE],
             writable: [0; CONFIG_SIZE],
@@ -74,7 +81,11 @@ impl ConfigSpace {
     pub fn add_memory_bar(&mut self, index: u8, size: u64, addr: u32) {
         let i = index as usize;
         assert!(i < NUM_BARS && size.is_power_of_two() && (16..=1 << 31).contains(&size));
-        assert_eq!(u64::from(addr) % size, 0, "BAR address must be aligned to its size");
+        assert_eq!(
+            u64::from(addr) % size,
+            0,
+            "BAR address must be aligned to its size"
+        );
         self.bars[i] = Some(Bar { index, size });
         self.set_u32(BAR0 + 4 * i, addr);
     }
@@ -85,7 +96,10 @@ impl ConfigSpace {
     pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> usize {
         let at = self.next_capability;
         let len = 2 + body.len();
-        assert!(at + len <= CONFIG_SIZE, "capabilities overflow the configuration space");
+        assert!(
+            at + len <= CONFIG_SIZE,
+            "capabilities overflow the configuration space"
+        );
         self.regs[at] = id;
         self.regs[at + 1] = 0;
         self.regs[at + 2..at + len].copy_from_slice(body);
@@ -169,7 +183,9 @@ impl ConfigSpace {
 }
 
 fn bar_index(at: usize) -> Option<usize> {
-    (BAR0..BAR0 + 4 * NUM_BARS).contains(&at).then(|| (at - BAR0) / 4)
+    (BAR0..BAR0 + 4 * NUM_BARS)
+        .contains(&at)
+        .then(|| (at - BAR0) / 4)
 }
 
 #[cfg(test)]

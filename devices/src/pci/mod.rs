@@ -69,7 +69,11 @@ impl PciRoot {
 
     /// Puts `device` in the next free slot and returns its device number.
     pub fn add_device(&mut self, device: Box<dyn PciDevice>) -> Result<u8, PciError> {
-        let slot = self.slots.iter().position(|s| s.is_none()).ok_or(PciError::NoSlot)?;
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.is_none())
+            .ok_or(PciError::NoSlot)?;
         self.slots[slot] = Some(device);
         Ok(slot as u8)
     }
@@ -106,12 +110,20 @@ impl PciRoot {
         if off >= ECAM_BUS_SIZE {
             return None;
         }
-        Some(((off >> 20) as u8, ((off >> 15) & 0x1f) as u8, ((off >> 12) & 0x7) as u8, (off & 0xfff) as usize))
+        Some((
+            (off >> 20) as u8,
+            ((off >> 15) & 0x1f) as u8,
+            ((off >> 12) & 0x7) as u8,
+            (off & 0xfff) as usize,
+        ))
     }
 
     fn bar_at(&mut self, addr: u64) -> Option<(&mut Box<dyn PciDevice>, u8, u64)> {
         for dev in self.slots.iter_mut().flatten() {
-            let hit = dev.decoded_bars().into_iter().find(|&(_, base, size)| addr >= base && addr - base < size);
+            let hit = dev
+                .decoded_bars()
+                .into_iter()
+                .find(|&(_, base, size)| addr >= base && addr - base < size);
             if let Some((bar, base, _)) = hit {
                 return Some((dev, bar, addr - base));
             }
@@ -125,7 +137,12 @@ impl PciRoot {
             return None;
         }
         let reg = (a & 0xfc) as usize + usize::from(port_offset - 4);
-        Some((((a >> 16) & 0xff) as u8, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 0x7) as u8, reg))
+        Some((
+            ((a >> 16) & 0xff) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            reg,
+        ))
     }
 }
 
@@ -188,7 +205,9 @@ impl HostBridge {
     fn new() -> Self {
         // Red Hat's PCIe host bridge ID (as QEMU's q35/GPEX use): a class
         // 06/00 function that every OS treats as a plain host bridge.
-        HostBridge { config: config::ConfigSpace::new(0x1b36, 0x0008, 0x060000, 0, 0x1af4, 0x1100) }
+        HostBridge {
+            config: config::ConfigSpace::new(0x1b36, 0x0008, 0x060000, 0, 0x1af4, 0x1100),
+        }
     }
 }
 
@@ -242,7 +261,11 @@ mod tests {
         let addr = root.allocate_bar(0x1000).unwrap();
         let mut config = config::ConfigSpace::new(0x1af4, 0x1044, 0xff00, 1, 0x1af4, 0x40);
         config.add_memory_bar(0, 0x1000, addr as u32);
-        assert_eq!(root.add_device(Box::new(BarDevice { config, last: None })).unwrap(), 1);
+        assert_eq!(
+            root.add_device(Box::new(BarDevice { config, last: None }))
+                .unwrap(),
+            1
+        );
         root
     }
 
@@ -272,11 +295,19 @@ mod tests {
         let mut b = [0u8; 1];
         MmioDevice::read(&mut root, 0xc000_0010, &mut b);
         assert_eq!(b, [0xff], "decoding off");
-        MmioDevice::write(&mut root, ECAM + (1 << 15) + config::COMMAND as u64, &[config::COMMAND_MEMORY as u8]);
+        MmioDevice::write(
+            &mut root,
+            ECAM + (1 << 15) + config::COMMAND as u64,
+            &[config::COMMAND_MEMORY as u8],
+        );
         MmioDevice::read(&mut root, 0xc000_0010, &mut b);
         assert_eq!(b, [0x10]);
         // The OS moves the BAR: the old address stops answering.
-        MmioDevice::write(&mut root, ECAM + (1 << 15) + 0x10, &0xc010_0000u32.to_le_bytes());
+        MmioDevice::write(
+            &mut root,
+            ECAM + (1 << 15) + 0x10,
+            &0xc010_0000u32.to_le_bytes(),
+        );
         MmioDevice::read(&mut root, 0xc000_0010, &mut b);
         assert_eq!(b, [0xff]);
         MmioDevice::write(&mut root, 0xc010_0004, &[7]);

@@ -51,7 +51,10 @@ impl Entry {
         self.control & VECTOR_MASKED != 0
     }
     fn message(&self) -> MsiMessage {
-        MsiMessage { address: u64::from(self.address_hi) << 32 | u64::from(self.address_lo), data: self.data }
+        MsiMessage {
+            address: u64::from(self.address_hi) << 32 | u64::from(self.address_lo),
+            data: self.data,
+        }
     }
 }
 
@@ -70,9 +73,17 @@ impl Msix {
     /// `count` vectors (1..=2048), all masked, MSI-X disabled.
     pub fn new(count: u16, routing: Arc<dyn MsiRouting>) -> io::Result<Msix> {
         let count = count.clamp(1, 2048);
-        let vectors = (0..count).map(|_| routing.allocate_vector()).collect::<io::Result<Vec<_>>>()?;
+        let vectors = (0..count)
+            .map(|_| routing.allocate_vector())
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Msix {
-            entries: vec![Entry { control: VECTOR_MASKED, ..Default::default() }; count as usize],
+            entries: vec![
+                Entry {
+                    control: VECTOR_MASKED,
+                    ..Default::default()
+                };
+                count as usize
+            ],
             pending: vec![false; count as usize],
             vectors,
             routing,
@@ -127,7 +138,9 @@ impl Msix {
         }
         for (i, chunk) in data.chunks_mut(4).enumerate() {
             let off = offset + 4 * i as u64;
-            let Some(e) = self.entries.get((off / ENTRY_SIZE) as usize) else { return };
+            let Some(e) = self.entries.get((off / ENTRY_SIZE) as usize) else {
+                return;
+            };
             let v = match off % ENTRY_SIZE {
                 0 => e.address_lo,
                 4 => e.address_hi,
@@ -145,7 +158,9 @@ impl Msix {
         for (i, chunk) in data.chunks(4).enumerate() {
             let off = offset + 4 * i as u64;
             let index = (off / ENTRY_SIZE) as usize;
-            let Some(e) = self.entries.get_mut(index) else { return };
+            let Some(e) = self.entries.get_mut(index) else {
+                return;
+            };
             let v = u32::from_le_bytes(chunk.try_into().unwrap_or([0; 4]));
             let was_masked = e.masked();
             match off % ENTRY_SIZE {
@@ -166,7 +181,9 @@ impl Msix {
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             let first = (offset as usize + i) * 8;
-            *b = (0..8).filter(|bit| self.pending.get(first + bit).copied().unwrap_or(false)).fold(0, |acc, bit| acc | 1 << bit);
+            *b = (0..8)
+                .filter(|bit| self.pending.get(first + bit).copied().unwrap_or(false))
+                .fold(0, |acc, bit| acc | 1 << bit);
         }
     }
 
@@ -203,7 +220,10 @@ impl Msix {
         let message = self.enabled().then(|| self.entries[v].message());
         if let Err(e) = self.routing.set_route(self.vectors[v].gsi, message) {
             if !self.route_error_logged {
-                tracing::error!("MSI-X: cannot route vector {v} (GSI {}): {e}", self.vectors[v].gsi);
+                tracing::error!(
+                    "MSI-X: cannot route vector {v} (GSI {}): {e}",
+                    self.vectors[v].gsi
+                );
                 self.route_error_logged = true;
             }
         }
@@ -255,12 +275,21 @@ pub mod tests {
         m.read_pba(0, &mut pba);
         assert_eq!(pba, [1]);
         m.write_table(12, &0u32.to_le_bytes());
-        assert!(fired(&routing, 0), "unmasking delivers the pending interrupt");
+        assert!(
+            fired(&routing, 0),
+            "unmasking delivers the pending interrupt"
+        );
         m.read_pba(0, &mut pba);
         assert_eq!(pba, [0]);
         assert!(m.trigger(0));
         assert!(fired(&routing, 0));
-        assert_eq!(routing.routes.lock().unwrap()[&24], Some(MsiMessage { address: 0xfee0_0000, data: 0x41 }));
+        assert_eq!(
+            routing.routes.lock().unwrap()[&24],
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41
+            })
+        );
     }
 
     #[test]

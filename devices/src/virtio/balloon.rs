@@ -48,10 +48,13 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::options::{OptionsError, Options};
+use super::options::{Options, OptionsError};
 use super::queue::{drain_queue, Served};
-use super::worker::{Worker, WorkerControl, WorkerHandler, Placement};
-use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};
+use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
+use super::{
+    device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext,
+    VirtioDevice,
+};
 
 /// Feature bits (virtio 1.2, 5.5.3).
 pub mod feature {
@@ -133,7 +136,15 @@ impl FromStr for BalloonConfig {
         if s.trim().is_empty() {
             return Ok(BalloonConfig::default());
         }
-        let mut o = Options::parse(s, &["deflate_on_oom", "stats", "free_page_reporting", "target_mib"])?;
+        let mut o = Options::parse(
+            s,
+            &[
+                "deflate_on_oom",
+                "stats",
+                "free_page_reporting",
+                "target_mib",
+            ],
+        )?;
         Ok(BalloonConfig {
             deflate_on_oom: o.flag("deflate_on_oom", false)?,
             stats_interval_s: o.number("stats")?.unwrap_or(0),
@@ -270,7 +281,12 @@ impl QueueLayout {
         // for it before reporting_vq if it ever is negotiated.
         let _free_page_hint = take(features & feature::FREE_PAGE_HINT != 0);
         let reporting = take(features & feature::PAGE_REPORTING != 0);
-        QueueLayout { inflate: 0, deflate: 1, stats, reporting }
+        QueueLayout {
+            inflate: 0,
+            deflate: 1,
+            stats,
+            reporting,
+        }
     }
 
     fn count(&self) -> usize {
@@ -307,15 +323,24 @@ impl BalloonControl {
     /// device is active.
     pub fn set_target_mib(&self, mib: u64) -> Result<(), BalloonError> {
         let ram_pages = self.shared.guest_ram_pages.load(Ordering::Relaxed);
-        let max_pages = if ram_pages == 0 { u64::from(u32::MAX) } else { ram_pages.min(u64::from(u32::MAX)) };
+        let max_pages = if ram_pages == 0 {
+            u64::from(u32::MAX)
+        } else {
+            ram_pages.min(u64::from(u32::MAX))
+        };
         let pages = mib.checked_mul(PAGES_PER_MIB).filter(|p| *p <= max_pages);
         let Some(pages) = pages else {
-            return Err(BalloonError::TargetTooLarge { mib, max_mib: max_pages / PAGES_PER_MIB });
+            return Err(BalloonError::TargetTooLarge {
+                mib,
+                max_mib: max_pages / PAGES_PER_MIB,
+            });
         };
         // Held across the store so a concurrent reset cannot leave the
         // driver unaware of a change it will never be told about.
         let interrupt = lock(&self.shared.interrupt);
-        self.shared.target_pages.store(pages as u32, Ordering::SeqCst);
+        self.shared
+            .target_pages
+            .store(pages as u32, Ordering::SeqCst);
         if let Some(interrupt) = interrupt.as_ref() {
             interrupt.signal_config();
         }
@@ -362,7 +387,10 @@ pub struct VirtioBalloon {
 
 impl VirtioBalloon {
     pub fn new(config: BalloonConfig) -> Result<Self, BalloonError> {
-        let target = config.initial_target_mib.checked_mul(PAGES_PER_MIB).and_then(|p| u32::try_from(p).ok());
+        let target = config
+            .initial_target_mib
+            .checked_mul(PAGES_PER_MIB)
+            .and_then(|p| u32::try_from(p).ok());
         let Some(target) = target else {
             return Err(BalloonError::TargetTooLarge {
                 mib: config.initial_target_mib,
@@ -388,7 +416,9 @@ impl VirtioBalloon {
     }
 
     pub fn control(&self) -> BalloonControl {
-        BalloonControl { shared: self.shared.clone() }
+        BalloonControl {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn worker_control(&self) -> WorkerControl {
@@ -439,8 +469,20 @@ impl VirtioDevice for VirtioBalloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; CONFIG_SIZE];
-        config[0..4].copy_from_slice(&self.shared.target_pages.load(Ordering::SeqCst).to_le_bytes());
-        config[4..8].copy_from_slice(&self.shared.actual_pages.load(Ordering::SeqCst).to_le_bytes());
+        config[0..4].copy_from_slice(
+            &self
+                .shared
+                .target_pages
+                .load(Ordering::SeqCst)
+                .to_le_bytes(),
+        );
+        config[4..8].copy_from_slice(
+            &self
+                .shared
+                .actual_pages
+                .load(Ordering::SeqCst)
+                .to_le_bytes(),
+        );
         // free_page_hint_cmd_id and poison_val stay 0: features not offered.
         super::read_config_bytes(&config, offset, data);
     }
@@ -462,24 +504,42 @@ impl VirtioDevice for VirtioBalloon {
     fn activate(&mut self, mut ctx: DeviceContext) -> Result<(), ActivateError> {
         self.stop();
         let layout = QueueLayout::for_features(ctx.acked_features);
-        let inflate = ctx.take_queue(layout.inflate).ok_or(ActivateError::MissingQueue(layout.inflate))?;
-        let deflate = ctx.take_queue(layout.deflate).ok_or(ActivateError::MissingQueue(layout.deflate))?;
+        let inflate = ctx
+            .take_queue(layout.inflate)
+            .ok_or(ActivateError::MissingQueue(layout.inflate))?;
+        let deflate = ctx
+            .take_queue(layout.deflate)
+            .ok_or(ActivateError::MissingQueue(layout.deflate))?;
         let stats = match layout.stats {
             Some(index) => {
-                let queue = ctx.take_queue(index).ok_or(ActivateError::MissingQueue(index))?;
-                let mut timer = TimerFd::new().map_err(|e| ActivateError::Worker(io::Error::from(e)))?;
+                let queue = ctx
+                    .take_queue(index)
+                    .ok_or(ActivateError::MissingQueue(index))?;
+                let mut timer =
+                    TimerFd::new().map_err(|e| ActivateError::Worker(io::Error::from(e)))?;
                 let period = self.stats_period.max(Duration::from_millis(1));
-                timer.reset(period, Some(period)).map_err(|e| ActivateError::Worker(io::Error::from(e)))?;
-                Some(StatsQueue { ctx: queue, held: None, timer })
+                timer
+                    .reset(period, Some(period))
+                    .map_err(|e| ActivateError::Worker(io::Error::from(e)))?;
+                Some(StatsQueue {
+                    ctx: queue,
+                    held: None,
+                    timer,
+                })
             }
             None => None,
         };
         let reporting = match layout.reporting {
-            Some(index) => Some(ctx.take_queue(index).ok_or(ActivateError::MissingQueue(index))?),
+            Some(index) => Some(
+                ctx.take_queue(index)
+                    .ok_or(ActivateError::MissingQueue(index))?,
+            ),
             None => None,
         };
         let pages = PageBitmap::new(&ctx.mem);
-        self.shared.guest_ram_pages.store(pages.total_pages(), Ordering::Relaxed);
+        self.shared
+            .guest_ram_pages
+            .store(pages.total_pages(), Ordering::Relaxed);
         self.shared.inflated_pages.store(0, Ordering::SeqCst);
         let handler = BalloonWorker {
             mem: ctx.mem,
@@ -494,7 +554,8 @@ impl VirtioDevice for VirtioBalloon {
             broken: false,
             warned: Warned::default(),
         };
-        let worker = Worker::spawn(self.name(), handler, self.worker_control.clone()).map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(self.name(), handler, self.worker_control.clone())
+            .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         *lock(&self.shared.interrupt) = Some(ctx.interrupt);
         Ok(())
@@ -537,9 +598,15 @@ impl PageBitmap {
                 let end = start.checked_add(r.len())?;
                 // Only pages wholly inside the region.
                 let first_pfn = start.div_ceil(PAGE_SIZE);
-                let pages = (end / PAGE_SIZE).checked_sub(first_pfn).filter(|p| *p > 0)?;
+                let pages = (end / PAGE_SIZE)
+                    .checked_sub(first_pfn)
+                    .filter(|p| *p > 0)?;
                 let words = usize::try_from(pages.div_ceil(64)).ok()?;
-                Some(RegionPages { first_pfn, pages, bits: vec![0; words] })
+                Some(RegionPages {
+                    first_pfn,
+                    pages,
+                    bits: vec![0; words],
+                })
             })
             .collect();
         regions.sort_by_key(|r| r.first_pfn);
@@ -552,13 +619,20 @@ impl PageBitmap {
 
     /// Region, word and bit of `pfn`, if it is a page of guest RAM.
     fn position(&self, pfn: u64) -> Option<(usize, usize, u64)> {
-        let at = self.regions.partition_point(|r| r.first_pfn <= pfn).checked_sub(1)?;
+        let at = self
+            .regions
+            .partition_point(|r| r.first_pfn <= pfn)
+            .checked_sub(1)?;
         let region = self.regions.get(at)?;
         let offset = pfn - region.first_pfn;
         if offset >= region.pages {
             return None;
         }
-        Some((at, usize::try_from(offset / 64).ok()?, 1u64 << (offset % 64)))
+        Some((
+            at,
+            usize::try_from(offset / 64).ok()?,
+            1u64 << (offset % 64),
+        ))
     }
 
     fn word(&mut self, pfn: u64) -> Option<(&mut u64, u64)> {
@@ -608,19 +682,29 @@ struct HostRange {
 fn host_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<HostRange> {
     let last = gpa.checked_add(len.checked_sub(1)?)?;
     let region = mem.find_region(GuestAddress(gpa))?;
-    let region_last = region.start_addr().raw_value().checked_add(region.len().checked_sub(1)?)?;
+    let region_last = region
+        .start_addr()
+        .raw_value()
+        .checked_add(region.len().checked_sub(1)?)?;
     if last > region_last {
         return None;
     }
     let addr = mem.get_host_address(GuestAddress(gpa)).ok()? as usize;
     let shared = region.flags() & libc::MAP_SHARED != 0;
-    Some(HostRange { addr, len: usize::try_from(len).ok()?, shared })
+    Some(HostRange {
+        addr,
+        len: usize::try_from(len).ok()?,
+        shared,
+    })
 }
 
 fn host_page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
+    usize::try_from(size)
+        .ok()
+        .filter(|s| s.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// Gives `range` back to the host. Only whole host pages are dropped (a
@@ -629,13 +713,19 @@ fn discard(range: HostRange) -> io::Result<()> {
     let page = host_page_size();
     let start = range.addr.checked_add(page - 1).map(|a| a & !(page - 1));
     let end = range.addr.checked_add(range.len).map(|e| e & !(page - 1));
-    let (Some(start), Some(end)) = (start, end) else { return Ok(()) };
+    let (Some(start), Some(end)) = (start, end) else {
+        return Ok(());
+    };
     if end <= start {
         return Ok(());
     }
     // Shared mappings (memfd, vhost-user) keep their pages in the file:
     // DONTNEED would only unmap them, REMOVE frees them.
-    let advice = if range.shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+    let advice = if range.shared {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
     // SAFETY: [start, end) lies inside one guest memory mapping (checked by
     // host_range); dropping its pages is what the guest asked for, and the
     // mapping itself stays valid (pages read back as zeros).
@@ -716,7 +806,8 @@ fn apply_pfns(
         for raw in buf[..n].chunks_exact(4) {
             let pfn = u64::from(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
             match op {
-                Balloon::Inflate => match host_range(mem, pfn << PAGE_SHIFT, PAGE_SIZE).filter(|_| pages.contains(pfn))
+                Balloon::Inflate => match host_range(mem, pfn << PAGE_SHIFT, PAGE_SIZE)
+                    .filter(|_| pages.contains(pfn))
                 {
                     Some(range) => {
                         if pages.set(pfn) {
@@ -764,7 +855,8 @@ fn apply_report(
     for desc in chain {
         let gpa = desc.addr().raw_value();
         let len = u64::from(desc.len());
-        let sane = len > 0 && len <= MAX_REPORT_BYTES && gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0;
+        let sane =
+            len > 0 && len <= MAX_REPORT_BYTES && gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0;
         match host_range(mem, gpa, len).filter(|_| sane) {
             Some(range) => {
                 batch.add(range);
@@ -829,19 +921,29 @@ impl BalloonWorker {
         let pages = &mut self.pages;
         let warned = &mut self.warned;
         let shared = &self.shared;
-        let qc = if op == Balloon::Inflate { &mut self.inflate } else { &mut self.deflate };
+        let qc = if op == Balloon::Inflate {
+            &mut self.inflate
+        } else {
+            &mut self.deflate
+        };
         drain_queue(qc, mem, self.polling, &*self.interrupt, |chain| {
             let mut reader = match chain.reader(mem) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn_once(&mut warned.bad_pfn, || tracing::warn!("balloon0: bad PFN buffer ({e}), skipped"));
+                    warn_once(&mut warned.bad_pfn, || {
+                        tracing::warn!("balloon0: bad PFN buffer ({e}), skipped")
+                    });
                     return Served::Used(0);
                 }
             };
             let (out, failed) = apply_pfns(&mut reader, mem, pages, op);
             match op {
-                Balloon::Inflate => shared.inflated_pages.fetch_add(out.changed, Ordering::SeqCst),
-                Balloon::Deflate => shared.inflated_pages.fetch_sub(out.changed, Ordering::SeqCst),
+                Balloon::Inflate => shared
+                    .inflated_pages
+                    .fetch_add(out.changed, Ordering::SeqCst),
+                Balloon::Deflate => shared
+                    .inflated_pages
+                    .fetch_sub(out.changed, Ordering::SeqCst),
             };
             if out.bad > 0 {
                 warn_once(&mut warned.bad_pfn, || {
@@ -854,14 +956,18 @@ impl BalloonWorker {
                 });
             }
             if let Some(e) = failed {
-                warn_once(&mut warned.madvise, || tracing::warn!("balloon0: cannot give pages back to the host: {e}"));
+                warn_once(&mut warned.madvise, || {
+                    tracing::warn!("balloon0: cannot give pages back to the host: {e}")
+                });
             }
             Served::Used(0)
         })
     }
 
     fn serve_stats(&mut self) -> Result<bool, virtio_queue::Error> {
-        let Some(sq) = self.stats.as_mut() else { return Ok(false) };
+        let Some(sq) = self.stats.as_mut() else {
+            return Ok(false);
+        };
         let mem: &GuestMemoryMmap = &self.mem;
         let warned = &mut self.warned;
         let shared = &self.shared;
@@ -875,11 +981,15 @@ impl BalloonWorker {
                     let n = read_full(&mut reader, &mut buf);
                     let (stats, odd) = parse_stats(&buf[..n], SystemTime::now());
                     if odd != StatsOddities::default() {
-                        warn_once(&mut warned.stats, || tracing::warn!("balloon0: odd stats buffer: {odd:?}"));
+                        warn_once(&mut warned.stats, || {
+                            tracing::warn!("balloon0: odd stats buffer: {odd:?}")
+                        });
                     }
                     *lock(&shared.stats) = Some(stats);
                 }
-                Err(e) => warn_once(&mut warned.stats_chain, || tracing::warn!("balloon0: bad stats buffer: {e}")),
+                Err(e) => warn_once(&mut warned.stats_chain, || {
+                    tracing::warn!("balloon0: bad stats buffer: {e}")
+                }),
             }
             // The driver has one buffer; should it send another, the older
             // one goes back at once.
@@ -892,7 +1002,9 @@ impl BalloonWorker {
 
     /// The stats interval passed: hand the buffer back to ask for more.
     fn request_stats(&mut self) -> Result<(), virtio_queue::Error> {
-        let Some(sq) = self.stats.as_mut() else { return Ok(()) };
+        let Some(sq) = self.stats.as_mut() else {
+            return Ok(());
+        };
         if let Some(head) = sq.held.take() {
             sq.ctx.queue.add_used(&*self.mem, head, 0)?;
             if sq.ctx.queue.needs_notification(&*self.mem)? {
@@ -903,18 +1015,25 @@ impl BalloonWorker {
     }
 
     fn serve_reporting(&mut self) -> Result<bool, virtio_queue::Error> {
-        let Some(qc) = self.reporting.as_mut() else { return Ok(false) };
+        let Some(qc) = self.reporting.as_mut() else {
+            return Ok(false);
+        };
         let mem: &GuestMemoryMmap = &self.mem;
         let warned = &mut self.warned;
         drain_queue(qc, mem, self.polling, &*self.interrupt, |chain| {
             let (out, failed) = apply_report(chain, mem);
             if out.bad_ranges > 0 {
                 warn_once(&mut warned.report, || {
-                    tracing::warn!("balloon0: {} bad free page range(s) skipped", out.bad_ranges)
+                    tracing::warn!(
+                        "balloon0: {} bad free page range(s) skipped",
+                        out.bad_ranges
+                    )
                 });
             }
             if let Some(e) = failed {
-                warn_once(&mut warned.madvise, || tracing::warn!("balloon0: cannot give pages back to the host: {e}"));
+                warn_once(&mut warned.madvise, || {
+                    tracing::warn!("balloon0: cannot give pages back to the host: {e}")
+                });
             }
             Served::Used(0)
         })
@@ -934,16 +1053,23 @@ impl BalloonWorker {
         };
         result.unwrap_or_else(|e| {
             self.broken = true;
-            warn_once(&mut self.warned.broken, || tracing::warn!("balloon0: broken queue, device needs reset: {e}"));
+            warn_once(&mut self.warned.broken, || {
+                tracing::warn!("balloon0: broken queue, device needs reset: {e}")
+            });
             self.interrupt.set_needs_reset();
             false
         })
     }
 
     fn queues(&mut self) -> impl Iterator<Item = &mut QueueContext> {
-        [Some(&mut self.inflate), Some(&mut self.deflate), self.stats.as_mut().map(|s| &mut s.ctx), self.reporting.as_mut()]
-            .into_iter()
-            .flatten()
+        [
+            Some(&mut self.inflate),
+            Some(&mut self.deflate),
+            self.stats.as_mut().map(|s| &mut s.ctx),
+            self.reporting.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -1019,7 +1145,11 @@ pub mod fuzzing {
 
     /// Two regions with a hole, so PFNs can miss in every way.
     fn memory() -> Option<GuestMemoryMmap> {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x2_0000), 0x1_0000)]).ok()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x2_0000), 0x1_0000),
+        ])
+        .ok()
     }
 
     /// `data` as an inflate list, then as a deflate list.
@@ -1039,7 +1169,9 @@ pub mod fuzzing {
     /// `data` laid out as a queue (see [`queue_from_bytes`]) whose chains
     /// are free page reports.
     pub fn report(data: &[u8]) {
-        let Some((mem, mut queue)) = queue_from_bytes(data) else { return };
+        let Some((mem, mut queue)) = queue_from_bytes(data) else {
+            return;
+        };
         while let Some(chain) = queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let _ = apply_report(chain, &mem);
@@ -1068,7 +1200,8 @@ pub mod fuzzing {
         let ndesc = data.next()? % (QUEUE_LEN as u8 + 1);
         for i in 0..u64::from(ndesc) {
             let raw: Vec<u8> = data.by_ref().take(16).collect();
-            mem.write_slice(&raw, desc_table.checked_add(i * 16)?).ok()?;
+            mem.write_slice(&raw, desc_table.checked_add(i * 16)?)
+                .ok()?;
         }
         let nheads = data.next()? % (QUEUE_LEN as u8 + 1);
         for i in 0..u64::from(nheads) {
@@ -1102,9 +1235,9 @@ pub mod fuzzing {
 mod tests {
     use super::*;
     use crate::virtio::test_support::{wait_until, CountingInterrupt};
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::Bytes;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -1146,7 +1279,10 @@ mod tests {
         /// (id, len) of used entry `i`.
         fn used_elem(&self, mem: &GuestMemoryMmap, i: u64) -> (u32, u32) {
             let at = self.used.unchecked_add(4 + 8 * i);
-            (mem.read_obj(at).unwrap(), mem.read_obj(at.unchecked_add(4)).unwrap())
+            (
+                mem.read_obj(at).unwrap(),
+                mem.read_obj(at.unchecked_add(4)).unwrap(),
+            )
         }
 
         fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
@@ -1160,11 +1296,17 @@ mod tests {
                 let last = i + 1 == descs.len();
                 let flags = if last { d.flags() } else { d.flags() | 1 };
                 let next = slot + i as u16 + 1;
-                let raw = RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next));
-                mem.write_obj(raw, self.desc.unchecked_add(16 * u64::from(slot + i as u16))).unwrap();
+                let raw =
+                    RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next));
+                mem.write_obj(
+                    raw,
+                    self.desc.unchecked_add(16 * u64::from(slot + i as u16)),
+                )
+                .unwrap();
             }
             let idx: u16 = mem.read_obj(self.avail.unchecked_add(2)).unwrap();
-            mem.write_obj(slot, self.avail.unchecked_add(4 + 2 * u64::from(idx % 16))).unwrap();
+            mem.write_obj(slot, self.avail.unchecked_add(4 + 2 * u64::from(idx % 16)))
+                .unwrap();
             self.set_avail_idx(mem, idx.wrapping_add(1));
         }
     }
@@ -1187,14 +1329,33 @@ mod tests {
             let mut rings = Vec::new();
             for index in 0..n {
                 let mock = MockSplitQueue::create(&*mem, queue_base(index), 16);
-                rings.push(Ring { desc: mock.desc_table_addr(), avail: mock.avail_addr(), used: mock.used_addr() });
+                rings.push(Ring {
+                    desc: mock.desc_table_addr(),
+                    avail: mock.avail_addr(),
+                    used: mock.used_addr(),
+                });
                 let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
                 kicks.push(kick.try_clone().unwrap());
-                queues.push(QueueContext { index, queue: mock.create_queue().unwrap(), kick });
+                queues.push(QueueContext {
+                    index,
+                    queue: mock.create_queue().unwrap(),
+                    kick,
+                });
             }
-            let ctx = DeviceContext { mem: mem.clone(), queues, acked_features: acked, interrupt: irq.clone() };
+            let ctx = DeviceContext {
+                mem: mem.clone(),
+                queues,
+                acked_features: acked,
+                interrupt: irq.clone(),
+            };
             dev.activate(ctx).unwrap();
-            Rig { mem, dev, irq, kicks, rings }
+            Rig {
+                mem,
+                dev,
+                irq,
+                kicks,
+                rings,
+            }
         }
 
         fn ring(&self, index: u16) -> &Ring {
@@ -1217,7 +1378,9 @@ mod tests {
             self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
             let before = self.used_idx(index);
             self.send(index, slot, &[desc(addr, bytes.len() as u32, 0)]);
-            wait_until("the PFN buffer to be used", || self.used_idx(index) != before);
+            wait_until("the PFN buffer to be used", || {
+                self.used_idx(index) != before
+            });
         }
     }
 
@@ -1241,16 +1404,36 @@ mod tests {
 
     #[test]
     fn config_parses_and_rejects_mistakes() {
-        let c: BalloonConfig = "deflate_on_oom=on,stats=5,free_page_reporting=on".parse().unwrap();
+        let c: BalloonConfig = "deflate_on_oom=on,stats=5,free_page_reporting=on"
+            .parse()
+            .unwrap();
         assert_eq!(
             c,
-            BalloonConfig { deflate_on_oom: true, stats_interval_s: 5, free_page_reporting: true, initial_target_mib: 0 }
+            BalloonConfig {
+                deflate_on_oom: true,
+                stats_interval_s: 5,
+                free_page_reporting: true,
+                initial_target_mib: 0
+            }
         );
-        assert_eq!("".parse::<BalloonConfig>().unwrap(), BalloonConfig::default());
-        assert_eq!("target_mib=512".parse::<BalloonConfig>().unwrap().initial_target_mib, 512);
+        assert_eq!(
+            "".parse::<BalloonConfig>().unwrap(),
+            BalloonConfig::default()
+        );
+        assert_eq!(
+            "target_mib=512"
+                .parse::<BalloonConfig>()
+                .unwrap()
+                .initial_target_mib,
+            512
+        );
         assert!("stats=-1".parse::<BalloonConfig>().is_err());
         assert!("deflate=on".parse::<BalloonConfig>().is_err());
-        assert!(VirtioBalloon::new(BalloonConfig { initial_target_mib: u64::MAX, ..Default::default() }).is_err());
+        assert!(VirtioBalloon::new(BalloonConfig {
+            initial_target_mib: u64::MAX,
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]
@@ -1258,8 +1441,16 @@ mod tests {
         let plain = VirtioBalloon::new(BalloonConfig::default()).unwrap();
         assert_eq!(plain.features() & 0xff, 0);
         assert_eq!(plain.queue_max_sizes().len(), 2);
-        let all = VirtioBalloon::new("deflate_on_oom,stats=1,free_page_reporting".parse().unwrap()).unwrap();
-        assert_eq!(all.features() & 0xff, feature::STATS_VQ | feature::DEFLATE_ON_OOM | feature::PAGE_REPORTING);
+        let all = VirtioBalloon::new(
+            "deflate_on_oom,stats=1,free_page_reporting"
+                .parse()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            all.features() & 0xff,
+            feature::STATS_VQ | feature::DEFLATE_ON_OOM | feature::PAGE_REPORTING
+        );
         assert_eq!(all.queue_max_sizes(), vec![QUEUE_SIZE; 4]);
         assert_eq!(all.device_type(), device_type::BALLOON);
     }
@@ -1270,7 +1461,9 @@ mod tests {
         assert_eq!((l.stats, l.reporting), (Some(2), Some(3)));
         let l = QueueLayout::for_features(feature::PAGE_REPORTING);
         assert_eq!((l.stats, l.reporting), (None, Some(2)));
-        let l = QueueLayout::for_features(feature::STATS_VQ | feature::FREE_PAGE_HINT | feature::PAGE_REPORTING);
+        let l = QueueLayout::for_features(
+            feature::STATS_VQ | feature::FREE_PAGE_HINT | feature::PAGE_REPORTING,
+        );
         assert_eq!((l.stats, l.reporting), (Some(2), Some(4)));
         assert_eq!(QueueLayout::for_features(0).count(), 2);
     }
@@ -1280,22 +1473,33 @@ mod tests {
         let rig = Rig::new(BalloonConfig::default(), 0);
         let pages = [DATA, DATA + PAGE_SIZE, DATA + 5 * PAGE_SIZE];
         for gpa in pages {
-            rig.mem.write_slice(&[0xabu8; PAGE_SIZE as usize], GuestAddress(gpa)).unwrap();
+            rig.mem
+                .write_slice(&[0xabu8; PAGE_SIZE as usize], GuestAddress(gpa))
+                .unwrap();
         }
         // A page we do not inflate keeps its contents.
-        rig.mem.write_slice(&[0xcdu8; 8], GuestAddress(DATA + 2 * PAGE_SIZE)).unwrap();
+        rig.mem
+            .write_slice(&[0xcdu8; 8], GuestAddress(DATA + 2 * PAGE_SIZE))
+            .unwrap();
         rig.send_pfns(0, 0, BUF, &pages.map(pfn));
         for gpa in pages {
             let mut back = vec![1u8; PAGE_SIZE as usize];
             rig.mem.read_slice(&mut back, GuestAddress(gpa)).unwrap();
-            assert!(back.iter().all(|b| *b == 0), "page {gpa:#x} still holds data");
+            assert!(
+                back.iter().all(|b| *b == 0),
+                "page {gpa:#x} still holds data"
+            );
         }
         let mut kept = [0u8; 8];
-        rig.mem.read_slice(&mut kept, GuestAddress(DATA + 2 * PAGE_SIZE)).unwrap();
+        rig.mem
+            .read_slice(&mut kept, GuestAddress(DATA + 2 * PAGE_SIZE))
+            .unwrap();
         assert_eq!(kept, [0xcd; 8]);
         let control = rig.dev.control();
         assert_eq!(control.inflated_pages(), 3);
-        wait_until("the inflate interrupt", || rig.irq.queue[0].load(Ordering::SeqCst) == 1);
+        wait_until("the inflate interrupt", || {
+            rig.irq.queue[0].load(Ordering::SeqCst) == 1
+        });
         assert_eq!(rig.ring(0).used_elem(&rig.mem, 0), (0, 0));
     }
 
@@ -1303,11 +1507,15 @@ mod tests {
     fn inflating_megabytes_shrinks_host_residency() {
         let rig = Rig::new(BalloonConfig::default(), 0);
         let len = 8 * MIB as usize;
-        rig.mem.write_slice(&vec![0x5au8; len], GuestAddress(DATA)).unwrap();
+        rig.mem
+            .write_slice(&vec![0x5au8; len], GuestAddress(DATA))
+            .unwrap();
         let pages = len / PAGE_SIZE as usize;
         assert_eq!(resident_pages(&rig.mem, DATA, len), pages);
         // Two chains of 1024 PFNs each.
-        let pfns: Vec<u32> = (0..pages as u64).map(|i| pfn(DATA + i * PAGE_SIZE)).collect();
+        let pfns: Vec<u32> = (0..pages as u64)
+            .map(|i| pfn(DATA + i * PAGE_SIZE))
+            .collect();
         rig.send_pfns(0, 0, BUF, &pfns[..pages / 2]);
         rig.send_pfns(0, 1, BUF + 0x1_0000, &pfns[pages / 2..]);
         assert_eq!(resident_pages(&rig.mem, DATA, len), 0);
@@ -1315,7 +1523,9 @@ mod tests {
         // Deflating counts down; the memory comes back on touch.
         rig.send_pfns(1, 0, BUF, &pfns[..10]);
         assert_eq!(rig.dev.control().inflated_pages(), pages as u64 - 10);
-        wait_until("the deflate interrupt", || rig.irq.queue[1].load(Ordering::SeqCst) == 1);
+        wait_until("the deflate interrupt", || {
+            rig.irq.queue[1].load(Ordering::SeqCst) == 1
+        });
     }
 
     #[test]
@@ -1323,33 +1533,59 @@ mod tests {
         let rig = Rig::new(BalloonConfig::default(), 0);
         rig.mem.write_slice(&[7u8; 16], GuestAddress(DATA)).unwrap();
         let outside = pfn(16 * MIB);
-        rig.send_pfns(0, 0, BUF, &[outside, u32::MAX, pfn(DATA), pfn(DATA), outside + 1000]);
+        rig.send_pfns(
+            0,
+            0,
+            BUF,
+            &[outside, u32::MAX, pfn(DATA), pfn(DATA), outside + 1000],
+        );
         assert_eq!(rig.dev.control().inflated_pages(), 1);
         let mut back = [1u8; 16];
         rig.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
-        assert_eq!(back, [0; 16], "the valid PFN after bad ones is still served");
+        assert_eq!(
+            back, [0; 16],
+            "the valid PFN after bad ones is still served"
+        );
         // Inflated again: still one page.
         rig.send_pfns(0, 1, BUF, &[pfn(DATA)]);
         assert_eq!(rig.dev.control().inflated_pages(), 1);
         // Deflating pages never inflated, twice, or outside RAM changes nothing wrong.
-        rig.send_pfns(1, 0, BUF, &[pfn(DATA), pfn(DATA), pfn(DATA + PAGE_SIZE), outside]);
+        rig.send_pfns(
+            1,
+            0,
+            BUF,
+            &[pfn(DATA), pfn(DATA), pfn(DATA + PAGE_SIZE), outside],
+        );
         assert_eq!(rig.dev.control().inflated_pages(), 0);
         assert_eq!(rig.irq.needs_reset.load(Ordering::SeqCst), 0);
     }
 
     #[test]
     fn pfn_parsing_handles_odd_lengths_holes_and_region_ends() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x2_0000), 0x1_0000)])
-            .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x2_0000), 0x1_0000),
+        ])
+        .unwrap();
         let mut pages = PageBitmap::new(&mem);
         assert_eq!(pages.total_pages(), 32);
         // 0x10 is in the hole, 0x2f the last page, 0x30 just past the end;
         // then 3 stray bytes.
-        let mut bytes: Vec<u8> = [0x0fu32, 0x10, 0x20, 0x2f, 0x30].iter().flat_map(|p| p.to_le_bytes()).collect();
+        let mut bytes: Vec<u8> = [0x0fu32, 0x10, 0x20, 0x2f, 0x30]
+            .iter()
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
         bytes.extend([1, 2, 3]);
         let (out, err) = apply_pfns(&mut &bytes[..], &mem, &mut pages, Balloon::Inflate);
         assert!(err.is_none());
-        assert_eq!(out, PfnOutcome { changed: 3, bad: 2, ignored_bytes: true });
+        assert_eq!(
+            out,
+            PfnOutcome {
+                changed: 3,
+                bad: 2,
+                ignored_bytes: true
+            }
+        );
         // An unaligned region start: its first partial page is not RAM.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x800), 0x2000)]).unwrap();
         let pages = PageBitmap::new(&mem);
@@ -1377,9 +1613,28 @@ mod tests {
         let bytes: Vec<u8> = (0..1000u32).flat_map(|p| p.to_le_bytes()).collect();
         let (out, err) = apply_pfns(&mut Trickle(&bytes), &mem, &mut pages, Balloon::Inflate);
         assert!(err.is_none());
-        assert_eq!(out, PfnOutcome { changed: 1000, bad: 0, ignored_bytes: false });
-        let (out, _) = apply_pfns(&mut Trickle(&bytes[..bytes.len() - 2]), &mem, &mut pages, Balloon::Deflate);
-        assert_eq!(out, PfnOutcome { changed: 999, bad: 0, ignored_bytes: true });
+        assert_eq!(
+            out,
+            PfnOutcome {
+                changed: 1000,
+                bad: 0,
+                ignored_bytes: false
+            }
+        );
+        let (out, _) = apply_pfns(
+            &mut Trickle(&bytes[..bytes.len() - 2]),
+            &mem,
+            &mut pages,
+            Balloon::Deflate,
+        );
+        assert_eq!(
+            out,
+            PfnOutcome {
+                changed: 999,
+                bad: 0,
+                ignored_bytes: true
+            }
+        );
     }
 
     #[test]
@@ -1394,7 +1649,11 @@ mod tests {
 
     #[test]
     fn actual_is_written_by_the_driver_only_as_one_word() {
-        let mut dev = VirtioBalloon::new(BalloonConfig { initial_target_mib: 2, ..Default::default() }).unwrap();
+        let mut dev = VirtioBalloon::new(BalloonConfig {
+            initial_target_mib: 2,
+            ..Default::default()
+        })
+        .unwrap();
         let control = dev.control();
         let mut cfg = [0u8; 16];
         dev.read_config(0, &mut cfg);
@@ -1426,7 +1685,10 @@ mod tests {
         rig.dev.read_config(0, &mut num_pages);
         assert_eq!(u32::from_le_bytes(num_pages), 12 * 256);
         // Larger than guest RAM (16 MiB): refused, nothing changes.
-        assert!(matches!(control.set_target_mib(17), Err(BalloonError::TargetTooLarge { max_mib: 16, .. })));
+        assert!(matches!(
+            control.set_target_mib(17),
+            Err(BalloonError::TargetTooLarge { max_mib: 16, .. })
+        ));
         assert!(control.set_target_mib(u64::MAX).is_err());
         assert_eq!(control.target_mib(), 12);
         assert_eq!(rig.irq.config.load(Ordering::SeqCst), 1);
@@ -1438,27 +1700,55 @@ mod tests {
     }
 
     fn stats_bytes(entries: &[(u16, u64)]) -> Vec<u8> {
-        entries.iter().flat_map(|(t, v)| t.to_le_bytes().into_iter().chain(v.to_le_bytes())).collect()
+        entries
+            .iter()
+            .flat_map(|(t, v)| t.to_le_bytes().into_iter().chain(v.to_le_bytes()))
+            .collect()
     }
 
     #[test]
     fn stats_parsing_keeps_known_tags_and_reports_oddities() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
-        let mut bytes = stats_bytes(&[(tag::MEMFREE, 100), (42, 1), (tag::MEMTOT, 200), (tag::HTLB_PGFAIL, 3)]);
+        let mut bytes = stats_bytes(&[
+            (tag::MEMFREE, 100),
+            (42, 1),
+            (tag::MEMTOT, 200),
+            (tag::HTLB_PGFAIL, 3),
+        ]);
         bytes.extend([1, 2, 3]);
         let (s, odd) = parse_stats(&bytes, t);
-        assert_eq!((s.free_memory, s.total_memory, s.hugetlb_failures), (Some(100), Some(200), Some(3)));
+        assert_eq!(
+            (s.free_memory, s.total_memory, s.hugetlb_failures),
+            (Some(100), Some(200), Some(3))
+        );
         assert_eq!((s.swap_in, s.available_memory), (None, None));
         assert_eq!(s.received_at, t);
-        assert_eq!(odd, StatsOddities { unknown_tags: 1, trailing_bytes: 3, truncated: false });
+        assert_eq!(
+            odd,
+            StatsOddities {
+                unknown_tags: 1,
+                trailing_bytes: 3,
+                truncated: false
+            }
+        );
         let (s, odd) = parse_stats(&[1, 2, 3], t);
         assert_eq!(s, BalloonStats::empty(t));
         assert_eq!(odd.trailing_bytes, 3);
         let all: Vec<(u16, u64)> = (0..10).map(|t| (t, u64::from(t) + 1)).collect();
         let (s, _) = parse_stats(&stats_bytes(&all), t);
         assert_eq!(
-            [s.swap_in, s.swap_out, s.major_faults, s.minor_faults, s.free_memory, s.total_memory,
-             s.available_memory, s.disk_caches, s.hugetlb_allocations, s.hugetlb_failures],
+            [
+                s.swap_in,
+                s.swap_out,
+                s.major_faults,
+                s.minor_faults,
+                s.free_memory,
+                s.total_memory,
+                s.available_memory,
+                s.disk_caches,
+                s.hugetlb_allocations,
+                s.hugetlb_failures
+            ],
             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10].map(Some)
         );
         let many = stats_bytes(&vec![(tag::MINFLT, 1); MAX_STAT_ENTRIES + 1]);
@@ -1468,7 +1758,10 @@ mod tests {
     #[test]
     fn stats_buffer_is_held_and_handed_back_every_interval() {
         let acked = feature::STATS_VQ;
-        let config = BalloonConfig { stats_interval_s: 1, ..Default::default() };
+        let config = BalloonConfig {
+            stats_interval_s: 1,
+            ..Default::default()
+        };
         let rig = Rig::with_period(config, acked, Some(Duration::from_millis(30)));
         let control = rig.dev.control();
         let bytes = stats_bytes(&[(tag::MEMFREE, 1000), (tag::AVAIL, 900)]);
@@ -1476,15 +1769,22 @@ mod tests {
         rig.send(2, 0, &[desc(BUF, bytes.len() as u32, 0)]);
         wait_until("the first statistics", || control.stats().is_some());
         let first = control.stats().unwrap();
-        assert_eq!((first.free_memory, first.available_memory), (Some(1000), Some(900)));
+        assert_eq!(
+            (first.free_memory, first.available_memory),
+            (Some(1000), Some(900))
+        );
         // The timer hands the buffer back: the driver's cue to refresh.
-        wait_until("the stats request", || rig.irq.queue[2].load(Ordering::SeqCst) == 1);
+        wait_until("the stats request", || {
+            rig.irq.queue[2].load(Ordering::SeqCst) == 1
+        });
         assert_eq!(rig.used_idx(2), 1);
         // The driver answers with fresh figures, and is asked again.
         let bytes = stats_bytes(&[(tag::MEMFREE, 500), (tag::SWAP_IN, 4)]);
         rig.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
         rig.send(2, 1, &[desc(BUF, bytes.len() as u32 + 5, 0)]);
-        wait_until("the second statistics", || control.stats().is_some_and(|s| s.free_memory == Some(500)));
+        wait_until("the second statistics", || {
+            control.stats().is_some_and(|s| s.free_memory == Some(500))
+        });
         let second = control.stats().unwrap();
         assert_eq!((second.swap_in, second.available_memory), (Some(4), None));
         assert!(second.received_at >= first.received_at);
@@ -1496,12 +1796,17 @@ mod tests {
 
     #[test]
     fn a_second_stats_buffer_returns_the_first() {
-        let config = BalloonConfig { stats_interval_s: 60, ..Default::default() };
+        let config = BalloonConfig {
+            stats_interval_s: 60,
+            ..Default::default()
+        };
         let rig = Rig::new(config, feature::STATS_VQ);
         let bytes = stats_bytes(&[(tag::MEMTOT, 1)]);
         rig.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
         rig.send(2, 0, &[desc(BUF, 10, 0)]);
-        wait_until("the first statistics", || rig.dev.control().stats().is_some());
+        wait_until("the first statistics", || {
+            rig.dev.control().stats().is_some()
+        });
         assert_eq!(rig.used_idx(2), 0, "the only buffer is held");
         rig.send(2, 1, &[desc(BUF, 10, 0)]);
         wait_until("the older buffer back", || rig.used_idx(2) == 1);
@@ -1514,36 +1819,53 @@ mod tests {
         let config: BalloonConfig = "stats=60,free_page_reporting".parse().unwrap();
         let rig = Rig::new(config, acked);
         let len = 2 * MIB as usize;
-        rig.mem.write_slice(&vec![0x11u8; len], GuestAddress(DATA)).unwrap();
-        rig.mem.write_slice(&[0x22u8; 4096], GuestAddress(DATA + 4 * MIB)).unwrap();
+        rig.mem
+            .write_slice(&vec![0x11u8; len], GuestAddress(DATA))
+            .unwrap();
+        rig.mem
+            .write_slice(&[0x22u8; 4096], GuestAddress(DATA + 4 * MIB))
+            .unwrap();
         let w = VRING_DESC_F_WRITE as u16;
         rig.send(
             3,
             0,
             &[
                 desc(DATA, len as u32, w),
-                desc(DATA + 4 * MIB + 1, 4096, w),          // unaligned
-                desc(DATA + 4 * MIB, 100, w),               // partial page
-                desc(15 * MIB, 2 * MIB as u32, w),          // runs past the end of RAM
-                desc(64 * MIB, 4096, w),                    // outside RAM
-                desc(0, 0xffff_f000, w),                    // huge
-                desc(DATA + 4 * MIB, 0, w),                 // empty
+                desc(DATA + 4 * MIB + 1, 4096, w), // unaligned
+                desc(DATA + 4 * MIB, 100, w),      // partial page
+                desc(15 * MIB, 2 * MIB as u32, w), // runs past the end of RAM
+                desc(64 * MIB, 4096, w),           // outside RAM
+                desc(0, 0xffff_f000, w),           // huge
+                desc(DATA + 4 * MIB, 0, w),        // empty
             ],
         );
         wait_until("the report to be used", || rig.used_idx(3) == 1);
         assert_eq!(resident_pages(&rig.mem, DATA, len), 0);
         let mut kept = [0u8; 4];
-        rig.mem.read_slice(&mut kept, GuestAddress(DATA + 4 * MIB)).unwrap();
+        rig.mem
+            .read_slice(&mut kept, GuestAddress(DATA + 4 * MIB))
+            .unwrap();
         assert_eq!(kept, [0x22; 4], "hostile ranges must not drop anything");
-        assert_eq!(rig.dev.control().inflated_pages(), 0, "reported pages stay the guest's");
-        wait_until("the reporting interrupt", || rig.irq.queue[3].load(Ordering::SeqCst) == 1);
+        assert_eq!(
+            rig.dev.control().inflated_pages(),
+            0,
+            "reported pages stay the guest's"
+        );
+        wait_until("the reporting interrupt", || {
+            rig.irq.queue[3].load(Ordering::SeqCst) == 1
+        });
         assert_eq!(rig.irq.needs_reset.load(Ordering::SeqCst), 0);
     }
 
     #[test]
     fn reporting_is_queue_two_without_stats() {
-        let rig = Rig::new("free_page_reporting".parse().unwrap(), feature::PAGE_REPORTING);
-        rig.mem.write_slice(&[0x33u8; 4096], GuestAddress(DATA)).unwrap();
+        let rig = Rig::new(
+            "free_page_reporting".parse().unwrap(),
+            feature::PAGE_REPORTING,
+        );
+        rig.mem
+            .write_slice(&[0x33u8; 4096], GuestAddress(DATA))
+            .unwrap();
         rig.send(2, 0, &[desc(DATA, 4096, 0)]);
         wait_until("the report to be used", || rig.used_idx(2) == 1);
         assert_eq!(resident_pages(&rig.mem, DATA, 4096), 0);
@@ -1555,7 +1877,9 @@ mod tests {
         // The driver claims 100 new buffers in a 16-entry queue.
         rig.ring(0).set_avail_idx(&rig.mem, 100);
         rig.kicks[0].write(1).unwrap();
-        wait_until("needs reset", || rig.irq.needs_reset.load(Ordering::SeqCst) == 1);
+        wait_until("needs reset", || {
+            rig.irq.needs_reset.load(Ordering::SeqCst) == 1
+        });
         rig.dev.reset();
         assert_eq!(rig.dev.control().inflated_pages(), 0);
         assert!(rig.dev.worker.is_none());
@@ -1564,23 +1888,34 @@ mod tests {
 
     #[test]
     fn a_broken_device_does_not_spin_on_its_stats_timer() {
-        let config = BalloonConfig { stats_interval_s: 1, ..Default::default() };
+        let config = BalloonConfig {
+            stats_interval_s: 1,
+            ..Default::default()
+        };
         let rig = Rig::with_period(config, feature::STATS_VQ, Some(Duration::from_millis(10)));
         rig.ring(0).set_avail_idx(&rig.mem, 100);
         rig.kicks[0].write(1).unwrap();
-        wait_until("needs reset", || rig.irq.needs_reset.load(Ordering::SeqCst) == 1);
+        wait_until("needs reset", || {
+            rig.irq.needs_reset.load(Ordering::SeqCst) == 1
+        });
         let control = rig.dev.worker_control();
         let before = control.busy_rounds();
         std::thread::sleep(Duration::from_millis(100));
         // About one round per 10 ms tick; a timer left unread would spin.
-        assert!(control.busy_rounds() - before < 50, "{} rounds in 100 ms", control.busy_rounds() - before);
+        assert!(
+            control.busy_rounds() - before < 50,
+            "{} rounds in 100 ms",
+            control.busy_rounds() - before
+        );
     }
 
     #[test]
     fn poll_mode_serves_without_kicks() {
         use super::super::worker::WaitMode;
         let rig = Rig::new(BalloonConfig::default(), 0);
-        rig.dev.worker_control().set_wait_mode(WaitMode::Poll { spin: Duration::from_secs(5) });
+        rig.dev.worker_control().set_wait_mode(WaitMode::Poll {
+            spin: Duration::from_secs(5),
+        });
         let bytes = pfn(DATA).to_le_bytes();
         rig.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
         rig.ring(0).add_chain(&rig.mem, 0, &[desc(BUF, 4, 0)]);

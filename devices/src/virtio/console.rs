@@ -25,10 +25,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{drain_queue, Served};
 use super::options::{Options, OptionsError};
+use super::queue::{drain_queue, Served};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
-use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};
+use super::{
+    device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext,
+    VirtioDevice,
+};
 
 /// Bytes taken from one transmit buffer at most.
 pub const MAX_TX_CHAIN_BYTES: usize = 64 * 1024;
@@ -71,7 +74,9 @@ impl FromStr for ConsoleConfig {
         if path.is_empty() || path == "on" {
             return Err(super::options::invalid("file", &path, "expected a path").into());
         }
-        Ok(ConsoleConfig { output_path: Some(PathBuf::from(path)) })
+        Ok(ConsoleConfig {
+            output_path: Some(PathBuf::from(path)),
+        })
     }
 }
 
@@ -144,7 +149,9 @@ impl VirtioConsole {
     }
 
     pub fn input(&self) -> ConsoleInput {
-        ConsoleInput { shared: self.input.clone() }
+        ConsoleInput {
+            shared: self.input.clone(),
+        }
     }
 
     pub fn worker_control(&self) -> WorkerControl {
@@ -163,7 +170,10 @@ fn open_output(path: &PathBuf) -> Result<File, ConsoleError> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| ConsoleError::Open { path: path.clone(), source })
+        .map_err(|source| ConsoleError::Open {
+            path: path.clone(),
+            source,
+        })
 }
 
 impl VirtioDevice for VirtioConsole {
@@ -189,10 +199,24 @@ impl VirtioDevice for VirtioConsole {
 
     fn activate(&mut self, mut ctx: DeviceContext) -> Result<(), ActivateError> {
         self.stop();
-        let rx = ctx.take_queue(RX_QUEUE).ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
-        let tx = ctx.take_queue(TX_QUEUE).ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
-        let handler = ConsoleWorker::new(ctx.mem, ctx.interrupt, rx, tx, self.output.clone(), self.input.clone());
-        self.worker = Some(Worker::spawn(self.name(), handler, self.worker_control.clone()).map_err(ActivateError::Worker)?);
+        let rx = ctx
+            .take_queue(RX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
+        let tx = ctx
+            .take_queue(TX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
+        let handler = ConsoleWorker::new(
+            ctx.mem,
+            ctx.interrupt,
+            rx,
+            tx,
+            self.output.clone(),
+            self.input.clone(),
+        );
+        self.worker = Some(
+            Worker::spawn(self.name(), handler, self.worker_control.clone())
+                .map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
 
@@ -226,11 +250,18 @@ fn warn_once(flag: &mut bool, f: impl FnOnce()) {
 }
 
 /// Copies one transmit buffer to `output`, at most [`MAX_TX_CHAIN_BYTES`].
-fn transmit(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, output: &mut dyn Write, warned: &mut Warned) {
+fn transmit(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    output: &mut dyn Write,
+    warned: &mut Warned,
+) {
     let reader = match chain.reader(mem) {
         Ok(r) => r,
         Err(e) => {
-            warn_once(&mut warned.tx_chain, || tracing::warn!("console0: bad transmit buffer ({e}), dropped"));
+            warn_once(&mut warned.tx_chain, || {
+                tracing::warn!("console0: bad transmit buffer ({e}), dropped")
+            });
             return;
         }
     };
@@ -242,7 +273,9 @@ fn transmit(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, out
     }
     let mut limited = reader.take(MAX_TX_CHAIN_BYTES as u64);
     if let Err(e) = io::copy(&mut limited, output) {
-        warn_once(&mut warned.output, || tracing::warn!("console0: cannot write the guest's output: {e}"));
+        warn_once(&mut warned.output, || {
+            tracing::warn!("console0: cannot write the guest's output: {e}")
+        });
     }
 }
 
@@ -271,7 +304,17 @@ impl ConsoleWorker {
         output: Output,
         input: Arc<InputShared>,
     ) -> Self {
-        ConsoleWorker { mem, interrupt, rx, tx, output, input, polling: false, broken: false, warned: Warned::default() }
+        ConsoleWorker {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            output,
+            input,
+            polling: false,
+            broken: false,
+            warned: Warned::default(),
+        }
     }
 
     fn serve_tx(&mut self) -> Result<bool, virtio_queue::Error> {
@@ -284,7 +327,9 @@ impl ConsoleWorker {
         })?;
         if served {
             if let Err(e) = output.flush() {
-                warn_once(&mut warned.output, || tracing::warn!("console0: cannot write the guest's output: {e}"));
+                warn_once(&mut warned.output, || {
+                    tracing::warn!("console0: cannot write the guest's output: {e}")
+                });
             }
         }
         Ok(served)
@@ -319,7 +364,9 @@ impl ConsoleWorker {
                     }
                 }
                 Err(e) => {
-                    warn_once(&mut self.warned.rx_chain, || tracing::warn!("console0: bad receive buffer ({e}), skipped"));
+                    warn_once(&mut self.warned.rx_chain, || {
+                        tracing::warn!("console0: bad receive buffer ({e}), skipped")
+                    });
                     0
                 }
             };
@@ -348,7 +395,9 @@ impl ConsoleWorker {
         };
         result.unwrap_or_else(|e| {
             self.broken = true;
-            warn_once(&mut self.warned.broken, || tracing::warn!("console0: broken queue, device needs reset: {e}"));
+            warn_once(&mut self.warned.broken, || {
+                tracing::warn!("console0: broken queue, device needs reset: {e}")
+            });
             self.interrupt.set_needs_reset();
             false
         })
@@ -409,14 +458,29 @@ pub mod fuzzing {
         let (mem, queue) = queue_from_bytes(data)?;
         // The other queue is never made ready: touching it breaks the device.
         let idle = Queue::new(16).ok()?;
-        let (rx, tx) = if fuzzed == RX_QUEUE { (queue, idle) } else { (idle, queue) };
+        let (rx, tx) = if fuzzed == RX_QUEUE {
+            (queue, idle)
+        } else {
+            (idle, queue)
+        };
         let output: Output = Arc::new(Mutex::new(Box::new(io::sink())));
-        let input = Arc::new(InputShared { pending: Mutex::new(VecDeque::new()), ready: EventFd::new(0).ok()? });
+        let input = Arc::new(InputShared {
+            pending: Mutex::new(VecDeque::new()),
+            ready: EventFd::new(0).ok()?,
+        });
         Some(ConsoleWorker::new(
             Arc::new(mem),
             Arc::new(NoInterrupt),
-            QueueContext { index: RX_QUEUE, queue: rx, kick: EventFd::new(0).ok()? },
-            QueueContext { index: TX_QUEUE, queue: tx, kick: EventFd::new(0).ok()? },
+            QueueContext {
+                index: RX_QUEUE,
+                queue: rx,
+                kick: EventFd::new(0).ok()?,
+            },
+            QueueContext {
+                index: TX_QUEUE,
+                queue: tx,
+                kick: EventFd::new(0).ok()?,
+            },
             output,
             input,
         ))
@@ -478,23 +542,45 @@ mod tests {
 
     impl Rig {
         fn new(dev: VirtioConsole) -> Rig {
-            let mem: Memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+            let mem: Memory =
+                Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
             let irq = Arc::new(CountingInterrupt::default());
             let mut queues = Vec::new();
             let mut rings = Vec::new();
             let mut kicks = Vec::new();
             for index in 0..2u16 {
-                let mock = MockSplitQueue::create(&*mem, GuestAddress(u64::from(index) * 0x4000), 16);
-                rings.push(Ring { desc: mock.desc_table_addr(), avail: mock.avail_addr(), used: mock.used_addr() });
+                let mock =
+                    MockSplitQueue::create(&*mem, GuestAddress(u64::from(index) * 0x4000), 16);
+                rings.push(Ring {
+                    desc: mock.desc_table_addr(),
+                    avail: mock.avail_addr(),
+                    used: mock.used_addr(),
+                });
                 let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
                 kicks.push(kick.try_clone().unwrap());
-                queues.push(QueueContext { index, queue: mock.create_queue().unwrap(), kick });
+                queues.push(QueueContext {
+                    index,
+                    queue: mock.create_queue().unwrap(),
+                    kick,
+                });
             }
             let mut dev = dev;
-            dev.activate(DeviceContext { mem: mem.clone(), queues, acked_features: 0, interrupt: irq.clone() }).unwrap();
+            dev.activate(DeviceContext {
+                mem: mem.clone(),
+                queues,
+                acked_features: 0,
+                interrupt: irq.clone(),
+            })
+            .unwrap();
             let kicks: [EventFd; 2] = kicks.try_into().unwrap();
             let rings: [Ring; 2] = rings.try_into().unwrap_or_else(|_| unreachable!());
-            Rig { mem, dev, irq, kicks, rings }
+            Rig {
+                mem,
+                dev,
+                irq,
+                kicks,
+                rings,
+            }
         }
 
         /// Writes raw descriptors at table index `at` of queue `q` and
@@ -502,24 +588,38 @@ mod tests {
         fn offer(&self, q: usize, at: u16, descs: &[RawDescriptor], heads: &[u16]) {
             let ring = &self.rings[q];
             for (i, d) in descs.iter().enumerate() {
-                self.mem.write_obj(*d, ring.desc.unchecked_add(16 * u64::from(at + i as u16))).unwrap();
+                self.mem
+                    .write_obj(*d, ring.desc.unchecked_add(16 * u64::from(at + i as u16)))
+                    .unwrap();
             }
             let idx: u16 = self.mem.read_obj(ring.avail.unchecked_add(2)).unwrap();
             for (i, h) in heads.iter().enumerate() {
                 let slot = u64::from(idx.wrapping_add(i as u16) % 16);
-                self.mem.write_obj(*h, ring.avail.unchecked_add(4 + 2 * slot)).unwrap();
+                self.mem
+                    .write_obj(*h, ring.avail.unchecked_add(4 + 2 * slot))
+                    .unwrap();
             }
-            self.mem.write_obj(idx.wrapping_add(heads.len() as u16), ring.avail.unchecked_add(2)).unwrap();
+            self.mem
+                .write_obj(
+                    idx.wrapping_add(heads.len() as u16),
+                    ring.avail.unchecked_add(2),
+                )
+                .unwrap();
             self.kicks[q].write(1).unwrap();
         }
 
         fn used_idx(&self, q: usize) -> u16 {
-            self.mem.read_obj(self.rings[q].used.unchecked_add(2)).unwrap()
+            self.mem
+                .read_obj(self.rings[q].used.unchecked_add(2))
+                .unwrap()
         }
 
         fn used_elem(&self, q: usize, i: u64) -> (u32, u32) {
             let at = self.rings[q].used.unchecked_add(4 + 8 * i);
-            (self.mem.read_obj(at).unwrap(), self.mem.read_obj(at.unchecked_add(4)).unwrap())
+            (
+                self.mem.read_obj(at).unwrap(),
+                self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+            )
         }
 
         fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -531,15 +631,24 @@ mod tests {
 
     fn captured_console() -> (VirtioConsole, Captured) {
         let out = Captured::default();
-        (VirtioConsole::with_output(Box::new(out.clone())).unwrap(), out)
+        (
+            VirtioConsole::with_output(Box::new(out.clone())).unwrap(),
+            out,
+        )
     }
 
     #[test]
     fn config_parses_file_and_none() {
         let c: ConsoleConfig = "file=/tmp/guest.log".parse().unwrap();
         assert_eq!(c.output_path, Some(PathBuf::from("/tmp/guest.log")));
-        assert_eq!("none".parse::<ConsoleConfig>().unwrap(), ConsoleConfig::default());
-        assert_eq!("".parse::<ConsoleConfig>().unwrap(), ConsoleConfig::default());
+        assert_eq!(
+            "none".parse::<ConsoleConfig>().unwrap(),
+            ConsoleConfig::default()
+        );
+        assert_eq!(
+            "".parse::<ConsoleConfig>().unwrap(),
+            ConsoleConfig::default()
+        );
         assert!("file".parse::<ConsoleConfig>().is_err());
         assert!("path=/x".parse::<ConsoleConfig>().is_err());
         assert!(matches!(
@@ -547,21 +656,44 @@ mod tests {
             Err(ConsoleError::Open { .. })
         ));
         let (dev, _) = captured_console();
-        assert_eq!((dev.device_type(), dev.queue_max_sizes().len(), dev.features() & 0xffff_ffff & !(3 << 28)), (3, 2, 0));
+        assert_eq!(
+            (
+                dev.device_type(),
+                dev.queue_max_sizes().len(),
+                dev.features() & 0xffff_ffff & !(3 << 28)
+            ),
+            (3, 2, 0)
+        );
     }
 
     #[test]
     fn transmit_appends_to_the_output_file() {
         let path = std::env::temp_dir().join(format!("kiln-console-test-{}", std::process::id()));
         std::fs::write(&path, b"before\n").unwrap();
-        let rig = Rig::new(VirtioConsole::new(ConsoleConfig { output_path: Some(path.clone()) }).unwrap());
-        rig.mem.write_slice(b"hello ", GuestAddress(0x10000)).unwrap();
-        rig.mem.write_slice(b"world\n", GuestAddress(0x20000)).unwrap();
-        rig.offer(1, 0, &[desc(0x10000, 6, NEXT, 1), desc(0x20000, 6, 0, 0)], &[0]);
+        let rig = Rig::new(
+            VirtioConsole::new(ConsoleConfig {
+                output_path: Some(path.clone()),
+            })
+            .unwrap(),
+        );
+        rig.mem
+            .write_slice(b"hello ", GuestAddress(0x10000))
+            .unwrap();
+        rig.mem
+            .write_slice(b"world\n", GuestAddress(0x20000))
+            .unwrap();
+        rig.offer(
+            1,
+            0,
+            &[desc(0x10000, 6, NEXT, 1), desc(0x20000, 6, 0, 0)],
+            &[0],
+        );
         wait_until("the transmit buffer", || rig.used_idx(1) == 1);
         assert_eq!(rig.used_elem(1, 0), (0, 0));
         assert_eq!(std::fs::read(&path).unwrap(), b"before\nhello world\n");
-        wait_until("the tx interrupt", || rig.irq.queue[1].load(Ordering::SeqCst) == 1);
+        wait_until("the tx interrupt", || {
+            rig.irq.queue[1].load(Ordering::SeqCst) == 1
+        });
         let _ = std::fs::remove_file(&path);
     }
 
@@ -574,10 +706,10 @@ mod tests {
             1,
             0,
             &[
-                desc(0x80_0000, 16, 0, 0),         // outside guest memory
+                desc(0x80_0000, 16, 0, 0),        // outside guest memory
                 desc(0x10_0000, 0x20_0000, 0, 0), // 2 MiB: only 64 KiB kept
                 desc(0x10000, 2, 0, 0),
-                desc(0x11000, 8, W, 0),           // device-writable only: nothing to send
+                desc(0x11000, 8, W, 0), // device-writable only: nothing to send
             ],
             &[0, 1, 2, 3],
         );
@@ -599,14 +731,21 @@ mod tests {
         assert_eq!(rig.used_idx(0), 0, "no receive buffer yet");
         assert_eq!(input.pending(), 12);
         // Two 8-byte buffers: 8 + 4 bytes.
-        rig.offer(0, 0, &[desc(0x30000, 8, W, 0), desc(0x31000, 8, W, 0)], &[0, 1]);
+        rig.offer(
+            0,
+            0,
+            &[desc(0x30000, 8, W, 0), desc(0x31000, 8, W, 0)],
+            &[0, 1],
+        );
         wait_until("both buffers", || rig.used_idx(0) == 2);
         assert_eq!(rig.used_elem(0, 0), (0, 8));
         assert_eq!(rig.used_elem(0, 1), (1, 4));
         assert_eq!(rig.bytes(0x30000, 8), b"early by");
         assert_eq!(rig.bytes(0x31000, 8), b"tes!\0\0\0\0");
         assert_eq!(input.pending(), 0);
-        wait_until("the rx interrupt", || rig.irq.queue[0].load(Ordering::SeqCst) >= 1);
+        wait_until("the rx interrupt", || {
+            rig.irq.queue[0].load(Ordering::SeqCst) >= 1
+        });
         // A buffer already waiting gets new input at once.
         rig.offer(0, 2, &[desc(0x32000, 64, W, 0)], &[2]);
         std::thread::sleep(Duration::from_millis(10));
@@ -646,9 +785,13 @@ mod tests {
         let (dev, _) = captured_console();
         let input = dev.input();
         let mut rig = Rig::new(dev);
-        rig.mem.write_obj(99u16, rig.rings[1].avail.unchecked_add(2)).unwrap();
+        rig.mem
+            .write_obj(99u16, rig.rings[1].avail.unchecked_add(2))
+            .unwrap();
         rig.kicks[1].write(1).unwrap();
-        wait_until("needs reset", || rig.irq.needs_reset.load(Ordering::SeqCst) == 1);
+        wait_until("needs reset", || {
+            rig.irq.needs_reset.load(Ordering::SeqCst) == 1
+        });
         rig.dev.reset();
         assert_eq!(input.send(b"kept"), 4);
         assert_eq!(input.pending(), 4);
@@ -659,12 +802,22 @@ mod tests {
         use crate::virtio::worker::WaitMode;
         let (dev, out) = captured_console();
         let rig = Rig::new(dev);
-        rig.dev.worker_control().set_wait_mode(WaitMode::Poll { spin: Duration::from_secs(5) });
-        rig.mem.write_slice(b"polled", GuestAddress(0x10000)).unwrap();
+        rig.dev.worker_control().set_wait_mode(WaitMode::Poll {
+            spin: Duration::from_secs(5),
+        });
+        rig.mem
+            .write_slice(b"polled", GuestAddress(0x10000))
+            .unwrap();
         let ring = &rig.rings[1];
-        rig.mem.write_obj(desc(0x10000, 6, 0, 0), ring.desc).unwrap();
-        rig.mem.write_obj(0u16, ring.avail.unchecked_add(4)).unwrap();
-        rig.mem.write_obj(1u16, ring.avail.unchecked_add(2)).unwrap();
+        rig.mem
+            .write_obj(desc(0x10000, 6, 0, 0), ring.desc)
+            .unwrap();
+        rig.mem
+            .write_obj(0u16, ring.avail.unchecked_add(4))
+            .unwrap();
+        rig.mem
+            .write_obj(1u16, ring.avail.unchecked_add(2))
+            .unwrap();
         wait_until("the polled buffer", || rig.used_idx(1) == 1);
         assert_eq!(out.0.lock().unwrap().as_slice(), b"polled");
     }

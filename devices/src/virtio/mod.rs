@@ -130,7 +130,9 @@ pub trait VirtioDevice: Send {
 /// configuration is a byte array.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if start >= config.len() {
         return;
     }

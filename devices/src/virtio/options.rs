@@ -13,7 +13,11 @@ pub enum OptionsError {
     #[error("unknown option {key:?} (known: {known})")]
     Unknown { key: String, known: String },
     #[error("invalid value {value:?} for {key}: {why}")]
-    Invalid { key: String, value: String, why: String },
+    Invalid {
+        key: String,
+        value: String,
+        why: String,
+    },
     #[error("missing required option {0:?}")]
     Missing(String),
 }
@@ -36,7 +40,10 @@ impl Options {
             }
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
             if !known.contains(&key) {
-                return Err(OptionsError::Unknown { key: key.into(), known: known.join(", ") });
+                return Err(OptionsError::Unknown {
+                    key: key.into(),
+                    known: known.join(", "),
+                });
             }
             if values.insert(key.to_string(), value.to_string()).is_some() {
                 return Err(OptionsError::Duplicate { key: key.into() });
@@ -50,7 +57,8 @@ impl Options {
     }
 
     pub fn required(&mut self, key: &str) -> Result<String, OptionsError> {
-        self.take(key).ok_or_else(|| OptionsError::Missing(key.into()))
+        self.take(key)
+            .ok_or_else(|| OptionsError::Missing(key.into()))
     }
 
     /// `on|off|true|false|yes|no|1|0`; `default` when absent.
@@ -72,13 +80,20 @@ impl Options {
     {
         match self.take(key) {
             None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|e: T::Err| invalid(key, &v, &e.to_string())),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|e: T::Err| invalid(key, &v, &e.to_string())),
         }
     }
 }
 
 pub fn invalid(key: &str, value: &str, why: &str) -> OptionsError {
-    OptionsError::Invalid { key: key.into(), value: value.into(), why: why.into() }
+    OptionsError::Invalid {
+        key: key.into(),
+        value: value.into(),
+        why: why.into(),
+    }
 }
 
 #[cfg(test)]
@@ -87,17 +102,39 @@ mod tests {
 
     #[test]
     fn parses_values_flags_and_rejects_mistakes() {
-        let mut o = Options::parse("path=/a b,readonly,serial=x=y", &["path", "readonly", "serial"]).unwrap();
+        let mut o = Options::parse(
+            "path=/a b,readonly,serial=x=y",
+            &["path", "readonly", "serial"],
+        )
+        .unwrap();
         assert_eq!(o.required("path").unwrap(), "/a b");
         assert!(o.flag("readonly", false).unwrap());
         assert_eq!(o.take("serial").as_deref(), Some("x=y"));
-        assert_eq!(o.required("path"), Err(OptionsError::Missing("path".into())));
+        assert_eq!(
+            o.required("path"),
+            Err(OptionsError::Missing("path".into()))
+        );
 
-        assert!(matches!(Options::parse("pth=x", &["path"]), Err(OptionsError::Unknown { .. })));
-        assert!(matches!(Options::parse("path=a,path=b", &["path"]), Err(OptionsError::Duplicate { .. })));
-        assert!(matches!(Options::parse("path=a,,", &["path"]), Err(OptionsError::Empty(_))));
+        assert!(matches!(
+            Options::parse("pth=x", &["path"]),
+            Err(OptionsError::Unknown { .. })
+        ));
+        assert!(matches!(
+            Options::parse("path=a,path=b", &["path"]),
+            Err(OptionsError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            Options::parse("path=a,,", &["path"]),
+            Err(OptionsError::Empty(_))
+        ));
         let mut o = Options::parse("ro=maybe,n=12x", &["ro", "n"]).unwrap();
-        assert!(matches!(o.flag("ro", false), Err(OptionsError::Invalid { .. })));
-        assert!(matches!(o.number::<u32>("n"), Err(OptionsError::Invalid { .. })));
+        assert!(matches!(
+            o.flag("ro", false),
+            Err(OptionsError::Invalid { .. })
+        ));
+        assert!(matches!(
+            o.number::<u32>("n"),
+            Err(OptionsError::Invalid { .. })
+        ));
     }
 }

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};
 use crate::pci::config::ConfigSpace;
-use crate::pci::msix::{self, Msix, MsiRouting};
+use crate::pci::msix::{self, MsiRouting, Msix};
 use crate::pci::PciDevice;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -69,7 +69,15 @@ struct QueueRegs {
 
 impl QueueRegs {
     fn new(max_size: u16) -> Self {
-        QueueRegs { max_size, size: max_size, enabled: false, vector: NO_VECTOR, desc: 0, driver: 0, device: 0 }
+        QueueRegs {
+            max_size,
+            size: max_size,
+            enabled: false,
+            vector: NO_VECTOR,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
     }
 }
 
@@ -87,7 +95,10 @@ struct Signals {
 impl Signals {
     fn raise(&self, vector: u16) {
         if vector != NO_VECTOR {
-            self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(vector);
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger(vector);
         }
     }
 }
@@ -151,11 +162,17 @@ impl VirtioPciDevice {
     ) -> io::Result<Self> {
         let sizes = device.queue_max_sizes();
         if sizes.is_empty() || sizes.len() > MAX_QUEUES {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} has {} queues", device.name(), sizes.len())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} has {} queues", device.name(), sizes.len()),
+            ));
         }
         let num_vectors = sizes.len() as u16 + 1;
         let msix = Arc::new(Mutex::new(Msix::new(num_vectors, routing)?));
-        let kicks = sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        let kicks = sizes
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
         let device_type = device.device_type();
         let mut config = ConfigSpace::new(
             0x1af4,
@@ -167,7 +184,13 @@ impl VirtioPciDevice {
         );
         config.add_memory_bar(0, BAR_SIZE, bar_addr);
         add_virtio_cap(&mut config, 1, COMMON, COMMON_LEN, None);
-        add_virtio_cap(&mut config, 2, NOTIFY, (sizes.len() as u32 * NOTIFY_MULTIPLIER) as u64, Some(NOTIFY_MULTIPLIER));
+        add_virtio_cap(
+            &mut config,
+            2,
+            NOTIFY,
+            (sizes.len() as u32 * NOTIFY_MULTIPLIER) as u64,
+            Some(NOTIFY_MULTIPLIER),
+        );
         add_virtio_cap(&mut config, 3, ISR, 1, None);
         add_virtio_cap(&mut config, 4, DEVICE_CONFIG, DEVICE_CONFIG_LEN, None);
         let mut body = [0u8; 10];
@@ -175,7 +198,11 @@ impl VirtioPciDevice {
         body[2..6].copy_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
         body[6..10].copy_from_slice(&(MSIX_PBA as u32).to_le_bytes());
         // Only the enable and function-mask bits of message control are writable.
-        let msix_cap = config.add_capability(msix::CAPABILITY_ID, &body, &[0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let msix_cap = config.add_capability(
+            msix::CAPABILITY_ID,
+            &body,
+            &[0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
         let offered = device.features() | features::VERSION_1;
         let signals = Arc::new(Signals {
             msix: msix.clone(),
@@ -211,13 +238,20 @@ impl VirtioPciDevice {
 
     fn warn_once(&mut self, what: &str) {
         if !self.warned {
-            tracing::warn!("{}: {what} (further driver errors on this device are not logged)", self.name);
+            tracing::warn!(
+                "{}: {what} (further driver errors on this device are not logged)",
+                self.name
+            );
             self.warned = true;
         }
     }
 
     fn device_status(&self) -> u8 {
-        let broken = if self.signals.needs_reset.load(Ordering::SeqCst) { status::DEVICE_NEEDS_RESET } else { 0 };
+        let broken = if self.signals.needs_reset.load(Ordering::SeqCst) {
+            status::DEVICE_NEEDS_RESET
+        } else {
+            0
+        };
         self.status | broken
     }
 
@@ -274,12 +308,19 @@ impl VirtioPciDevice {
         match (offset, data.len()) {
             (0x00, 4) => self.device_feature_select = v as u32,
             (0x08, 4) => self.driver_feature_select = v as u32,
-            (0x0c, 4) if self.status & status::FEATURES_OK == 0 => match self.driver_feature_select {
+            (0x0c, 4) if self.status & status::FEATURES_OK == 0 => match self.driver_feature_select
+            {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
                 1 => self.driver_features = (self.driver_features & 0xffff_ffff) | v << 32,
                 _ => {}
             },
-            (0x10, 2) => self.config_vector = if (v as u16) < vectors { v as u16 } else { NO_VECTOR },
+            (0x10, 2) => {
+                self.config_vector = if (v as u16) < vectors {
+                    v as u16
+                } else {
+                    NO_VECTOR
+                }
+            }
             (0x14, 1) => self.write_status(v as u8),
             (0x16, 2) => self.queue_select = v as u16,
             (0x18, 2) if !queue_locked => {
@@ -289,7 +330,11 @@ impl VirtioPciDevice {
             }
             (0x1a, 2) => {
                 if let Some(q) = self.selected() {
-                    q.vector = if (v as u16) < vectors { v as u16 } else { NO_VECTOR };
+                    q.vector = if (v as u16) < vectors {
+                        v as u16
+                    } else {
+                        NO_VECTOR
+                    };
                 }
             }
             (0x1c, 2) if !queue_locked => {
@@ -297,7 +342,9 @@ impl VirtioPciDevice {
                     q.enabled = v & 1 == 1;
                 }
             }
-            (0x20, 4 | 8) | (0x24, 4) | (0x28, 4 | 8) | (0x2c, 4) | (0x30, 4 | 8) | (0x34, 4) if !queue_locked => {
+            (0x20, 4 | 8) | (0x24, 4) | (0x28, 4 | 8) | (0x2c, 4) | (0x30, 4 | 8) | (0x34, 4)
+                if !queue_locked =>
+            {
                 if let Some(q) = self.selected() {
                     let field = match offset & !7 {
                         0x20 => &mut q.desc,
@@ -311,7 +358,10 @@ impl VirtioPciDevice {
                     };
                 }
             }
-            _ => self.warn_once(&format!("ignored write of {} bytes at common config offset {offset:#x}", data.len())),
+            _ => self.warn_once(&format!(
+                "ignored write of {} bytes at common config offset {offset:#x}",
+                data.len()
+            )),
         }
     }
 
@@ -325,7 +375,10 @@ impl VirtioPciDevice {
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.offered;
             if unknown != 0 || self.driver_features & features::VERSION_1 == 0 {
-                self.warn_once(&format!("driver features {:#x} refused (offered {:#x})", self.driver_features, self.offered));
+                self.warn_once(&format!(
+                    "driver features {:#x} refused (offered {:#x})",
+                    self.driver_features, self.offered
+                ));
                 new &= !status::FEATURES_OK;
             }
         }
@@ -349,8 +402,15 @@ impl VirtioPciDevice {
             }
             match build_queue(regs, event_idx, &self.mem) {
                 Ok(queue) => match self.kicks[index].try_clone() {
-                    Ok(kick) => queues.push(QueueContext { index: index as u16, queue, kick }),
-                    Err(e) => return self.fail_activation(&format!("cannot clone queue {index}'s eventfd: {e}")),
+                    Ok(kick) => queues.push(QueueContext {
+                        index: index as u16,
+                        queue,
+                        kick,
+                    }),
+                    Err(e) => {
+                        return self
+                            .fail_activation(&format!("cannot clone queue {index}'s eventfd: {e}"))
+                    }
                 },
                 Err(why) => return self.fail_activation(&format!("queue {index}: {why}")),
             }
@@ -374,7 +434,11 @@ impl VirtioPciDevice {
         match self.device.activate(ctx) {
             Ok(()) => {
                 self.active = true;
-                tracing::debug!("{}: activated with features {:#x}", self.name, self.driver_features);
+                tracing::debug!(
+                    "{}: activated with features {:#x}",
+                    self.name,
+                    self.driver_features
+                );
             }
             Err(e) => self.fail_activation(&e.to_string()),
         }
@@ -414,7 +478,9 @@ impl VirtioPciDevice {
         }
         if let Some(old) = self.registered_at.take() {
             for (i, k) in self.kicks.iter().enumerate() {
-                let _ = self.ioevents.unregister(old + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER), k);
+                let _ = self
+                    .ioevents
+                    .unregister(old + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER), k);
             }
         }
         if let Some(base) = want {
@@ -432,10 +498,14 @@ impl VirtioPciDevice {
 
 fn build_queue(regs: &QueueRegs, event_idx: bool, mem: &Memory) -> Result<Queue, String> {
     let mut q = Queue::new(regs.max_size).map_err(|e| format!("{e:?}"))?;
-    q.try_set_size(regs.size).map_err(|_| format!("invalid size {} (max {})", regs.size, regs.max_size))?;
-    q.try_set_desc_table_address(GuestAddress(regs.desc)).map_err(|_| "misaligned descriptor table".to_string())?;
-    q.try_set_avail_ring_address(GuestAddress(regs.driver)).map_err(|_| "misaligned driver area".to_string())?;
-    q.try_set_used_ring_address(GuestAddress(regs.device)).map_err(|_| "misaligned device area".to_string())?;
+    q.try_set_size(regs.size)
+        .map_err(|_| format!("invalid size {} (max {})", regs.size, regs.max_size))?;
+    q.try_set_desc_table_address(GuestAddress(regs.desc))
+        .map_err(|_| "misaligned descriptor table".to_string())?;
+    q.try_set_avail_ring_address(GuestAddress(regs.driver))
+        .map_err(|_| "misaligned driver area".to_string())?;
+    q.try_set_used_ring_address(GuestAddress(regs.device))
+        .map_err(|_| "misaligned device area".to_string())?;
     q.set_event_idx(event_idx);
     q.set_ready(true);
     if !q.is_valid(&**mem) {
@@ -444,7 +514,13 @@ fn build_queue(regs: &QueueRegs, event_idx: bool, mem: &Memory) -> Result<Queue,
     Ok(q)
 }
 
-fn add_virtio_cap(config: &mut ConfigSpace, cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) {
+fn add_virtio_cap(
+    config: &mut ConfigSpace,
+    cfg_type: u8,
+    offset: u64,
+    length: u64,
+    multiplier: Option<u32>,
+) {
     // struct virtio_pci_cap after cap_vndr/cap_next: cap_len, cfg_type,
     // bar, id, padding[2], offset, length (+ notify_off_multiplier).
     let len = if multiplier.is_some() { 20u8 } else { 16 };
@@ -473,7 +549,12 @@ impl PciDevice for VirtioPciDevice {
         // The live MSI-X message control word.
         let ctl = self.msix_cap + 2;
         if offset < ctl + 2 && ctl < offset + data.len() {
-            let word = self.msix.lock().unwrap_or_else(|e| e.into_inner()).message_control().to_le_bytes();
+            let word = self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .message_control()
+                .to_le_bytes();
             for (i, b) in data.iter_mut().enumerate() {
                 if let Some(k) = (offset + i).checked_sub(ctl).filter(|k| *k < 2) {
                     *b = word[k];
@@ -487,7 +568,10 @@ impl PciDevice for VirtioPciDevice {
         let ctl = self.msix_cap + 2;
         if offset < ctl + 2 && ctl < offset + data.len() {
             let word = self.config.u16_at(ctl);
-            self.msix.lock().unwrap_or_else(|e| e.into_inner()).set_message_control(word);
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_message_control(word);
         }
         self.sync_ioevents();
     }
@@ -512,12 +596,16 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_CONFIG..DEVICE_CONFIG + DEVICE_CONFIG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CONFIG, data)
             }
-            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|e| e.into_inner()).read_table(o - MSIX_TABLE, data)
-            }
-            o if (MSIX_PBA..BAR_SIZE).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|e| e.into_inner()).read_pba(o - MSIX_PBA, data)
-            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_table(o - MSIX_TABLE, data),
+            o if (MSIX_PBA..BAR_SIZE).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_pba(o - MSIX_PBA, data),
             _ => {}
         }
     }
@@ -537,9 +625,11 @@ impl PciDevice for VirtioPciDevice {
                     let _ = k.write(1);
                 }
             }
-            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|e| e.into_inner()).write_table(o - MSIX_TABLE, data)
-            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_table(o - MSIX_TABLE, data),
             _ => {}
         }
     }

@@ -13,7 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::pci::{IoEventRegistrar, VirtioPciDevice, BAR_SIZE};
-use super::{device_type, features, read_config_bytes, ActivateError, DeviceContext, Interrupt, Memory, VirtioDevice};
+use super::{
+    device_type, features, read_config_bytes, ActivateError, DeviceContext, Interrupt, Memory,
+    VirtioDevice,
+};
 use crate::bus::PioDevice;
 use crate::mmio::MmioDevice;
 use crate::pci::config::{COMMAND, COMMAND_MEMORY};
@@ -59,7 +62,10 @@ struct Routing;
 
 impl MsiRouting for Routing {
     fn allocate_vector(&self) -> io::Result<MsiVector> {
-        Ok(MsiVector { gsi: 24, irqfd: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(MsiVector {
+            gsi: 24,
+            irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
     fn set_route(&self, _gsi: u32, _message: Option<MsiMessage>) -> io::Result<()> {
         Ok(())
@@ -73,13 +79,24 @@ struct IoEvents(Mutex<BTreeSet<u64>>);
 
 impl IoEventRegistrar for IoEvents {
     fn register(&self, addr: u64, _fd: &EventFd) -> io::Result<()> {
-        let fresh = self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(addr);
+        let fresh = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr);
         assert!(fresh, "ioeventfd at {addr:#x} registered twice");
         Ok(())
     }
     fn unregister(&self, addr: u64, _fd: &EventFd) -> io::Result<()> {
-        let known = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-        assert!(known, "ioeventfd at {addr:#x} unregistered but never registered");
+        let known = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+        assert!(
+            known,
+            "ioeventfd at {addr:#x} unregistered but never registered"
+        );
         Ok(())
     }
 }
@@ -114,8 +131,10 @@ impl VirtioDevice for FuzzDevice {
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         for (i, &b) in data.iter().enumerate() {
-            if let Some(slot) =
-                usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| self.config.get_mut(o))
+            if let Some(slot) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get_mut(o))
             {
                 *slot = b;
             }
@@ -125,7 +144,9 @@ impl VirtioDevice for FuzzDevice {
         use virtio_queue::QueueT;
         for q in &mut ctx.queues {
             for _ in 0..4 {
-                let Some(chain) = q.queue.pop_descriptor_chain(&*ctx.mem) else { break };
+                let Some(chain) = q.queue.pop_descriptor_chain(&*ctx.mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let len = chain.count() as u32;
                 let _ = q.queue.add_used(&*ctx.mem, head, len);
@@ -143,10 +164,18 @@ impl VirtioDevice for FuzzDevice {
 fn transport_device(bar_addr: u32) -> Option<(VirtioPciDevice, Memory, Activation)> {
     let mem: Memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?);
     let activation = Activation::default();
-    let device = FuzzDevice { config: [0; 16], activation: activation.clone() };
-    let dev =
-        VirtioPciDevice::new(Box::new(device), mem.clone(), bar_addr, Arc::new(Routing), Arc::new(IoEvents::default()))
-            .ok()?;
+    let device = FuzzDevice {
+        config: [0; 16],
+        activation: activation.clone(),
+    };
+    let dev = VirtioPciDevice::new(
+        Box::new(device),
+        mem.clone(),
+        bar_addr,
+        Arc::new(Routing),
+        Arc::new(IoEvents::default()),
+    )
+    .ok()?;
     Some((dev, mem, activation))
 }
 
@@ -198,7 +227,12 @@ fn drive_transport(data: &[u8]) -> Option<(VirtioPciDevice, Activation)> {
     Some((dev, activation))
 }
 
-fn transport_op(dev: &mut VirtioPciDevice, mem: &Memory, activation: &Activation, input: &mut Input) -> Option<()> {
+fn transport_op(
+    dev: &mut VirtioPciDevice,
+    mem: &Memory,
+    activation: &Activation,
+    input: &mut Input,
+) -> Option<()> {
     let mut buf = [0u8; 8];
     match input.u8()? % 10 {
         0 => {
@@ -234,7 +268,11 @@ fn transport_op(dev: &mut VirtioPciDevice, mem: &Memory, activation: &Activation
         6 => {
             // MSI-X table entry (16 bytes each) or MSI-X capability control.
             let (entry, field) = (u64::from(input.u8()? % 4), u64::from(input.u8()? % 4));
-            dev.bar_write(0, 0x4000 + entry * 16 + field * 4, &input.u32()?.to_le_bytes());
+            dev.bar_write(
+                0,
+                0x4000 + entry * 16 + field * 4,
+                &input.u32()?.to_le_bytes(),
+            );
         }
         7 => {
             let command = COMMAND_MEMORY | u16::from(input.u8()?);
@@ -264,9 +302,13 @@ fn transport_op(dev: &mut VirtioPciDevice, mem: &Memory, activation: &Activation
 /// anywhere around the windows (the BAR can be moved by the guest).
 pub fn root(data: &[u8]) {
     let mut root = PciRoot::new(ECAM_BASE, WINDOW.0, WINDOW.1);
-    let Ok(bar) = root.allocate_bar(BAR_SIZE) else { return };
+    let Ok(bar) = root.allocate_bar(BAR_SIZE) else {
+        return;
+    };
     let Ok(bar) = u32::try_from(bar) else { return };
-    let Some((dev, _mem, _activation)) = transport_device(bar) else { return };
+    let Some((dev, _mem, _activation)) = transport_device(bar) else {
+        return;
+    };
     if root.add_device(Box::new(dev)).is_err() {
         return;
     }
@@ -312,7 +354,11 @@ fn root_op(root: &mut PciRoot, input: &mut Input) -> Option<()> {
         _ => {
             // Memory decoding on for slot 1 (the virtio function) via ECAM.
             let value = COMMAND_MEMORY | u16::from(input.u8()?);
-            MmioDevice::write(root, ECAM_BASE + (1 << 15) + COMMAND as u64, &value.to_le_bytes());
+            MmioDevice::write(
+                root,
+                ECAM_BASE + (1 << 15) + COMMAND as u64,
+                &value.to_le_bytes(),
+            );
         }
     }
     Some(())
@@ -329,14 +375,25 @@ mod tests {
         let mut ops = vec![5u8];
         ops.extend_from_slice(&0u64.to_le_bytes());
         ops.extend_from_slice(&[7, 0]);
-        for (reg, value) in [(8u8, 0u64), (9, 16), (13, 0x1000), (16, 0x2000), (19, 0x3000), (11, 1), (6, 0xf)] {
+        for (reg, value) in [
+            (8u8, 0u64),
+            (9, 16),
+            (13, 0x1000),
+            (16, 0x2000),
+            (19, 0x3000),
+            (11, 1),
+            (6, 0xf),
+        ] {
             ops.push(4);
             ops.push(reg);
             ops.extend_from_slice(&value.to_le_bytes());
         }
         ops.extend_from_slice(&[9, 0]);
         let (_dev, activation) = drive_transport(&ops).unwrap();
-        assert!(activation.lock().unwrap().is_some(), "the decoded driver sequence activates the device");
+        assert!(
+            activation.lock().unwrap().is_some(),
+            "the decoded driver sequence activates the device"
+        );
         root(&ops);
         transport(&[]);
         root(&[0xff; 64]);

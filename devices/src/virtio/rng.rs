@@ -17,10 +17,13 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::queue::{drain_queue, Served};
 use super::options::{invalid, OptionsError};
+use super::queue::{drain_queue, Served};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
-use super::{device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext, VirtioDevice};
+use super::{
+    device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext,
+    VirtioDevice,
+};
 
 /// Bytes written per request at most.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -47,7 +50,11 @@ impl FromStr for RngConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim() {
             "" | "on" => Ok(RngConfig {}),
-            other => Err(RngError::Options(invalid("rng", other, "virtio-rng takes no options (use --rng or --rng on)"))),
+            other => Err(RngError::Options(invalid(
+                "rng",
+                other,
+                "virtio-rng takes no options (use --rng or --rng on)",
+            ))),
         }
     }
 }
@@ -59,7 +66,10 @@ pub struct VirtioRng {
 
 impl VirtioRng {
     pub fn new(_config: RngConfig) -> Result<Self, RngError> {
-        Ok(VirtioRng { worker_control: WorkerControl::new(Placement::default())?, worker: None })
+        Ok(VirtioRng {
+            worker_control: WorkerControl::new(Placement::default())?,
+            worker: None,
+        })
     }
 
     pub fn worker_control(&self) -> WorkerControl {
@@ -99,7 +109,10 @@ impl VirtioDevice for VirtioRng {
         self.stop();
         let queue = ctx.take_queue(0).ok_or(ActivateError::MissingQueue(0))?;
         let handler = RngWorker::new(ctx.mem, ctx.interrupt, queue);
-        self.worker = Some(Worker::spawn(self.name(), handler, self.worker_control.clone()).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            Worker::spawn(self.name(), handler, self.worker_control.clone())
+                .map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
 
@@ -150,15 +163,24 @@ fn warn_once(flag: &mut bool, f: impl FnOnce()) {
 
 /// Serves one request: random bytes into every writable descriptor, up to
 /// [`MAX_REQUEST_BYTES`]. Returns the used length.
-fn fill_request(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, buf: &mut [u8], warned: &mut Warned) -> u32 {
+fn fill_request(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    warned: &mut Warned,
+) -> u32 {
     if chain.clone().any(|d| !d.is_write_only()) {
-        warn_once(&mut warned.readable, || tracing::warn!("rng0: request with a device-readable buffer, returned empty"));
+        warn_once(&mut warned.readable, || {
+            tracing::warn!("rng0: request with a device-readable buffer, returned empty")
+        });
         return 0;
     }
     let mut writer = match chain.writer(mem) {
         Ok(w) => w,
         Err(e) => {
-            warn_once(&mut warned.bad_chain, || tracing::warn!("rng0: bad request buffer ({e}), returned empty"));
+            warn_once(&mut warned.bad_chain, || {
+                tracing::warn!("rng0: bad request buffer ({e}), returned empty")
+            });
             return 0;
         }
     };
@@ -166,7 +188,9 @@ fn fill_request(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap,
     while left > 0 {
         let n = left.min(buf.len());
         if let Err(e) = getrandom(&mut buf[..n]) {
-            warn_once(&mut warned.entropy, || tracing::warn!("rng0: getrandom failed: {e}"));
+            warn_once(&mut warned.entropy, || {
+                tracing::warn!("rng0: getrandom failed: {e}")
+            });
             break;
         }
         if writer.write_all(&buf[..n]).is_err() {
@@ -190,7 +214,15 @@ struct RngWorker {
 
 impl RngWorker {
     fn new(mem: Memory, interrupt: Arc<dyn Interrupt>, queue: QueueContext) -> Self {
-        RngWorker { mem, interrupt, queue, buf: vec![0; CHUNK], polling: false, broken: false, warned: Warned::default() }
+        RngWorker {
+            mem,
+            interrupt,
+            queue,
+            buf: vec![0; CHUNK],
+            polling: false,
+            broken: false,
+            warned: Warned::default(),
+        }
     }
 
     fn serve(&mut self) -> bool {
@@ -199,12 +231,18 @@ impl RngWorker {
         }
         let mem: &GuestMemoryMmap = &self.mem;
         let (buf, warned) = (&mut self.buf, &mut self.warned);
-        let result = drain_queue(&mut self.queue, mem, self.polling, &*self.interrupt, |chain| {
-            Served::Used(fill_request(chain, mem, buf, warned))
-        });
+        let result = drain_queue(
+            &mut self.queue,
+            mem,
+            self.polling,
+            &*self.interrupt,
+            |chain| Served::Used(fill_request(chain, mem, buf, warned)),
+        );
         result.unwrap_or_else(|e| {
             self.broken = true;
-            warn_once(&mut self.warned.broken, || tracing::warn!("rng0: broken queue, device needs reset: {e}"));
+            warn_once(&mut self.warned.broken, || {
+                tracing::warn!("rng0: broken queue, device needs reset: {e}")
+            });
             self.interrupt.set_needs_reset();
             false
         })
@@ -231,7 +269,10 @@ impl WorkerHandler for RngWorker {
             let _ = self.queue.queue.disable_notification(&*self.mem);
             false
         } else {
-            self.queue.queue.enable_notification(&*self.mem).unwrap_or(false)
+            self.queue
+                .queue
+                .enable_notification(&*self.mem)
+                .unwrap_or(false)
         }
     }
 }
@@ -246,9 +287,21 @@ pub mod fuzzing {
     /// `data` laid out as a queue of requests (see
     /// [`queue_from_bytes`]), served like the device does.
     pub fn request(data: &[u8]) {
-        let Some((mem, queue)) = queue_from_bytes(data) else { return };
-        let Ok(kick) = EventFd::new(libc::EFD_NONBLOCK) else { return };
-        let mut worker = RngWorker::new(Arc::new(mem), Arc::new(NoInterrupt), QueueContext { index: 0, queue, kick });
+        let Some((mem, queue)) = queue_from_bytes(data) else {
+            return;
+        };
+        let Ok(kick) = EventFd::new(libc::EFD_NONBLOCK) else {
+            return;
+        };
+        let mut worker = RngWorker::new(
+            Arc::new(mem),
+            Arc::new(NoInterrupt),
+            QueueContext {
+                index: 0,
+                queue,
+                kick,
+            },
+        );
         worker.serve();
     }
 }
@@ -275,34 +328,55 @@ mod tests {
 
     impl Rig {
         fn new() -> Rig {
-            let mem: Memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+            let mem: Memory =
+                Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
             let mock = MockSplitQueue::new(&*mem, 16);
             let (avail, used) = (mock.avail_addr(), mock.used_addr());
             let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let irq = Arc::new(CountingInterrupt::default());
             let ctx = DeviceContext {
                 mem: mem.clone(),
-                queues: vec![QueueContext { index: 0, queue: mock.create_queue().unwrap(), kick: kick.try_clone().unwrap() }],
+                queues: vec![QueueContext {
+                    index: 0,
+                    queue: mock.create_queue().unwrap(),
+                    kick: kick.try_clone().unwrap(),
+                }],
                 acked_features: 0,
                 interrupt: irq.clone(),
             };
             let mut dev = VirtioRng::new(RngConfig {}).unwrap();
             dev.activate(ctx).unwrap();
-            Rig { mem, dev, irq, kick, avail, used }
+            Rig {
+                mem,
+                dev,
+                irq,
+                kick,
+                avail,
+                used,
+            }
         }
 
         /// Writes raw descriptors at table index `at` (flags and next as
         /// given) and offers `heads`, then kicks.
         fn offer(&self, at: u16, descs: &[RawDescriptor], heads: &[u16]) {
             for (i, d) in descs.iter().enumerate() {
-                self.mem.write_obj(*d, GuestAddress(16 * u64::from(at + i as u16))).unwrap();
+                self.mem
+                    .write_obj(*d, GuestAddress(16 * u64::from(at + i as u16)))
+                    .unwrap();
             }
             let idx: u16 = self.mem.read_obj(self.avail.unchecked_add(2)).unwrap();
             for (i, h) in heads.iter().enumerate() {
                 let slot = u64::from(idx.wrapping_add(i as u16) % 16);
-                self.mem.write_obj(*h, self.avail.unchecked_add(4 + 2 * slot)).unwrap();
+                self.mem
+                    .write_obj(*h, self.avail.unchecked_add(4 + 2 * slot))
+                    .unwrap();
             }
-            self.mem.write_obj(idx.wrapping_add(heads.len() as u16), self.avail.unchecked_add(2)).unwrap();
+            self.mem
+                .write_obj(
+                    idx.wrapping_add(heads.len() as u16),
+                    self.avail.unchecked_add(2),
+                )
+                .unwrap();
             self.kick.write(1).unwrap();
         }
 
@@ -312,7 +386,10 @@ mod tests {
 
         fn used_elem(&self, i: u64) -> (u32, u32) {
             let at = self.used.unchecked_add(4 + 8 * i);
-            (self.mem.read_obj(at).unwrap(), self.mem.read_obj(at.unchecked_add(4)).unwrap())
+            (
+                self.mem.read_obj(at).unwrap(),
+                self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+            )
         }
 
         fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -333,7 +410,10 @@ mod tests {
         assert_eq!("on".parse::<RngConfig>().unwrap(), RngConfig {});
         assert!("source=/dev/random".parse::<RngConfig>().is_err());
         let dev = VirtioRng::new(RngConfig {}).unwrap();
-        assert_eq!((dev.device_type(), dev.queue_max_sizes()), (device_type::RNG, vec![QUEUE_SIZE]));
+        assert_eq!(
+            (dev.device_type(), dev.queue_max_sizes()),
+            (device_type::RNG, vec![QUEUE_SIZE])
+        );
         let mut cfg = [9u8; 8];
         dev.read_config(0, &mut cfg);
         assert_eq!(cfg, [0; 8]);
@@ -342,14 +422,20 @@ mod tests {
     #[test]
     fn fills_every_writable_descriptor_of_a_chain() {
         let rig = Rig::new();
-        rig.offer(0, &[desc(0x10000, 64, W | NEXT, 1), desc(0x20000, 100, W, 0)], &[0]);
+        rig.offer(
+            0,
+            &[desc(0x10000, 64, W | NEXT, 1), desc(0x20000, 100, W, 0)],
+            &[0],
+        );
         wait_until("the request", || rig.used_idx() == 1);
         assert_eq!(rig.used_elem(0), (0, 164));
         assert!(looks_random(&rig.bytes(0x10000, 64)));
         assert!(looks_random(&rig.bytes(0x20000, 96)));
         // Nothing past the buffers.
         assert_eq!(rig.bytes(0x10000 + 64, 64), vec![0; 64]);
-        wait_until("the interrupt", || rig.irq.queue[0].load(Ordering::SeqCst) == 1);
+        wait_until("the interrupt", || {
+            rig.irq.queue[0].load(Ordering::SeqCst) == 1
+        });
     }
 
     #[test]
@@ -359,7 +445,10 @@ mod tests {
         wait_until("the request", || rig.used_idx() == 1);
         assert_eq!(rig.used_elem(0), (0, MAX_REQUEST_BYTES as u32));
         assert!(looks_random(&rig.bytes(0x10_0000, MAX_REQUEST_BYTES)));
-        assert_eq!(rig.bytes(0x10_0000 + MAX_REQUEST_BYTES as u64, 4096), vec![0; 4096]);
+        assert_eq!(
+            rig.bytes(0x10_0000 + MAX_REQUEST_BYTES as u64, 4096),
+            vec![0; 4096]
+        );
     }
 
     #[test]
@@ -370,14 +459,18 @@ mod tests {
             &[
                 desc(0x10000, 16, NEXT, 1), // readable, then writable
                 desc(0x11000, 16, W, 0),
-                desc(0x80_0000, 16, W, 0),  // outside guest memory
-                desc(0x12000, 32, W, 0),    // fine
+                desc(0x80_0000, 16, W, 0), // outside guest memory
+                desc(0x12000, 32, W, 0),   // fine
             ],
             &[0, 2, 3],
         );
         wait_until("three requests", || rig.used_idx() == 3);
         assert_eq!(rig.used_elem(0), (0, 0));
-        assert_eq!(rig.bytes(0x11000, 16), vec![0; 16], "nothing written to a rejected chain");
+        assert_eq!(
+            rig.bytes(0x11000, 16),
+            vec![0; 16],
+            "nothing written to a rejected chain"
+        );
         assert_eq!(rig.used_elem(1), (2, 0));
         assert_eq!(rig.used_elem(2), (3, 32));
         assert_eq!(rig.irq.needs_reset.load(Ordering::SeqCst), 0);
@@ -386,9 +479,13 @@ mod tests {
     #[test]
     fn a_lying_avail_index_needs_reset() {
         let mut rig = Rig::new();
-        rig.mem.write_obj(40u16, rig.avail.unchecked_add(2)).unwrap();
+        rig.mem
+            .write_obj(40u16, rig.avail.unchecked_add(2))
+            .unwrap();
         rig.kick.write(1).unwrap();
-        wait_until("needs reset", || rig.irq.needs_reset.load(Ordering::SeqCst) == 1);
+        wait_until("needs reset", || {
+            rig.irq.needs_reset.load(Ordering::SeqCst) == 1
+        });
         rig.dev.reset();
         assert!(rig.dev.worker_control().thread_id().is_none());
     }
@@ -397,8 +494,12 @@ mod tests {
     fn poll_mode_serves_without_kicks() {
         use crate::virtio::worker::WaitMode;
         let rig = Rig::new();
-        rig.dev.worker_control().set_wait_mode(WaitMode::Poll { spin: Duration::from_secs(5) });
-        rig.mem.write_obj(desc(0x10000, 8, W, 0), GuestAddress(0)).unwrap();
+        rig.dev.worker_control().set_wait_mode(WaitMode::Poll {
+            spin: Duration::from_secs(5),
+        });
+        rig.mem
+            .write_obj(desc(0x10000, 8, W, 0), GuestAddress(0))
+            .unwrap();
         rig.mem.write_obj(0u16, rig.avail.unchecked_add(4)).unwrap();
         rig.mem.write_obj(1u16, rig.avail.unchecked_add(2)).unwrap();
         wait_until("the polled request", || rig.used_idx() == 1);

@@ -35,7 +35,10 @@ impl Interrupt for CountingInterrupt {
 pub fn wait_until(what: &str, f: impl Fn() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(2), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }

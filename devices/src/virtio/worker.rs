@@ -37,7 +37,10 @@ pub struct Placement {
 
 impl Default for Placement {
     fn default() -> Self {
-        Placement { cpus: None, wait: WaitMode::Notify }
+        Placement {
+            cpus: None,
+            wait: WaitMode::Notify,
+        }
     }
 }
 
@@ -147,22 +150,39 @@ pub struct Worker {
 
 impl Worker {
     /// Starts `handler` on a thread named `kiln-io-<name>`.
-    pub fn spawn<H: WorkerHandler>(name: &str, handler: H, control: WorkerControl) -> io::Result<Worker> {
+    pub fn spawn<H: WorkerHandler>(
+        name: &str,
+        handler: H,
+        control: WorkerControl,
+    ) -> io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_wait = stop.try_clone()?;
         let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, stop_wait.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop_wait.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
         epoll.ctl(
             ControlOperation::Add,
             control.shared.changed.as_raw_fd(),
             EpollEvent::new(EventSet::IN, CONTROL_TOKEN),
         )?;
-        let mut looper = Loop { handler, control, epoll, stop: stop_wait, registered: Vec::new() };
+        let mut looper = Loop {
+            handler,
+            control,
+            epoll,
+            stop: stop_wait,
+            registered: Vec::new(),
+        };
         looper.register_sources()?;
         let handle = std::thread::Builder::new()
             .name(format!("kiln-io-{name}"))
             .spawn(move || looper.run())?;
-        Ok(Worker { handle: Some(handle), stop })
+        Ok(Worker {
+            handle: Some(handle),
+            stop,
+        })
     }
 
     /// Stops the thread and waits for it.
@@ -191,10 +211,13 @@ struct Loop<H> {
 impl<H: WorkerHandler> Loop<H> {
     fn register_sources(&mut self) -> io::Result<()> {
         for fd in self.registered.drain(..) {
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         for (fd, set, token) in self.handler.event_sources() {
-            self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))?;
+            self.epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))?;
             self.registered.push(fd);
         }
         Ok(())
@@ -262,11 +285,16 @@ impl<H: WorkerHandler> Loop<H> {
             }
             if worked {
                 last_work = Instant::now();
-                self.control.shared.busy_rounds.fetch_add(1, Ordering::Relaxed);
+                self.control
+                    .shared
+                    .busy_rounds
+                    .fetch_add(1, Ordering::Relaxed);
             }
             if self.handler.sources_changed() {
                 if let Err(e) = self.register_sources() {
-                    tracing::error!("I/O worker: cannot watch the device's sources, worker stops: {e}");
+                    tracing::error!(
+                        "I/O worker: cannot watch the device's sources, worker stops: {e}"
+                    );
                     break;
                 }
             }
@@ -298,7 +326,10 @@ pub fn set_affinity(cpus: &[usize]) -> io::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &cpu in cpus {
             if cpu >= libc::CPU_SETSIZE as usize {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} out of range")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("CPU {cpu} out of range"),
+                ));
             }
             libc::CPU_SET(cpu, &mut set);
         }
@@ -311,7 +342,9 @@ pub fn set_affinity(cpus: &[usize]) -> io::Result<()> {
 
 /// The CPUs this process may use (its affinity when it started).
 fn all_cpus() -> Vec<usize> {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     (0..n.max(1)).collect()
 }
 
@@ -323,7 +356,9 @@ pub fn current_affinity() -> io::Result<Vec<usize>> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
     }
 }
 
@@ -362,7 +397,10 @@ mod tests {
     fn wait_until(what: &str, f: impl Fn() -> bool) {
         let start = Instant::now();
         while !f() {
-            assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -383,13 +421,26 @@ mod tests {
             polls: Arc::new(AtomicUsize::new(0)),
             affinity: Arc::new(Mutex::new(Vec::new())),
         };
-        let c = Counter { kick, handled: probe.handled.clone(), polls: probe.polls.clone(), affinity: probe.affinity.clone() };
+        let c = Counter {
+            kick,
+            handled: probe.handled.clone(),
+            polls: probe.polls.clone(),
+            affinity: probe.affinity.clone(),
+        };
         (c, probe)
     }
 
     #[test]
     fn notify_mode_serves_kicks_and_stops() {
-        let (c, Probe { kick, handled, polls, .. }) = counter();
+        let (
+            c,
+            Probe {
+                kick,
+                handled,
+                polls,
+                ..
+            },
+        ) = counter();
         let control = WorkerControl::new(Placement::default()).unwrap();
         let mut w = Worker::spawn("test", c, control.clone()).unwrap();
         wait_until("the worker thread", || control.thread_id().is_some());
@@ -402,16 +453,30 @@ mod tests {
 
     #[test]
     fn poll_mode_polls_then_sleeps_and_placement_changes_at_runtime() {
-        let (c, Probe { kick, handled, polls, affinity }) = counter();
+        let (
+            c,
+            Probe {
+                kick,
+                handled,
+                polls,
+                affinity,
+            },
+        ) = counter();
         let control = WorkerControl::new(Placement::default()).unwrap();
         let _w = Worker::spawn("test", c, control.clone()).unwrap();
-        control.set_wait_mode(WaitMode::Poll { spin: Duration::from_millis(20) });
+        control.set_wait_mode(WaitMode::Poll {
+            spin: Duration::from_millis(20),
+        });
         wait_until("polling", || polls.load(Ordering::SeqCst) > 10);
         // After the spin budget with no work it sleeps: polls stop growing.
         std::thread::sleep(Duration::from_millis(100));
         let settled = polls.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(polls.load(Ordering::SeqCst), settled, "an idle poller must go back to sleep");
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            settled,
+            "an idle poller must go back to sleep"
+        );
 
         let cpu = *current_affinity().unwrap().first().unwrap();
         control.set_cpus(Some(vec![cpu]));

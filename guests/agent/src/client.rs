@@ -3,8 +3,8 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -81,22 +81,35 @@ impl AgentClient {
 
     /// Connects to `addr`; `read_timeout` bounds how long any single read may
     /// wait for the agent (None: forever).
-    pub fn connect(addr: &ConnectAddr, read_timeout: Option<Duration>) -> Result<AgentClient, ClientError> {
+    pub fn connect(
+        addr: &ConnectAddr,
+        read_timeout: Option<Duration>,
+    ) -> Result<AgentClient, ClientError> {
         let describe = || format!("{addr:?}");
         let conn: Box<dyn Connection> = match addr {
             ConnectAddr::Unix(path) => {
-                let s = UnixStream::connect(path).map_err(|source| ClientError::Connect { addr: describe(), source })?;
+                let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+                    addr: describe(),
+                    source,
+                })?;
                 s.set_read_timeout(read_timeout)?;
                 Box::new(s)
             }
             ConnectAddr::Tcp(hp) => {
-                let s = TcpStream::connect(hp.as_str()).map_err(|source| ClientError::Connect { addr: describe(), source })?;
+                let s = TcpStream::connect(hp.as_str()).map_err(|source| ClientError::Connect {
+                    addr: describe(),
+                    source,
+                })?;
                 s.set_read_timeout(read_timeout)?;
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
             ConnectAddr::Vsock { cid, port } => {
-                let s = VsockStream::connect(*cid, *port).map_err(|source| ClientError::Connect { addr: describe(), source })?;
+                let s =
+                    VsockStream::connect(*cid, *port).map_err(|source| ClientError::Connect {
+                        addr: describe(),
+                        source,
+                    })?;
                 s.set_read_timeout(read_timeout)?;
                 Box::new(s)
             }
@@ -111,8 +124,18 @@ impl AgentClient {
     /// Connects to the agent on guest `port` (normally
     /// [`crate::DEFAULT_VSOCK_PORT`]) through Kiln's vsock Unix socket
     /// (`kiln run --vsock cid=3,uds=PATH`).
-    pub fn connect_vsock_uds(path: &Path, port: u32, read_timeout: Option<Duration>) -> Result<AgentClient, ClientError> {
-        AgentClient::connect(&ConnectAddr::VsockUds { path: path.to_path_buf(), port }, read_timeout)
+    pub fn connect_vsock_uds(
+        path: &Path,
+        port: u32,
+        read_timeout: Option<Duration>,
+    ) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(
+            &ConnectAddr::VsockUds {
+                path: path.to_path_buf(),
+                port,
+            },
+            read_timeout,
+        )
     }
 
     pub fn connect_unix(path: &Path) -> Result<AgentClient, ClientError> {
@@ -129,7 +152,8 @@ impl AgentClient {
     /// Next reply for `id`; agent errors become `ClientError::Agent`.
     fn recv(&mut self, id: u64) -> Result<Response, ClientError> {
         loop {
-            let body = frame::read_frame(&mut self.conn, self.max_frame)?.ok_or(ClientError::Closed)?;
+            let body =
+                frame::read_frame(&mut self.conn, self.max_frame)?.ok_or(ClientError::Closed)?;
             let reply: ResponseFrame =
                 serde_json::from_slice(&body).map_err(|e| ClientError::BadReply(e.to_string()))?;
             match (reply.id, reply.response) {
@@ -137,7 +161,9 @@ impl AgentClient {
                     // A late reply to an earlier, abandoned request: skip it.
                     tracing::debug!(got, want = id, "skipping reply for another request");
                 }
-                (_, Response::Error { code, message }) => return Err(ClientError::Agent { code, message }),
+                (_, Response::Error { code, message }) => {
+                    return Err(ClientError::Agent { code, message })
+                }
                 (_, response) => return Ok(response),
             }
         }
@@ -151,7 +177,9 @@ impl AgentClient {
     pub fn ping(&mut self) -> Result<u32, ClientError> {
         let id = self.send(Request::Ping)?;
         match self.recv(id)? {
-            Response::Pong { protocol_version, .. } => Ok(protocol_version),
+            Response::Pong {
+                protocol_version, ..
+            } => Ok(protocol_version),
             r => Err(Self::unexpected("pong", &r)),
         }
     }
@@ -189,7 +217,11 @@ impl AgentClient {
             OutputStream::Stdout => stdout.extend_from_slice(d),
             OutputStream::Stderr => stderr.extend_from_slice(d),
         })?;
-        Ok(ExecOutput { stdout, stderr, status })
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            status,
+        })
     }
 
     fn collect_run(
@@ -210,7 +242,13 @@ impl AgentClient {
     /// Uploads `data` to `remote` (absolute guest path).
     pub fn put_bytes(&mut self, remote: &str, data: &[u8], mode: u32) -> Result<(), ClientError> {
         let mut reader = data;
-        self.put_reader(remote, &mut reader, data.len() as u64, hex(&Sha256::digest(data)), mode)
+        self.put_reader(
+            remote,
+            &mut reader,
+            data.len() as u64,
+            hex(&Sha256::digest(data)),
+            mode,
+        )
     }
 
     /// Uploads a local file (read twice: once to checksum it, once to send it).
@@ -223,7 +261,14 @@ impl AgentClient {
         self.put_reader(remote, &mut file, size, sha, mode)
     }
 
-    fn put_reader(&mut self, remote: &str, data: &mut dyn Read, size: u64, sha256: String, mode: u32) -> Result<(), ClientError> {
+    fn put_reader(
+        &mut self,
+        remote: &str,
+        data: &mut dyn Read,
+        size: u64,
+        sha256: String,
+        mode: u32,
+    ) -> Result<(), ClientError> {
         let id = self.send(Request::Put(PutRequest {
             path: remote.to_string(),
             size,
@@ -232,27 +277,44 @@ impl AgentClient {
             create_dirs: true,
         }))?;
         let chunk_size = match self.recv(id)? {
-            Response::PutReady { chunk_size } => usize::try_from(chunk_size).unwrap_or(usize::MAX).clamp(1, 1 << 20),
+            Response::PutReady { chunk_size } => usize::try_from(chunk_size)
+                .unwrap_or(usize::MAX)
+                .clamp(1, 1 << 20),
             r => return Err(Self::unexpected("put_ready", &r)),
         };
         let mut sent = 0u64;
         let mut buf = vec![0u8; chunk_size];
         while sent < size {
-            let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(chunk_size);
+            let want = usize::try_from(size - sent)
+                .unwrap_or(usize::MAX)
+                .min(chunk_size);
             data.read_exact(&mut buf[..want])?;
-            frame::write_json(&mut self.conn, &RequestFrame { id, request: Request::PutChunk { data: buf[..want].to_vec() } })?;
+            frame::write_json(
+                &mut self.conn,
+                &RequestFrame {
+                    id,
+                    request: Request::PutChunk {
+                        data: buf[..want].to_vec(),
+                    },
+                },
+            )?;
             sent += want as u64;
         }
         match self.recv(id)? {
             Response::PutDone { sha256: got, .. } if got == sha256 => Ok(()),
-            Response::PutDone { sha256: got, .. } => Err(ClientError::ChecksumMismatch { expected: sha256, actual: got }),
+            Response::PutDone { sha256: got, .. } => Err(ClientError::ChecksumMismatch {
+                expected: sha256,
+                actual: got,
+            }),
             r => Err(Self::unexpected("put_done", &r)),
         }
     }
 
     /// Downloads `remote` into `sink`; returns the number of bytes.
     pub fn get_to(&mut self, remote: &str, sink: &mut dyn Write) -> Result<u64, ClientError> {
-        let id = self.send(Request::Get { path: remote.to_string() })?;
+        let id = self.send(Request::Get {
+            path: remote.to_string(),
+        })?;
         let announced = match self.recv(id)? {
             Response::FileBegin { size, .. } => size,
             r => return Err(Self::unexpected("file_begin", &r)),
@@ -264,7 +326,9 @@ impl AgentClient {
                 Response::FileChunk { data } => {
                     received += data.len() as u64;
                     if received > announced {
-                        return Err(ClientError::BadReply(format!("more than the announced {announced} bytes")));
+                        return Err(ClientError::BadReply(format!(
+                            "more than the announced {announced} bytes"
+                        )));
                     }
                     hasher.update(&data);
                     sink.write_all(&data)?;
@@ -272,7 +336,10 @@ impl AgentClient {
                 Response::FileEnd { sha256 } => {
                     let actual = hex(&hasher.finalize());
                     if actual != sha256 {
-                        return Err(ClientError::ChecksumMismatch { expected: sha256, actual });
+                        return Err(ClientError::ChecksumMismatch {
+                            expected: sha256,
+                            actual,
+                        });
                     }
                     return Ok(received);
                 }
@@ -325,6 +392,10 @@ impl AgentClient {
                 OutputStream::Stderr => stderr.extend_from_slice(d),
             }
         })?;
-        Ok(WindowsAppOutcome::Finished(ExecOutput { stdout, stderr, status }))
+        Ok(WindowsAppOutcome::Finished(ExecOutput {
+            stdout,
+            stderr,
+            status,
+        }))
     }
 }

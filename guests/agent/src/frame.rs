@@ -115,7 +115,10 @@ mod tests {
         write_frame(&mut wire, b"hello").expect("write");
         write_frame(&mut wire, b"{}").expect("write");
         let mut r = Cursor::new(wire);
-        assert_eq!(read_frame(&mut r, 100).expect("read"), Some(b"hello".to_vec()));
+        assert_eq!(
+            read_frame(&mut r, 100).expect("read"),
+            Some(b"hello".to_vec())
+        );
         assert_eq!(read_frame(&mut r, 100).expect("read"), Some(b"{}".to_vec()));
         assert_eq!(read_frame(&mut r, 100).expect("read"), None);
     }
@@ -123,11 +126,17 @@ mod tests {
     #[test]
     fn truncated_header_and_body_are_errors() {
         let mut r = Cursor::new(vec![0u8, 0]);
-        assert!(matches!(read_frame(&mut r, 100), Err(FrameError::Truncated { .. })));
+        assert!(matches!(
+            read_frame(&mut r, 100),
+            Err(FrameError::Truncated { .. })
+        ));
         let mut r = Cursor::new(vec![0u8, 0, 0, 10, b'a', b'b']);
         assert!(matches!(
             read_frame(&mut r, 100),
-            Err(FrameError::Truncated { expected: 10, got: 2 })
+            Err(FrameError::Truncated {
+                expected: 10,
+                got: 2
+            })
         ));
     }
 

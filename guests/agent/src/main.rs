@@ -8,10 +8,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kiln_agent::protocol::{ExecRequest, WindowsAppRequest};
-use kiln_agent::{Agent, AgentClient, AgentConfig, ConnectAddr, ListenAddr, Listener, OutputStream, PowerControl, WindowsAppOutcome, WineConfig};
+use kiln_agent::{
+    Agent, AgentClient, AgentConfig, ConnectAddr, ListenAddr, Listener, OutputStream, PowerControl,
+    WindowsAppOutcome, WineConfig,
+};
 
 #[derive(Parser)]
-#[command(name = "kiln-agent", version, about = "Kiln guest agent and its command-line client")]
+#[command(
+    name = "kiln-agent",
+    version,
+    about = "Kiln guest agent and its command-line client"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -68,8 +75,16 @@ enum CallOp {
         #[arg(required = true, trailing_var_arg = true)]
         argv: Vec<String>,
     },
-    Put { local: PathBuf, remote: String, #[arg(long, default_value = "644")] mode: String },
-    Get { remote: String, local: PathBuf },
+    Put {
+        local: PathBuf,
+        remote: String,
+        #[arg(long, default_value = "644")]
+        mode: String,
+    },
+    Get {
+        remote: String,
+        local: PathBuf,
+    },
     Shutdown,
     Reboot,
     /// Run a Windows program already in the guest under Wine.
@@ -90,12 +105,26 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { listen, max_frame, max_file_size, power_hook, wine_prefix, wine, wine_display } => {
+        Cmd::Serve {
+            listen,
+            max_frame,
+            max_file_size,
+            power_hook,
+            wine_prefix,
+            wine,
+            wine_display,
+        } => {
             let config = AgentConfig {
                 max_frame,
                 max_file_size,
-                power: power_hook.map(PowerControl::Hook).unwrap_or(PowerControl::Reboot2),
-                wine: wine_prefix.map(|prefix| WineConfig { wine, prefix, display: wine_display }),
+                power: power_hook
+                    .map(PowerControl::Hook)
+                    .unwrap_or(PowerControl::Reboot2),
+                wine: wine_prefix.map(|prefix| WineConfig {
+                    wine,
+                    prefix,
+                    display: wine_display,
+                }),
                 ..AgentConfig::default()
             };
             serve(config, &listen)
@@ -154,7 +183,10 @@ fn print_output(stream: OutputStream, data: &[u8]) {
 
 fn exit_code_of(status: &kiln_agent::protocol::ExitStatus) -> ExitCode {
     if status.timed_out {
-        eprintln!("kiln-agent call: program timed out after {} ms", status.duration_ms);
+        eprintln!(
+            "kiln-agent call: program timed out after {} ms",
+            status.duration_ms
+        );
         return ExitCode::from(124);
     }
     match status.code {
@@ -163,17 +195,32 @@ fn exit_code_of(status: &kiln_agent::protocol::ExitStatus) -> ExitCode {
     }
 }
 
-fn call(to: &ConnectAddr, timeout: Duration, op: CallOp) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn call(
+    to: &ConnectAddr,
+    timeout: Duration,
+    op: CallOp,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut client = AgentClient::connect(to, Some(timeout))?;
     match op {
         CallOp::Ping => println!("pong (protocol {})", client.ping()?),
         CallOp::Info => println!("{}", serde_json::to_string_pretty(&client.info()?)?),
         CallOp::Stats => println!("{}", serde_json::to_string_pretty(&client.stats()?)?),
         CallOp::Exec { timeout_ms, argv } => {
-            let status = client.exec_streaming(ExecRequest { argv, timeout_ms, ..Default::default() }, &mut print_output)?;
+            let status = client.exec_streaming(
+                ExecRequest {
+                    argv,
+                    timeout_ms,
+                    ..Default::default()
+                },
+                &mut print_output,
+            )?;
             return Ok(exit_code_of(&status));
         }
-        CallOp::Put { local, remote, mode } => {
+        CallOp::Put {
+            local,
+            remote,
+            mode,
+        } => {
             let mode = u32::from_str_radix(&mode, 8).map_err(|e| format!("mode {mode:?}: {e}"))?;
             client.put_file(&local, &remote, mode)?;
         }
@@ -185,7 +232,15 @@ fn call(to: &ConnectAddr, timeout: Duration, op: CallOp) -> Result<ExitCode, Box
         CallOp::Shutdown => client.shutdown()?,
         CallOp::Reboot => client.reboot()?,
         CallOp::RunWindowsApp { gui, path, args } => {
-            match client.run_windows_app(WindowsAppRequest { path, args, gui, timeout_ms: None }, &mut print_output)? {
+            match client.run_windows_app(
+                WindowsAppRequest {
+                    path,
+                    args,
+                    gui,
+                    timeout_ms: None,
+                },
+                &mut print_output,
+            )? {
                 WindowsAppOutcome::Started { pid } => println!("started pid {pid}"),
                 WindowsAppOutcome::Finished(out) => return Ok(exit_code_of(&out.status)),
             }

@@ -397,7 +397,10 @@ mod tests {
             r#"{"id":1,"op":"put_chunk","data":"!!notbase64"}"#,
             r#"[1,2,3]"#,
         ] {
-            assert!(serde_json::from_str::<RequestFrame>(bad).is_err(), "{bad} parsed");
+            assert!(
+                serde_json::from_str::<RequestFrame>(bad).is_err(),
+                "{bad} parsed"
+            );
         }
     }
 

@@ -23,11 +23,17 @@ pub enum ListenAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectAddr {
     /// `AF_VSOCK` in the host kernel (QEMU's vhost-vsock).
-    Vsock { cid: u32, port: u32 },
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
     /// Guest `port` through a userspace vsock's Unix socket `path` (Kiln's
     /// `--vsock cid=3,uds=PATH`): the `CONNECT`/`OK` handshake, see
     /// [`crate::vsock_uds`].
-    VsockUds { path: PathBuf, port: u32 },
+    VsockUds {
+        path: PathBuf,
+        port: u32,
+    },
     Unix(PathBuf),
     Tcp(String),
 }
@@ -62,7 +68,10 @@ impl FromStr for ListenAddr {
         } else if let Some(hp) = s.strip_prefix("tcp:") {
             Ok(ListenAddr::Tcp(hp.to_string()))
         } else {
-            Err(addr_err(s, "expected vsock:PORT, unix:PATH or tcp:HOST:PORT"))
+            Err(addr_err(
+                s,
+                "expected vsock:PORT, unix:PATH or tcp:HOST:PORT",
+            ))
         }
     }
 }
@@ -81,12 +90,17 @@ impl FromStr for ConnectAddr {
             let port = port
                 .parse()
                 .map_err(|_| addr_err(s, "port must be a number"))?;
-            Ok(ConnectAddr::VsockUds { path: PathBuf::from(path), port })
+            Ok(ConnectAddr::VsockUds {
+                path: PathBuf::from(path),
+                port,
+            })
         } else if let Some(rest) = s.strip_prefix("vsock:") {
             let (cid, port) = rest
                 .split_once(':')
                 .ok_or_else(|| addr_err(s, "expected vsock:CID:PORT"))?;
-            let cid = cid.parse().map_err(|_| addr_err(s, "CID must be a number"))?;
+            let cid = cid
+                .parse()
+                .map_err(|_| addr_err(s, "CID must be a number"))?;
             let port = port
                 .parse()
                 .map_err(|_| addr_err(s, "port must be a number"))?;
@@ -99,7 +113,10 @@ impl FromStr for ConnectAddr {
         } else if let Some(hp) = s.strip_prefix("tcp:") {
             Ok(ConnectAddr::Tcp(hp.to_string()))
         } else {
-            Err(addr_err(s, "expected vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH or tcp:HOST:PORT"))
+            Err(addr_err(
+                s,
+                "expected vsock:CID:PORT, vsock-uds:PATH:PORT, unix:PATH or tcp:HOST:PORT",
+            ))
         }
     }
 }
@@ -220,7 +237,8 @@ fn sockaddr_vm(cid: u32, port: u32) -> libc::sockaddr_vm {
     addr
 }
 
-const SOCKADDR_VM_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+const SOCKADDR_VM_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
 impl VsockListener {
     /// Listens on `port` for any CID (the host reaches the guest as CID 2 → guest CID).
@@ -385,10 +403,23 @@ mod tests {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
         assert_eq!(
-            "vsock-uds:/tmp/a:b/v.sock:5252".parse::<ConnectAddr>().expect("parse"),
-            ConnectAddr::VsockUds { path: "/tmp/a:b/v.sock".into(), port: 5252 }
+            "vsock-uds:/tmp/a:b/v.sock:5252"
+                .parse::<ConnectAddr>()
+                .expect("parse"),
+            ConnectAddr::VsockUds {
+                path: "/tmp/a:b/v.sock".into(),
+                port: 5252
+            }
         );
-        for bad in ["vsock:3", "vsock:a:1", "unix:", "ftp:x", "vsock-uds:/v.sock", "vsock-uds::5252", "vsock-uds:/v.sock:x"] {
+        for bad in [
+            "vsock:3",
+            "vsock:a:1",
+            "unix:",
+            "ftp:x",
+            "vsock-uds:/v.sock",
+            "vsock-uds::5252",
+            "vsock-uds:/v.sock:x",
+        ] {
             assert!(bad.parse::<ConnectAddr>().is_err(), "{bad}");
         }
     }

@@ -21,7 +21,11 @@ pub enum HandshakeError {
         "nothing listens on guest port {port}, or the guest did not answer: the VMM's vsock socket {} {reply}",
         path.display()
     )]
-    Refused { path: PathBuf, port: u32, reply: String },
+    Refused {
+        path: PathBuf,
+        port: u32,
+        reply: String,
+    },
     #[error("vsock handshake on {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }
@@ -30,29 +34,61 @@ pub enum HandshakeError {
 /// `read_timeout` bounds the wait for `OK` and stays set on the stream.
 /// Returns the stream (positioned just after the `OK` line) and the host
 /// port the VMM assigned.
-pub fn connect(path: &Path, port: u32, read_timeout: Option<Duration>) -> Result<(UnixStream, u32), HandshakeError> {
-    let mut stream =
-        UnixStream::connect(path).map_err(|source| HandshakeError::Connect { path: path.to_path_buf(), source })?;
-    let io_err = |source| HandshakeError::Io { path: path.to_path_buf(), source };
+pub fn connect(
+    path: &Path,
+    port: u32,
+    read_timeout: Option<Duration>,
+) -> Result<(UnixStream, u32), HandshakeError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| HandshakeError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let io_err = |source| HandshakeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     stream.set_read_timeout(read_timeout).map_err(io_err)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io_err)?;
-    let refused = |reply: String| HandshakeError::Refused { path: path.to_path_buf(), port, reply };
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(io_err)?;
+    let refused = |reply: String| HandshakeError::Refused {
+        path: path.to_path_buf(),
+        port,
+        reply,
+    };
     let line = match read_line(&mut stream) {
         Ok(Some(line)) => line,
         Ok(None) => return Err(refused("closed the connection without an OK line".into())),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            let waited = read_timeout.map(|d| format!(" within {:?}", d)).unwrap_or_default();
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            let waited = read_timeout
+                .map(|d| format!(" within {:?}", d))
+                .unwrap_or_default();
             return Err(refused(format!("sent no OK line{waited}")));
         }
         // A reset is how a VMM may drop a refused connection, too.
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-            return Err(refused(format!("closed the connection without an OK line ({e})")))
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            return Err(refused(format!(
+                "closed the connection without an OK line ({e})"
+            )))
         }
         Err(e) => return Err(io_err(e)),
     };
     match parse_ok(&line) {
         Some(host_port) => Ok((stream, host_port)),
-        None => Err(refused(format!("replied {:?} instead of \"OK <port>\"", String::from_utf8_lossy(&line)))),
+        None => Err(refused(format!(
+            "replied {:?} instead of \"OK <port>\"",
+            String::from_utf8_lossy(&line)
+        ))),
     }
 }
 
@@ -93,7 +129,17 @@ mod tests {
     fn parses_ok_lines() {
         assert_eq!(parse_ok(b"OK 1073741824"), Some(1073741824));
         assert_eq!(parse_ok(b"OK 7\r"), Some(7));
-        for bad in [&b""[..], b"OK", b"OK ", b"OK x", b"OK -1", b"ok 5", b"OK 99999999999", b"NOPE 5", b"\xff"] {
+        for bad in [
+            &b""[..],
+            b"OK",
+            b"OK ",
+            b"OK x",
+            b"OK -1",
+            b"ok 5",
+            b"OK 99999999999",
+            b"NOPE 5",
+            b"\xff",
+        ] {
             assert_eq!(parse_ok(bad), None, "{bad:?}");
         }
     }
@@ -101,12 +147,18 @@ mod tests {
     #[test]
     fn read_line_stops_at_the_newline_and_at_the_limit() {
         let mut input: &[u8] = b"OK 5\nagent bytes";
-        assert_eq!(read_line(&mut input).expect("read").as_deref(), Some(&b"OK 5"[..]));
+        assert_eq!(
+            read_line(&mut input).expect("read").as_deref(),
+            Some(&b"OK 5"[..])
+        );
         assert_eq!(input, b"agent bytes", "must not read past the line");
         let mut eof: &[u8] = b"OK 5";
         assert_eq!(read_line(&mut eof).expect("read"), None);
         let long = vec![b'x'; 1000];
         let mut input: &[u8] = &long;
-        assert_eq!(read_line(&mut input).expect("read").map(|l| l.len()), Some(MAX_REPLY_LINE));
+        assert_eq!(
+            read_line(&mut input).expect("read").map(|l| l.len()),
+            Some(MAX_REPLY_LINE)
+        );
     }
 }

@@ -49,7 +49,10 @@ fn serve_and_call_over_a_unix_socket() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pong (protocol 1)\n");
 
-    let out = call(&addr, &["exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    let out = call(
+        &addr,
+        &["exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7"],
+    );
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
@@ -60,11 +63,25 @@ fn serve_and_call_over_a_unix_socket() {
     let local = dir.path().join("src.txt");
     std::fs::write(&local, b"payload").expect("write");
     let remote = dir.path().join("dst/copied.txt");
-    let out = call(&addr, &["put", local.to_str().expect("utf8"), remote.to_str().expect("utf8")]);
+    let out = call(
+        &addr,
+        &[
+            "put",
+            local.to_str().expect("utf8"),
+            remote.to_str().expect("utf8"),
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&remote).expect("read"), b"payload");
     let back = dir.path().join("back.txt");
-    let out = call(&addr, &["get", remote.to_str().expect("utf8"), back.to_str().expect("utf8")]);
+    let out = call(
+        &addr,
+        &[
+            "get",
+            remote.to_str().expect("utf8"),
+            back.to_str().expect("utf8"),
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&back).expect("read"), b"payload");
 
@@ -73,16 +90,25 @@ fn serve_and_call_over_a_unix_socket() {
     assert_eq!(info["protocol_version"], 1);
 
     // Errors from the agent reach the caller as a failure with a message.
-    let out = call(&addr, &["get", "/nonexistent/kiln", back.to_str().expect("utf8")]);
+    let out = call(
+        &addr,
+        &["get", "/nonexistent/kiln", back.to_str().expect("utf8")],
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn unreachable_agent_is_a_clear_error() {
     let out = call("unix:/nonexistent/kiln-agent.sock", &["ping"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{out:?}"
+    );
 }
 
 /// Guests listen with AF_VSOCK; this machine's kernel has the vsock core, so

@@ -14,7 +14,10 @@ use kiln_agent::protocol::{
     sha256_hex, ErrorCode, ExecRequest, PutRequest, Request, RequestFrame, Response, ResponseFrame,
     WindowsAppRequest,
 };
-use kiln_agent::{Agent, AgentClient, AgentConfig, ClientError, ListenAddr, Listener, OutputStream, PowerControl, WindowsAppOutcome, WineConfig};
+use kiln_agent::{
+    Agent, AgentClient, AgentConfig, ClientError, ListenAddr, Listener, OutputStream, PowerControl,
+    WindowsAppOutcome, WineConfig,
+};
 
 struct TestAgent {
     dir: tempfile::TempDir,
@@ -51,7 +54,8 @@ impl TestAgent {
 
     fn raw(&self) -> UnixStream {
         let s = UnixStream::connect(&self.socket).expect("connect raw");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         s
     }
 
@@ -65,7 +69,9 @@ fn send_raw(s: &mut UnixStream, body: &[u8]) {
 }
 
 fn recv_raw(s: &mut UnixStream) -> ResponseFrame {
-    let body = frame::read_frame(s, 1 << 20).expect("read frame").expect("agent closed the connection");
+    let body = frame::read_frame(s, 1 << 20)
+        .expect("read frame")
+        .expect("agent closed the connection");
     serde_json::from_slice(&body).expect("reply is valid JSON")
 }
 
@@ -84,7 +90,11 @@ fn agent_error(e: ClientError) -> ErrorCode {
 }
 
 fn ping_raw(s: &mut UnixStream, id: u64) {
-    let body = serde_json::to_vec(&RequestFrame { id, request: Request::Ping }).expect("json");
+    let body = serde_json::to_vec(&RequestFrame {
+        id,
+        request: Request::Ping,
+    })
+    .expect("json");
     send_raw(s, &body);
     let r = recv_raw(s);
     assert_eq!(r.id, Some(id));
@@ -103,7 +113,10 @@ fn sh(script: &str) -> ExecRequest {
 fn ping_and_info_describe_the_guest() {
     let agent = TestAgent::start(TestAgent::small());
     let mut c = agent.client();
-    assert_eq!(c.ping().expect("ping"), kiln_agent::protocol::PROTOCOL_VERSION);
+    assert_eq!(
+        c.ping().expect("ping"),
+        kiln_agent::protocol::PROTOCOL_VERSION
+    );
     let info = c.info().expect("info");
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
     assert_eq!(info.kernel_release, release.trim());
@@ -134,7 +147,10 @@ fn exec_passes_argv_env_cwd_stdin_and_returns_exit_code() {
     assert!(!out.status.timed_out);
 
     let killed = c.exec(sh("kill -TERM $$")).expect("exec");
-    assert_eq!((killed.status.code, killed.status.signal), (None, Some(libc::SIGTERM)));
+    assert_eq!(
+        (killed.status.code, killed.status.signal),
+        (None, Some(libc::SIGTERM))
+    );
 
     let mut cleared = sh("echo \"[$HOME]\"");
     cleared.argv = vec!["/bin/sh".into(), "-c".into(), "echo \"[$HOME]\"".into()];
@@ -175,24 +191,38 @@ fn exec_timeout_kills_the_whole_process_group() {
     let agent = TestAgent::start(TestAgent::small());
     let mut c = agent.client();
     let pidfile = agent.path("bg.pid");
-    let mut req = sh(&format!("sleep 60 & echo $! > '{}'; wait", pidfile.display()));
+    let mut req = sh(&format!(
+        "sleep 60 & echo $! > '{}'; wait",
+        pidfile.display()
+    ));
     req.timeout_ms = Some(500);
     let started = Instant::now();
     let out = c.exec(req).expect("exec");
     assert!(out.status.timed_out);
     assert_eq!(out.status.signal, Some(libc::SIGKILL));
     assert!(started.elapsed() < Duration::from_secs(10));
-    let pid: i32 = std::fs::read_to_string(&pidfile).expect("pidfile").trim().parse().expect("pid");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
     // The background sleep was in the same group: it must be gone (or a zombie
     // waiting for its new parent to reap it).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(str::to_string));
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_string)
+            });
         match state.as_deref() {
             None | Some("Z") | Some("X") => break,
-            Some(s) if Instant::now() > deadline => panic!("background child {pid} still alive in state {s}"),
+            Some(s) if Instant::now() > deadline => {
+                panic!("background child {pid} still alive in state {s}")
+            }
             _ => thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -204,19 +234,37 @@ fn exec_timeout_kills_the_whole_process_group() {
 fn exec_rejects_bad_requests_and_keeps_serving() {
     let agent = TestAgent::start(TestAgent::small());
     let mut c = agent.client();
-    let missing = ExecRequest { argv: vec!["/nonexistent/kiln-program".into()], ..Default::default() };
-    assert_eq!(agent_error(c.exec(missing).expect_err("missing program")), ErrorCode::NotFound);
+    let missing = ExecRequest {
+        argv: vec!["/nonexistent/kiln-program".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        agent_error(c.exec(missing).expect_err("missing program")),
+        ErrorCode::NotFound
+    );
     let empty = ExecRequest::default();
-    assert_eq!(agent_error(c.exec(empty).expect_err("empty argv")), ErrorCode::BadRequest);
+    assert_eq!(
+        agent_error(c.exec(empty).expect_err("empty argv")),
+        ErrorCode::BadRequest
+    );
     let mut bad_cwd = sh("true");
     bad_cwd.cwd = Some(agent.path("no-such-dir").to_string_lossy().into_owned());
-    assert_eq!(agent_error(c.exec(bad_cwd).expect_err("bad cwd")), ErrorCode::NotFound);
+    assert_eq!(
+        agent_error(c.exec(bad_cwd).expect_err("bad cwd")),
+        ErrorCode::NotFound
+    );
     let mut zero = sh("true");
     zero.timeout_ms = Some(0);
-    assert_eq!(agent_error(c.exec(zero).expect_err("zero timeout")), ErrorCode::BadRequest);
+    assert_eq!(
+        agent_error(c.exec(zero).expect_err("zero timeout")),
+        ErrorCode::BadRequest
+    );
     let mut bad_env = sh("true");
     bad_env.env.insert("A=B".into(), "x".into());
-    assert_eq!(agent_error(c.exec(bad_env).expect_err("bad env")), ErrorCode::BadRequest);
+    assert_eq!(
+        agent_error(c.exec(bad_env).expect_err("bad env")),
+        ErrorCode::BadRequest
+    );
     c.ping().expect("still serving");
 }
 
@@ -233,7 +281,11 @@ fn put_and_get_round_trip_in_chunks_with_mode() {
     let remote_s = remote.to_string_lossy().into_owned();
     c.put_bytes(&remote_s, &data, 0o750).expect("put");
     assert_eq!(std::fs::read(&remote).expect("read back"), data);
-    let mode = std::fs::metadata(&remote).expect("meta").permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(&remote)
+        .expect("meta")
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o750);
     assert_eq!(c.get_bytes(&remote_s).expect("get"), data);
 
@@ -253,8 +305,12 @@ fn put_and_get_round_trip_in_chunks_with_mode() {
 
     let local = agent.path("local.bin");
     std::fs::write(&local, &data[..1000]).expect("write local");
-    c.put_file(&local, &agent.path("copy.bin").to_string_lossy(), 0o600).expect("put_file");
-    assert_eq!(std::fs::read(agent.path("copy.bin")).expect("read"), &data[..1000]);
+    c.put_file(&local, &agent.path("copy.bin").to_string_lossy(), 0o600)
+        .expect("put_file");
+    assert_eq!(
+        std::fs::read(agent.path("copy.bin")).expect("read"),
+        &data[..1000]
+    );
 }
 
 fn put_header(id: u64, path: &Path, size: u64, sha: &str) -> Vec<u8> {
@@ -272,7 +328,13 @@ fn put_header(id: u64, path: &Path, size: u64, sha: &str) -> Vec<u8> {
 }
 
 fn chunk(id: u64, data: &[u8]) -> Vec<u8> {
-    serde_json::to_vec(&RequestFrame { id, request: Request::PutChunk { data: data.to_vec() } }).expect("json")
+    serde_json::to_vec(&RequestFrame {
+        id,
+        request: Request::PutChunk {
+            data: data.to_vec(),
+        },
+    })
+    .expect("json")
 }
 
 #[test]
@@ -282,8 +344,19 @@ fn put_with_wrong_checksum_leaves_nothing_behind() {
     let target = agent.path("victim");
     std::fs::write(&target, b"original").expect("write");
     let data = pattern(40_000);
-    send_raw(&mut s, &put_header(5, &target, data.len() as u64, &sha256_hex(b"something else")));
-    assert!(matches!(recv_raw(&mut s).response, Response::PutReady { .. }));
+    send_raw(
+        &mut s,
+        &put_header(
+            5,
+            &target,
+            data.len() as u64,
+            &sha256_hex(b"something else"),
+        ),
+    );
+    assert!(matches!(
+        recv_raw(&mut s).response,
+        Response::PutReady { .. }
+    ));
     for part in data.chunks(16 * 1024) {
         send_raw(&mut s, &chunk(5, part));
     }
@@ -291,8 +364,17 @@ fn put_with_wrong_checksum_leaves_nothing_behind() {
     assert_eq!(r.id, Some(5));
     expect_error(&r, ErrorCode::ChecksumMismatch);
     assert_eq!(std::fs::read(&target).expect("read"), b"original");
-    let names: Vec<_> = std::fs::read_dir(agent.dir.path()).expect("readdir").filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert!(names.iter().all(|n| !n.to_string_lossy().contains("kiln-put")), "{names:?}");
+    let names: Vec<_> = std::fs::read_dir(agent.dir.path())
+        .expect("readdir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("kiln-put")),
+        "{names:?}"
+    );
     ping_raw(&mut s, 6);
 }
 
@@ -302,11 +384,20 @@ fn put_limits_and_protocol_misuse_get_errors() {
     let mut s = agent.raw();
     let sha = sha256_hex(b"");
     // Announced size above the file limit (1 MiB here).
-    send_raw(&mut s, &put_header(1, &agent.path("big"), (1 << 20) + 1, &sha));
+    send_raw(
+        &mut s,
+        &put_header(1, &agent.path("big"), (1 << 20) + 1, &sha),
+    );
     expect_error(&recv_raw(&mut s), ErrorCode::TooLarge);
     // More data than announced.
-    send_raw(&mut s, &put_header(2, &agent.path("short"), 4, &sha256_hex(b"abcd")));
-    assert!(matches!(recv_raw(&mut s).response, Response::PutReady { .. }));
+    send_raw(
+        &mut s,
+        &put_header(2, &agent.path("short"), 4, &sha256_hex(b"abcd")),
+    );
+    assert!(matches!(
+        recv_raw(&mut s).response,
+        Response::PutReady { .. }
+    ));
     send_raw(&mut s, &chunk(2, b"abcdef"));
     expect_error(&recv_raw(&mut s), ErrorCode::TooLarge);
     assert!(!agent.path("short").exists());
@@ -321,10 +412,23 @@ fn put_limits_and_protocol_misuse_get_errors() {
     send_raw(&mut s, &put_header(6, &agent.path("missing/f"), 1, &sha));
     expect_error(&recv_raw(&mut s), ErrorCode::NotFound);
     // An upload interrupted by another request is abandoned with an error.
-    send_raw(&mut s, &put_header(7, &agent.path("partial"), 10, &sha256_hex(b"0123456789")));
-    assert!(matches!(recv_raw(&mut s).response, Response::PutReady { .. }));
+    send_raw(
+        &mut s,
+        &put_header(7, &agent.path("partial"), 10, &sha256_hex(b"0123456789")),
+    );
+    assert!(matches!(
+        recv_raw(&mut s).response,
+        Response::PutReady { .. }
+    ));
     send_raw(&mut s, &chunk(7, b"01234"));
-    send_raw(&mut s, &serde_json::to_vec(&RequestFrame { id: 8, request: Request::Ping }).expect("json"));
+    send_raw(
+        &mut s,
+        &serde_json::to_vec(&RequestFrame {
+            id: 8,
+            request: Request::Ping,
+        })
+        .expect("json"),
+    );
     let abandoned = recv_raw(&mut s);
     assert_eq!(abandoned.id, Some(7));
     expect_error(&abandoned, ErrorCode::BadRequest);
@@ -338,13 +442,25 @@ fn get_errors_for_missing_directories_and_oversized_files() {
     let agent = TestAgent::start(TestAgent::small());
     let mut c = agent.client();
     let missing = agent.path("nope").to_string_lossy().into_owned();
-    assert_eq!(agent_error(c.get_bytes(&missing).expect_err("missing")), ErrorCode::NotFound);
+    assert_eq!(
+        agent_error(c.get_bytes(&missing).expect_err("missing")),
+        ErrorCode::NotFound
+    );
     let dir = agent.dir.path().to_string_lossy().into_owned();
-    assert_eq!(agent_error(c.get_bytes(&dir).expect_err("directory")), ErrorCode::BadRequest);
+    assert_eq!(
+        agent_error(c.get_bytes(&dir).expect_err("directory")),
+        ErrorCode::BadRequest
+    );
     let big = agent.path("big");
     std::fs::write(&big, pattern((1 << 20) + 1)).expect("write big");
-    assert_eq!(agent_error(c.get_bytes(&big.to_string_lossy()).expect_err("too big")), ErrorCode::TooLarge);
-    assert_eq!(agent_error(c.get_bytes("relative").expect_err("relative")), ErrorCode::BadRequest);
+    assert_eq!(
+        agent_error(c.get_bytes(&big.to_string_lossy()).expect_err("too big")),
+        ErrorCode::TooLarge
+    );
+    assert_eq!(
+        agent_error(c.get_bytes("relative").expect_err("relative")),
+        ErrorCode::BadRequest
+    );
     c.ping().expect("still serving");
 }
 
@@ -425,7 +541,10 @@ fn truncated_frames_and_vanishing_clients_do_not_stop_the_agent() {
     {
         // A client that disappears while its program is producing output.
         let mut s = agent.raw();
-        let req = RequestFrame { id: 1, request: Request::Exec(sh("yes kiln | head -c 5000000")) };
+        let req = RequestFrame {
+            id: 1,
+            request: Request::Exec(sh("yes kiln | head -c 5000000")),
+        };
         send_raw(&mut s, &serde_json::to_vec(&req).expect("json"));
         let _ = recv_raw(&mut s);
     }
@@ -464,9 +583,16 @@ fn shutdown_and_reboot_run_the_configured_hook() {
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("actions");
     let hook = dir.path().join("hook.sh");
-    std::fs::write(&hook, format!("#!/bin/sh\necho \"$1\" >> '{}'\n", record.display())).expect("hook");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> '{}'\n", record.display()),
+    )
+    .expect("hook");
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let agent = TestAgent::start(AgentConfig { power: PowerControl::Hook(hook), ..TestAgent::small() });
+    let agent = TestAgent::start(AgentConfig {
+        power: PowerControl::Hook(hook),
+        ..TestAgent::small()
+    });
     let mut c = agent.client();
     c.shutdown().expect("shutdown accepted");
     c.reboot().expect("reboot accepted");
@@ -486,7 +612,10 @@ fn shutdown_and_reboot_run_the_configured_hook() {
         power: PowerControl::Hook(dir.path().join("missing-hook")),
         ..TestAgent::small()
     });
-    assert_eq!(agent_error(broken.client().shutdown().expect_err("no hook")), ErrorCode::Failed);
+    assert_eq!(
+        agent_error(broken.client().shutdown().expect_err("no hook")),
+        ErrorCode::Failed
+    );
 }
 
 #[test]
@@ -494,7 +623,13 @@ fn run_windows_app_is_unsupported_without_wine() {
     let agent = TestAgent::start(TestAgent::small());
     let err = agent
         .client()
-        .run_windows_app(WindowsAppRequest { path: "/x.exe".into(), ..Default::default() }, &mut |_, _| {})
+        .run_windows_app(
+            WindowsAppRequest {
+                path: "/x.exe".into(),
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
         .expect_err("no wine");
     assert_eq!(agent_error(err), ErrorCode::Unsupported);
 }
@@ -516,11 +651,19 @@ fn run_windows_app_invokes_the_wine_launcher_with_prefix_and_args() {
     std::fs::write(&exe, b"MZ").expect("exe");
     let prefix = dir.path().join("prefix");
     let agent = TestAgent::start(AgentConfig {
-        wine: Some(WineConfig { wine: launcher, prefix: prefix.clone(), display: None }),
+        wine: Some(WineConfig {
+            wine: launcher,
+            prefix: prefix.clone(),
+            display: None,
+        }),
         ..TestAgent::small()
     });
     let mut c = agent.client();
-    assert!(c.info().expect("info").capabilities.contains(&"run_windows_app".to_string()));
+    assert!(c
+        .info()
+        .expect("info")
+        .capabilities
+        .contains(&"run_windows_app".to_string()));
     let req = WindowsAppRequest {
         path: exe.to_string_lossy().into_owned(),
         args: vec!["one".into(), "two words".into()],
@@ -528,17 +671,34 @@ fn run_windows_app_invokes_the_wine_launcher_with_prefix_and_args() {
         timeout_ms: Some(10_000),
     };
     let outcome = c.run_windows_app(req.clone(), &mut |_, _| {}).expect("run");
-    let WindowsAppOutcome::Finished(out) = outcome else { panic!("console run expected") };
+    let WindowsAppOutcome::Finished(out) = outcome else {
+        panic!("console run expected")
+    };
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        format!("prefix={} debug=-all display=none\narg={}\narg=one\narg=two words\n", prefix.display(), exe.display())
+        format!(
+            "prefix={} debug=-all display=none\narg={}\narg=one\narg=two words\n",
+            prefix.display(),
+            exe.display()
+        )
     );
     assert_eq!(out.stderr, b"to-stderr\n");
     assert_eq!(out.status.code, Some(42));
 
-    let started = c.run_windows_app(WindowsAppRequest { gui: true, ..req }, &mut |_, _| {}).expect("gui");
+    let started = c
+        .run_windows_app(WindowsAppRequest { gui: true, ..req }, &mut |_, _| {})
+        .expect("gui");
     assert!(matches!(started, WindowsAppOutcome::Started { pid } if pid > 0));
 
-    let missing = WindowsAppRequest { path: dir.path().join("nope.exe").to_string_lossy().into_owned(), ..Default::default() };
-    assert_eq!(agent_error(c.run_windows_app(missing, &mut |_, _| {}).expect_err("missing")), ErrorCode::NotFound);
+    let missing = WindowsAppRequest {
+        path: dir.path().join("nope.exe").to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    assert_eq!(
+        agent_error(
+            c.run_windows_app(missing, &mut |_, _| {})
+                .expect_err("missing")
+        ),
+        ErrorCode::NotFound
+    );
 }

@@ -59,7 +59,10 @@ fn serve_client(client: UnixStream, agent_sock: &Path, behaviour: Behaviour) {
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    let port: Option<u32> = line.trim_end().strip_prefix("CONNECT ").and_then(|p| p.parse().ok());
+    let port: Option<u32> = line
+        .trim_end()
+        .strip_prefix("CONNECT ")
+        .and_then(|p| p.parse().ok());
     let mut client = client;
     match behaviour {
         Behaviour::Kiln if port == Some(AGENT_PORT) => {
@@ -101,32 +104,51 @@ fn handshake_error(result: Result<AgentClient, ClientError>) -> String {
 #[test]
 fn typed_client_reaches_the_agent_through_the_handshake() {
     let vmm = FakeVmm::start(Behaviour::Kiln);
-    let addr: ConnectAddr = format!("vsock-uds:{}:{AGENT_PORT}", vmm.uds.display()).parse().expect("parse");
+    let addr: ConnectAddr = format!("vsock-uds:{}:{AGENT_PORT}", vmm.uds.display())
+        .parse()
+        .expect("parse");
     let mut c = AgentClient::connect(&addr, Some(Duration::from_secs(20))).expect("connect");
     assert_eq!(c.ping().expect("ping"), 1);
     let info = c.info().expect("info");
     assert!(info.capabilities.iter().any(|c| c == "exec"), "{info:?}");
     let out = c
-        .exec(ExecRequest { argv: vec!["sh".into(), "-c".into(), "cat; exit 3".into()], stdin: b"through vsock".to_vec(), ..Default::default() })
+        .exec(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "cat; exit 3".into()],
+            stdin: b"through vsock".to_vec(),
+            ..Default::default()
+        })
         .expect("exec");
     assert_eq!(out.stdout, b"through vsock");
     assert_eq!(out.status.code, Some(3));
     // Larger than one relay buffer and one chunk, both ways.
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let remote = vmm.dir.path().join("up.bin");
-    c.put_bytes(remote.to_str().expect("utf-8 path"), &data, 0o600).expect("put");
-    assert_eq!(c.get_bytes(remote.to_str().expect("utf-8 path")).expect("get"), data);
+    c.put_bytes(remote.to_str().expect("utf-8 path"), &data, 0o600)
+        .expect("put");
+    assert_eq!(
+        c.get_bytes(remote.to_str().expect("utf-8 path"))
+            .expect("get"),
+        data
+    );
 
     // The convenience constructor does the same.
-    let mut c = AgentClient::connect_vsock_uds(&vmm.uds, AGENT_PORT, Some(Duration::from_secs(20))).expect("connect");
+    let mut c = AgentClient::connect_vsock_uds(&vmm.uds, AGENT_PORT, Some(Duration::from_secs(20)))
+        .expect("connect");
     assert_eq!(c.ping().expect("ping"), 1);
 }
 
 #[test]
 fn no_listener_on_the_guest_port_is_a_clear_error() {
     let vmm = FakeVmm::start(Behaviour::Kiln);
-    let msg = handshake_error(AgentClient::connect_vsock_uds(&vmm.uds, 5253, Some(Duration::from_secs(20))));
-    assert!(msg.contains("nothing listens on guest port 5253, or the guest did not answer"), "{msg}");
+    let msg = handshake_error(AgentClient::connect_vsock_uds(
+        &vmm.uds,
+        5253,
+        Some(Duration::from_secs(20)),
+    ));
+    assert!(
+        msg.contains("nothing listens on guest port 5253, or the guest did not answer"),
+        "{msg}"
+    );
     assert!(msg.contains("without an OK line"), "{msg}");
 }
 
@@ -134,12 +156,23 @@ fn no_listener_on_the_guest_port_is_a_clear_error() {
 fn malformed_or_oversized_replies_are_refused() {
     for reply in ["NOPE\n", "OK\n", "OK abc\n", "OK 5", "ERROR no such port\n"] {
         let vmm = FakeVmm::start(Behaviour::Reply(reply));
-        let msg = handshake_error(AgentClient::connect_vsock_uds(&vmm.uds, AGENT_PORT, Some(Duration::from_secs(20))));
-        assert!(msg.contains("nothing listens on guest port 5252"), "{reply:?}: {msg}");
+        let msg = handshake_error(AgentClient::connect_vsock_uds(
+            &vmm.uds,
+            AGENT_PORT,
+            Some(Duration::from_secs(20)),
+        ));
+        assert!(
+            msg.contains("nothing listens on guest port 5252"),
+            "{reply:?}: {msg}"
+        );
     }
     let long: &'static str = Box::leak("x".repeat(100_000).into_boxed_str());
     let vmm = FakeVmm::start(Behaviour::Reply(long));
-    let msg = handshake_error(AgentClient::connect_vsock_uds(&vmm.uds, AGENT_PORT, Some(Duration::from_secs(20))));
+    let msg = handshake_error(AgentClient::connect_vsock_uds(
+        &vmm.uds,
+        AGENT_PORT,
+        Some(Duration::from_secs(20)),
+    ));
     assert!(msg.contains("instead of \"OK <port>\""), "{msg}");
 }
 
@@ -147,9 +180,17 @@ fn malformed_or_oversized_replies_are_refused() {
 fn a_silent_vmm_times_out_instead_of_hanging() {
     let vmm = FakeVmm::start(Behaviour::Silent);
     let start = Instant::now();
-    let msg = handshake_error(AgentClient::connect_vsock_uds(&vmm.uds, AGENT_PORT, Some(Duration::from_millis(300))));
+    let msg = handshake_error(AgentClient::connect_vsock_uds(
+        &vmm.uds,
+        AGENT_PORT,
+        Some(Duration::from_millis(300)),
+    ));
     assert!(msg.contains("sent no OK line within"), "{msg}");
-    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -167,13 +208,33 @@ fn the_cli_calls_through_vsock_uds() {
     let vmm = FakeVmm::start(Behaviour::Kiln);
     let bin = env!("CARGO_BIN_EXE_kiln-agent");
     let to = format!("vsock-uds:{}:{AGENT_PORT}", vmm.uds.display());
-    let out = Command::new(bin).args(["call", "--to", &to, "--timeout", "20", "exec", "--", "sh", "-c", "echo hi; exit 5"]).output().expect("run");
+    let out = Command::new(bin)
+        .args([
+            "call",
+            "--to",
+            &to,
+            "--timeout",
+            "20",
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 5",
+        ])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
 
     let to = format!("vsock-uds:{}:4444", vmm.uds.display());
-    let out = Command::new(bin).args(["call", "--to", &to, "--timeout", "20", "ping"]).output().expect("run");
+    let out = Command::new(bin)
+        .args(["call", "--to", &to, "--timeout", "20", "ping"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nothing listens on guest port 4444, or the guest did not answer"), "{stderr}");
+    assert!(
+        stderr.contains("nothing listens on guest port 4444, or the guest did not answer"),
+        "{stderr}"
+    );
 }

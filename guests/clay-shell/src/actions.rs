@@ -31,7 +31,9 @@ pub struct ActionContext {
 
 impl ActionContext {
     pub fn from_env() -> ActionContext {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/"));
         let terminal = std::env::var("CLAY_TERMINAL")
             .ok()
             .map(|t| t.split_whitespace().map(String::from).collect::<Vec<_>>())
@@ -59,10 +61,20 @@ pub struct Outcome {
 
 impl Outcome {
     fn ok(summary: impl Into<String>, details: Vec<String>) -> Outcome {
-        Outcome { ok: true, summary: summary.into(), details, follow_up: None }
+        Outcome {
+            ok: true,
+            summary: summary.into(),
+            details,
+            follow_up: None,
+        }
     }
     fn failed(summary: impl Into<String>) -> Outcome {
-        Outcome { ok: false, summary: summary.into(), details: Vec::new(), follow_up: None }
+        Outcome {
+            ok: false,
+            summary: summary.into(),
+            details: Vec::new(),
+            follow_up: None,
+        }
     }
 }
 
@@ -79,7 +91,10 @@ pub fn perform(intent: &Intent, ctx: &ActionContext) -> Outcome {
         Intent::ListFiles { dir } => list_files(&resolve_dir(dir.as_deref(), &ctx.home)),
         Intent::RunWindowsApp { exe, args } => run_windows_app(exe, args, ctx),
         Intent::Launch { program, args } => launch(program, args),
-        Intent::Unknown { text } => Outcome::failed(format!("I don't know how to do \"{}\". Type \"help\" for examples.", shorten(text, 80))),
+        Intent::Unknown { text } => Outcome::failed(format!(
+            "I don't know how to do \"{}\". Type \"help\" for examples.",
+            shorten(text, 80)
+        )),
     }
 }
 
@@ -126,11 +141,17 @@ pub fn human_bytes(bytes: u64) -> String {
 fn spawn_detached(argv: &[String], envs: &[(&str, &Path)]) -> Result<u32, String> {
     let (program, args) = argv.split_first().ok_or("nothing to run")?;
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {program}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     let pid = child.id();
     // Reap it when it exits so no zombie is left behind.
     thread::spawn(move || {
@@ -141,7 +162,10 @@ fn spawn_detached(argv: &[String], envs: &[(&str, &Path)]) -> Result<u32, String
 
 fn open_terminal(ctx: &ActionContext) -> Outcome {
     match spawn_detached(&ctx.terminal, &[]) {
-        Ok(pid) => Outcome::ok(format!("Opened a terminal ({}, pid {pid}).", ctx.terminal[0]), vec![]),
+        Ok(pid) => Outcome::ok(
+            format!("Opened a terminal ({}, pid {pid}).", ctx.terminal[0]),
+            vec![],
+        ),
         Err(e) => Outcome::failed(e),
     }
 }
@@ -160,8 +184,15 @@ fn read_meminfo() -> Option<(u64, u64)> {
 fn memory_free() -> Outcome {
     match read_meminfo() {
         Some((avail, total)) if total > 0 => Outcome::ok(
-            format!("{} of {} memory is free.", human_bytes(avail), human_bytes(total)),
-            vec![format!("{:.0}% available", avail as f64 * 100.0 / total as f64)],
+            format!(
+                "{} of {} memory is free.",
+                human_bytes(avail),
+                human_bytes(total)
+            ),
+            vec![format!(
+                "{:.0}% available",
+                avail as f64 * 100.0 / total as f64
+            )],
         ),
         _ => Outcome::failed("Cannot read /proc/meminfo."),
     }
@@ -174,24 +205,47 @@ fn disk_free(path: &Path) -> Outcome {
     // SAFETY: statvfs is plain old data and c_path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
-        return Outcome::failed(format!("Cannot query {}: {}", path.display(), std::io::Error::last_os_error()));
+        return Outcome::failed(format!(
+            "Cannot query {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     let frsize = st.f_frsize as u64;
     let free = st.f_bavail as u64 * frsize;
     let total = st.f_blocks as u64 * frsize;
-    Outcome::ok(format!("{} of {} free on {}.", human_bytes(free), human_bytes(total), path.display()), vec![])
+    Outcome::ok(
+        format!(
+            "{} of {} free on {}.",
+            human_bytes(free),
+            human_bytes(total),
+            path.display()
+        ),
+        vec![],
+    )
 }
 
 fn cpu_load() -> Outcome {
-    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     match std::fs::read_to_string("/proc/loadavg") {
         Ok(text) => {
             let parts: Vec<&str> = text.split_whitespace().collect();
             let one: f64 = parts.first().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-            let verdict = if one < cpus as f64 * 0.5 { "mostly idle" } else if one < cpus as f64 { "busy" } else { "overloaded" };
+            let verdict = if one < cpus as f64 * 0.5 {
+                "mostly idle"
+            } else if one < cpus as f64 {
+                "busy"
+            } else {
+                "overloaded"
+            };
             Outcome::ok(
                 format!("The CPU is {verdict}: load {one:.2} on {cpus} CPU(s)."),
-                vec![format!("load averages 1/5/15 min: {}", parts.get(..3).map(|p| p.join(" ")).unwrap_or_default())],
+                vec![format!(
+                    "load averages 1/5/15 min: {}",
+                    parts.get(..3).map(|p| p.join(" ")).unwrap_or_default()
+                )],
             )
         }
         Err(e) => Outcome::failed(format!("Cannot read /proc/loadavg: {e}")),
@@ -228,7 +282,10 @@ fn current_time() -> Outcome {
         let mut buf = [0u8; 64];
         let fmt = c"%A %d %B %Y, %H:%M:%S %Z";
         let n = libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &tm);
-        Outcome::ok(format!("It is {}.", String::from_utf8_lossy(&buf[..n])), vec![])
+        Outcome::ok(
+            format!("It is {}.", String::from_utf8_lossy(&buf[..n])),
+            vec![],
+        )
     }
 }
 
@@ -290,14 +347,22 @@ pub fn resolve_exe(exe: &str, dirs: &[PathBuf]) -> String {
 fn run_windows_app(exe: &str, args: &[String], ctx: &ActionContext) -> Outcome {
     let target = resolve_exe(exe, &ctx.windows_app_dirs);
     let mut cmd = Command::new(&ctx.wine);
-    cmd.arg(&target).args(args).env("WINEDEBUG", "-all").env("WINEDLLOVERRIDES", "mscoree=;mshtml=");
+    cmd.arg(&target)
+        .args(args)
+        .env("WINEDEBUG", "-all")
+        .env("WINEDLLOVERRIDES", "mscoree=;mshtml=");
     if let Some(prefix) = &ctx.wine_prefix {
         cmd.env("WINEPREFIX", prefix);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome::failed(format!("Cannot start Wine ({}): {e}", ctx.wine.display())),
+        Err(e) => {
+            return Outcome::failed(format!("Cannot start Wine ({}): {e}", ctx.wine.display()))
+        }
     };
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
@@ -310,14 +375,22 @@ fn run_windows_app(exe: &str, args: &[String], ctx: &ActionContext) -> Outcome {
             let _ = std::io::copy(&mut so, &mut std::io::sink());
         }
         let status = child.wait();
-        let mut details: Vec<String> = String::from_utf8_lossy(&out).lines().map(|l| l.trim_end().to_string()).collect();
+        let mut details: Vec<String> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .collect();
         if details.len() > MAX_LISTED {
             details.truncate(MAX_LISTED);
             details.push("…".into());
         }
         let outcome = match status {
             Ok(st) if st.success() => Outcome::ok(format!("{name} finished."), details),
-            Ok(st) => Outcome { ok: false, summary: format!("{name} ended: {st}."), details, follow_up: None },
+            Ok(st) => Outcome {
+                ok: false,
+                summary: format!("{name} ended: {st}."),
+                details,
+                follow_up: None,
+            },
             Err(e) => Outcome::failed(format!("{name}: {e}")),
         };
         let _ = tx.send(outcome);
@@ -325,7 +398,9 @@ fn run_windows_app(exe: &str, args: &[String], ctx: &ActionContext) -> Outcome {
     Outcome {
         ok: true,
         summary: format!("Started {exe} under Wine (pid {pid})."),
-        details: vec![format!("wine {target} {}", args.join(" ")).trim_end().to_string()],
+        details: vec![format!("wine {target} {}", args.join(" "))
+            .trim_end()
+            .to_string()],
         follow_up: Some(rx),
     }
 }
@@ -335,8 +410,11 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
         let p = PathBuf::from(program);
         return p.is_file().then_some(p);
     }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))?
+    std::env::var_os("PATH").map(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })?
 }
 
 fn launch(program: &str, args: &[String]) -> Outcome {
@@ -376,20 +454,39 @@ mod tests {
         assert!(out.ok);
         assert_eq!(out.details, vec!["A.txt", "b.txt", "docs/"]);
         assert!(out.summary.starts_with("3 entries"));
-        let sub = perform(&Intent::ListFiles { dir: Some("docs".into()) }, &ctx(dir.path()));
+        let sub = perform(
+            &Intent::ListFiles {
+                dir: Some("docs".into()),
+            },
+            &ctx(dir.path()),
+        );
         assert!(sub.ok && sub.summary.contains("is empty"), "{sub:?}");
-        let missing = perform(&Intent::ListFiles { dir: Some("/nonexistent/x".into()) }, &ctx(dir.path()));
+        let missing = perform(
+            &Intent::ListFiles {
+                dir: Some("/nonexistent/x".into()),
+            },
+            &ctx(dir.path()),
+        );
         assert!(!missing.ok && missing.summary.contains("Cannot list"));
     }
 
     #[test]
     fn system_answers_come_from_this_machine() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for intent in [Intent::MemoryFree, Intent::DiskFree, Intent::CpuLoad, Intent::Uptime, Intent::CurrentTime, Intent::Help] {
+        for intent in [
+            Intent::MemoryFree,
+            Intent::DiskFree,
+            Intent::CpuLoad,
+            Intent::Uptime,
+            Intent::CurrentTime,
+            Intent::Help,
+        ] {
             let out = perform(&intent, &ctx(dir.path()));
             assert!(out.ok, "{intent:?}: {out:?}");
         }
-        assert!(perform(&Intent::MemoryFree, &ctx(dir.path())).summary.contains("memory is free"));
+        assert!(perform(&Intent::MemoryFree, &ctx(dir.path()))
+            .summary
+            .contains("memory is free"));
     }
 
     #[test]
@@ -399,8 +496,23 @@ mod tests {
         let mut bad = ctx(dir.path());
         bad.terminal = vec!["/nonexistent/foot".into()];
         assert!(!perform(&Intent::OpenTerminal, &bad).ok);
-        assert!(perform(&Intent::Launch { program: "true".into(), args: vec![] }, &ctx(dir.path())).ok);
-        let missing = perform(&Intent::Launch { program: "no-such-program-kiln".into(), args: vec![] }, &ctx(dir.path()));
+        assert!(
+            perform(
+                &Intent::Launch {
+                    program: "true".into(),
+                    args: vec![]
+                },
+                &ctx(dir.path())
+            )
+            .ok
+        );
+        let missing = perform(
+            &Intent::Launch {
+                program: "no-such-program-kiln".into(),
+                args: vec![],
+            },
+            &ctx(dir.path()),
+        );
         assert!(!missing.ok && missing.summary.contains("no program"));
     }
 
@@ -409,7 +521,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("hello.exe"), b"MZ").expect("write");
         let dirs = vec![dir.path().to_path_buf()];
-        assert_eq!(resolve_exe("hello.exe", &dirs), dir.path().join("hello.exe").to_string_lossy());
+        assert_eq!(
+            resolve_exe("hello.exe", &dirs),
+            dir.path().join("hello.exe").to_string_lossy()
+        );
         assert_eq!(resolve_exe("notepad.exe", &dirs), "notepad.exe");
         assert_eq!(resolve_exe("C:\\x\\y.exe", &dirs), "C:\\x\\y.exe");
 
@@ -420,12 +535,34 @@ mod tests {
         std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut c = ctx(dir.path());
         c.wine = launcher;
-        let started = perform(&Intent::RunWindowsApp { exe: "hello.exe".into(), args: vec!["x".into()] }, &c);
+        let started = perform(
+            &Intent::RunWindowsApp {
+                exe: "hello.exe".into(),
+                args: vec!["x".into()],
+            },
+            &c,
+        );
         assert!(started.ok, "{started:?}");
-        let done = started.follow_up.expect("follow-up").recv_timeout(Duration::from_secs(10)).expect("finished");
+        let done = started
+            .follow_up
+            .expect("follow-up")
+            .recv_timeout(Duration::from_secs(10))
+            .expect("finished");
         assert!(!done.ok);
-        assert_eq!(done.details, vec![format!("ran {} with x", dir.path().join("hello.exe").display())]);
-        let no_wine = perform(&Intent::RunWindowsApp { exe: "a.exe".into(), args: vec![] }, &ctx(dir.path()));
+        assert_eq!(
+            done.details,
+            vec![format!(
+                "ran {} with x",
+                dir.path().join("hello.exe").display()
+            )]
+        );
+        let no_wine = perform(
+            &Intent::RunWindowsApp {
+                exe: "a.exe".into(),
+                args: vec![],
+            },
+            &ctx(dir.path()),
+        );
         assert!(!no_wine.ok && no_wine.summary.contains("Cannot start Wine"));
     }
 
@@ -437,8 +574,14 @@ mod tests {
         assert_eq!(format_duration(3 * 3600 + 120), "3 h 2 min");
         assert_eq!(format_duration(2 * 86_400 + 3600), "2 d 1 h 0 min");
         let home = Path::new("/home/clay");
-        assert_eq!(resolve_dir(Some("~/src"), home), Path::new("/home/clay/src"));
-        assert_eq!(resolve_dir(Some("Documents"), home), Path::new("/home/clay/Documents"));
+        assert_eq!(
+            resolve_dir(Some("~/src"), home),
+            Path::new("/home/clay/src")
+        );
+        assert_eq!(
+            resolve_dir(Some("Documents"), home),
+            Path::new("/home/clay/Documents")
+        );
         assert_eq!(resolve_dir(Some("/tmp"), home), Path::new("/tmp"));
     }
 }

@@ -6,12 +6,14 @@ use std::time::Duration;
 use smithay_client_toolkit::reexports::calloop::{EventLoop, LoopHandle};
 use smithay_client_toolkit::reexports::calloop_wayland_source::WaylandSource;
 use smithay_client_toolkit::reexports::client::globals::registry_queue_init;
-use smithay_client_toolkit::reexports::client::protocol::{wl_keyboard, wl_output, wl_seat, wl_shm, wl_surface};
+use smithay_client_toolkit::reexports::client::protocol::{
+    wl_keyboard, wl_output, wl_seat, wl_shm, wl_surface,
+};
 use smithay_client_toolkit::reexports::client::{Connection, QueueHandle};
 use smithay_client_toolkit::{
     compositor::{CompositorHandler, CompositorState},
-    delegate_compositor, delegate_keyboard, delegate_output, delegate_registry, delegate_seat, delegate_shm,
-    delegate_xdg_shell, delegate_xdg_window,
+    delegate_compositor, delegate_keyboard, delegate_output, delegate_registry, delegate_seat,
+    delegate_shm, delegate_xdg_shell, delegate_xdg_window,
     output::{OutputHandler, OutputState},
     registry::{ProvidesRegistryState, RegistryState},
     registry_handlers,
@@ -49,14 +51,17 @@ const DEFAULT_SIZE: (u32, u32) = (900, 640);
 /// Opens the Clay window and runs until the compositor closes it.
 pub fn run(shell: Shell, font: fontdue::Font) -> Result<(), AppError> {
     let conn = Connection::connect_to_env().map_err(|e| AppError::Connect(e.to_string()))?;
-    let (globals, queue) = registry_queue_init(&conn).map_err(|e| AppError::Connect(e.to_string()))?;
+    let (globals, queue) =
+        registry_queue_init(&conn).map_err(|e| AppError::Connect(e.to_string()))?;
     let qh = queue.handle();
-    let mut event_loop: EventLoop<App> = EventLoop::try_new().map_err(|e| AppError::EventLoop(e.to_string()))?;
+    let mut event_loop: EventLoop<App> =
+        EventLoop::try_new().map_err(|e| AppError::EventLoop(e.to_string()))?;
     WaylandSource::new(conn.clone(), queue)
         .insert(event_loop.handle())
         .map_err(|e| AppError::EventLoop(e.to_string()))?;
 
-    let compositor = CompositorState::bind(&globals, &qh).map_err(|_| AppError::MissingGlobal("wl_compositor"))?;
+    let compositor = CompositorState::bind(&globals, &qh)
+        .map_err(|_| AppError::MissingGlobal("wl_compositor"))?;
     let xdg = XdgShell::bind(&globals, &qh).map_err(|_| AppError::MissingGlobal("xdg_wm_base"))?;
     let shm = Shm::bind(&globals, &qh).map_err(|_| AppError::MissingGlobal("wl_shm"))?;
     let surface = compositor.create_surface(&qh);
@@ -66,7 +71,8 @@ pub fn run(shell: Shell, font: fontdue::Font) -> Result<(), AppError> {
     window.set_min_size(Some((480, 320)));
     window.commit();
     let (w, h) = DEFAULT_SIZE;
-    let pool = SlotPool::new((w * h * 4) as usize, &shm).map_err(|e| AppError::Shm(e.to_string()))?;
+    let pool =
+        SlotPool::new((w * h * 4) as usize, &shm).map_err(|e| AppError::Shm(e.to_string()))?;
 
     let mut app = App {
         registry: RegistryState::new(&globals),
@@ -121,13 +127,17 @@ impl App {
     fn draw(&mut self, _qh: &QueueHandle<Self>) {
         let (w, h) = (self.width.max(1), self.height.max(1));
         let stride = w as i32 * 4;
-        let (buffer, bytes) = match self.pool.create_buffer(w as i32, h as i32, stride, wl_shm::Format::Argb8888) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot allocate a frame buffer");
-                return;
-            }
-        };
+        let (buffer, bytes) =
+            match self
+                .pool
+                .create_buffer(w as i32, h as i32, stride, wl_shm::Format::Argb8888)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot allocate a frame buffer");
+                    return;
+                }
+            };
         let mut canvas = Canvas::new(w as usize, h as usize);
         render::draw(&self.shell.view, &mut canvas, &self.font);
         canvas.write_argb8888_le(bytes);
@@ -156,11 +166,39 @@ impl App {
 }
 
 impl CompositorHandler for App {
-    fn scale_factor_changed(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_surface::WlSurface, _: i32) {}
-    fn transform_changed(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_surface::WlSurface, _: wl_output::Transform) {}
+    fn scale_factor_changed(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_surface::WlSurface,
+        _: i32,
+    ) {
+    }
+    fn transform_changed(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_surface::WlSurface,
+        _: wl_output::Transform,
+    ) {
+    }
     fn frame(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_surface::WlSurface, _: u32) {}
-    fn surface_enter(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_surface::WlSurface, _: &wl_output::WlOutput) {}
-    fn surface_leave(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_surface::WlSurface, _: &wl_output::WlOutput) {}
+    fn surface_enter(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_surface::WlSurface,
+        _: &wl_output::WlOutput,
+    ) {
+    }
+    fn surface_leave(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_surface::WlSurface,
+        _: &wl_output::WlOutput,
+    ) {
+    }
 }
 
 impl OutputHandler for App {
@@ -177,9 +215,24 @@ impl WindowHandler for App {
         self.exit = true;
     }
 
-    fn configure(&mut self, _: &Connection, qh: &QueueHandle<Self>, _: &Window, configure: WindowConfigure, _: u32) {
-        self.width = configure.new_size.0.map(|v| v.get()).unwrap_or(DEFAULT_SIZE.0);
-        self.height = configure.new_size.1.map(|v| v.get()).unwrap_or(DEFAULT_SIZE.1);
+    fn configure(
+        &mut self,
+        _: &Connection,
+        qh: &QueueHandle<Self>,
+        _: &Window,
+        configure: WindowConfigure,
+        _: u32,
+    ) {
+        self.width = configure
+            .new_size
+            .0
+            .map(|v| v.get())
+            .unwrap_or(DEFAULT_SIZE.0);
+        self.height = configure
+            .new_size
+            .1
+            .map(|v| v.get())
+            .unwrap_or(DEFAULT_SIZE.1);
         self.configured = true;
         self.draw(qh);
     }
@@ -191,17 +244,37 @@ impl SeatHandler for App {
     }
     fn new_seat(&mut self, _: &Connection, _: &QueueHandle<Self>, _: wl_seat::WlSeat) {}
 
-    fn new_capability(&mut self, _: &Connection, qh: &QueueHandle<Self>, seat: wl_seat::WlSeat, capability: Capability) {
+    fn new_capability(
+        &mut self,
+        _: &Connection,
+        qh: &QueueHandle<Self>,
+        seat: wl_seat::WlSeat,
+        capability: Capability,
+    ) {
         if capability == Capability::Keyboard && self.keyboard.is_none() {
-            let repeat = Box::new(|app: &mut App, _: &wl_keyboard::WlKeyboard, event: KeyEvent| app.key(&event));
-            match self.seats.get_keyboard_with_repeat(qh, &seat, None, self.loop_handle.clone(), repeat) {
+            let repeat = Box::new(
+                |app: &mut App, _: &wl_keyboard::WlKeyboard, event: KeyEvent| app.key(&event),
+            );
+            match self.seats.get_keyboard_with_repeat(
+                qh,
+                &seat,
+                None,
+                self.loop_handle.clone(),
+                repeat,
+            ) {
                 Ok(k) => self.keyboard = Some(k),
                 Err(e) => tracing::error!(error = %e, "cannot use the keyboard"),
             }
         }
     }
 
-    fn remove_capability(&mut self, _: &Connection, _: &QueueHandle<Self>, _: wl_seat::WlSeat, capability: Capability) {
+    fn remove_capability(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: wl_seat::WlSeat,
+        capability: Capability,
+    ) {
         if capability == Capability::Keyboard {
             if let Some(k) = self.keyboard.take() {
                 k.release();
@@ -212,13 +285,55 @@ impl SeatHandler for App {
 }
 
 impl KeyboardHandler for App {
-    fn enter(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_keyboard::WlKeyboard, _: &wl_surface::WlSurface, _: u32, _: &[u32], _: &[Keysym]) {}
-    fn leave(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_keyboard::WlKeyboard, _: &wl_surface::WlSurface, _: u32) {}
-    fn press_key(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_keyboard::WlKeyboard, _: u32, event: KeyEvent) {
+    fn enter(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_keyboard::WlKeyboard,
+        _: &wl_surface::WlSurface,
+        _: u32,
+        _: &[u32],
+        _: &[Keysym],
+    ) {
+    }
+    fn leave(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_keyboard::WlKeyboard,
+        _: &wl_surface::WlSurface,
+        _: u32,
+    ) {
+    }
+    fn press_key(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_keyboard::WlKeyboard,
+        _: u32,
+        event: KeyEvent,
+    ) {
         self.key(&event);
     }
-    fn release_key(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_keyboard::WlKeyboard, _: u32, _: KeyEvent) {}
-    fn update_modifiers(&mut self, _: &Connection, _: &QueueHandle<Self>, _: &wl_keyboard::WlKeyboard, _: u32, _: Modifiers, _: u32) {}
+    fn release_key(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_keyboard::WlKeyboard,
+        _: u32,
+        _: KeyEvent,
+    ) {
+    }
+    fn update_modifiers(
+        &mut self,
+        _: &Connection,
+        _: &QueueHandle<Self>,
+        _: &wl_keyboard::WlKeyboard,
+        _: u32,
+        _: Modifiers,
+        _: u32,
+    ) {
+    }
 }
 
 impl ShmHandler for App {

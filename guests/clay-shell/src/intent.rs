@@ -18,17 +18,27 @@ pub enum Intent {
     Uptime,
     CurrentTime,
     /// List a directory; `None` means the user's home.
-    ListFiles { dir: Option<String> },
+    ListFiles {
+        dir: Option<String>,
+    },
     /// Run a Windows program under Wine.
-    RunWindowsApp { exe: String, args: Vec<String> },
+    RunWindowsApp {
+        exe: String,
+        args: Vec<String>,
+    },
     /// Start a Linux program by name.
-    Launch { program: String, args: Vec<String> },
+    Launch {
+        program: String,
+        args: Vec<String>,
+    },
     Help,
     /// Nothing typed.
     Empty,
     /// Not understood; the original text is kept for the message (and for the
     /// optional language-model fallback).
-    Unknown { text: String },
+    Unknown {
+        text: String,
+    },
 }
 
 /// Polite or filler words that carry no meaning for the rules.
@@ -58,7 +68,10 @@ pub fn parse(input: &str) -> Intent {
     // C:\\Games\\x.exe -fast", "please open hello.exe".
     if let Some(pos) = original.iter().position(|w| is_exe(w)) {
         let exe = trim_quotes(original[pos]).to_string();
-        let args = original[pos + 1..].iter().map(|a| trim_quotes(a).to_string()).collect();
+        let args = original[pos + 1..]
+            .iter()
+            .map(|a| trim_quotes(a).to_string())
+            .collect();
         return Intent::RunWindowsApp { exe, args };
     }
     if has_any(&["help", "?", "commands"]) || phrase(&words, &["what", "can", "you", "do"]) {
@@ -82,34 +95,53 @@ pub fn parse(input: &str) -> Intent {
     if has_any(&["time", "date", "clock", "day"]) {
         return Intent::CurrentTime;
     }
-    if has_any(&["files", "file", "ls", "folder", "directory", "dir", "documents", "list"])
-        || phrase(&words, &["what's", "in"])
+    if has_any(&[
+        "files",
+        "file",
+        "ls",
+        "folder",
+        "directory",
+        "dir",
+        "documents",
+        "list",
+    ]) || phrase(&words, &["what's", "in"])
         || phrase(&words, &["whats", "in"])
     {
-        return Intent::ListFiles { dir: list_target(&original, &words) };
+        return Intent::ListFiles {
+            dir: list_target(&original, &words),
+        };
     }
     // "open firefox", "launch foot --server": a program by name.
-    let meaningful: Vec<usize> = (0..words.len()).filter(|&i| !FILLER.contains(&words[i].as_str())).collect();
+    let meaningful: Vec<usize> = (0..words.len())
+        .filter(|&i| !FILLER.contains(&words[i].as_str()))
+        .collect();
     if let Some((&first, rest)) = meaningful.split_first() {
         if LAUNCH_VERBS.contains(&words[first].as_str()) {
             if let Some(&prog) = rest.first() {
                 let program = trim_quotes(original[prog]).to_string();
                 if is_program_name(&program) {
-                    let args = original[prog + 1..].iter().map(|a| trim_quotes(a).to_string()).collect();
+                    let args = original[prog + 1..]
+                        .iter()
+                        .map(|a| trim_quotes(a).to_string())
+                        .collect();
                     return Intent::Launch { program, args };
                 }
             }
         }
     }
-    Intent::Unknown { text: cleaned.trim().to_string() }
+    Intent::Unknown {
+        text: cleaned.trim().to_string(),
+    }
 }
 
 /// Lower case, without surrounding punctuation ("Terminal?" → "terminal").
 fn normalise_word(w: &str) -> String {
-    w.trim_matches(|c: char| !c.is_alphanumeric() && c != '\'' && c != '/' && c != '~' && c != '?' && c != '.')
-        .trim_end_matches(['.', ',', '!'])
-        .trim_end_matches(|c: char| c == '?' && w.len() > 1)
-        .to_lowercase()
+    w.trim_matches(|c: char| {
+        !c.is_alphanumeric() && c != '\'' && c != '/' && c != '~' && c != '?' && c != '.'
+    })
+    .trim_end_matches(['.', ',', '!'])
+    .trim_end_matches(|c: char| c == '?' && w.len() > 1)
+    .to_lowercase()
 }
 
 fn trim_quotes(w: &str) -> &str {
@@ -127,26 +159,39 @@ fn is_program_name(p: &str) -> bool {
     !p.is_empty()
         && !p.starts_with(['.', '-'])
         && p.len() <= 255
-        && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+/".contains(c))
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+/".contains(c))
         && !p.contains("..")
 }
 
 /// True if `needle` occurs as consecutive words.
 fn phrase(words: &[String], needle: &[&str]) -> bool {
-    words.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| a == b))
+    words
+        .windows(needle.len())
+        .any(|w| w.iter().zip(needle).all(|(a, b)| a == b))
 }
 
 /// The directory named in a list request: an explicit path, or the word after
 /// "in"/"of"/"under", with "home" meaning the user's home.
 fn list_target(original: &[&str], words: &[String]) -> Option<String> {
-    if let Some(p) = original.iter().map(|w| trim_quotes(w).trim_end_matches(['?', '!', ','])).find(|w| w.starts_with('/') || w.starts_with('~')) {
+    if let Some(p) = original
+        .iter()
+        .map(|w| trim_quotes(w).trim_end_matches(['?', '!', ',']))
+        .find(|w| w.starts_with('/') || w.starts_with('~'))
+    {
         return Some(p.to_string());
     }
-    let pos = words.iter().position(|w| w == "in" || w == "of" || w == "under")?;
+    let pos = words
+        .iter()
+        .position(|w| w == "in" || w == "of" || w == "under")?;
     let next = (pos + 1..words.len()).find(|&i| !FILLER.contains(&words[i].as_str()))?;
     match words[next].as_str() {
         "home" | "here" => None,
-        _ => Some(trim_quotes(original[next]).trim_end_matches(['?', '!', ',', '.']).to_string()),
+        _ => Some(
+            trim_quotes(original[next])
+                .trim_end_matches(['?', '!', ',', '.'])
+                .to_string(),
+        ),
     }
 }
 
@@ -155,19 +200,33 @@ mod tests {
     use super::*;
 
     fn exe(e: &str, args: &[&str]) -> Intent {
-        Intent::RunWindowsApp { exe: e.into(), args: args.iter().map(|s| s.to_string()).collect() }
+        Intent::RunWindowsApp {
+            exe: e.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
     fn open_terminal() {
-        for s in ["open a terminal", "Terminal", "can you start a shell?", "new console please", "launch foot"] {
+        for s in [
+            "open a terminal",
+            "Terminal",
+            "can you start a shell?",
+            "new console please",
+            "launch foot",
+        ] {
             assert_eq!(parse(s), Intent::OpenTerminal, "{s}");
         }
     }
 
     #[test]
     fn memory_free() {
-        for s in ["how much memory is free", "free RAM?", "Memory usage", "how much mem do I have"] {
+        for s in [
+            "how much memory is free",
+            "free RAM?",
+            "Memory usage",
+            "how much mem do I have",
+        ] {
             assert_eq!(parse(s), Intent::MemoryFree, "{s}");
         }
     }
@@ -175,9 +234,18 @@ mod tests {
     #[test]
     fn run_windows_programs_keep_case_and_arguments() {
         assert_eq!(parse("run notepad.exe"), exe("notepad.exe", &[]));
-        assert_eq!(parse("please start Hello.EXE one \"two\""), exe("Hello.EXE", &["one", "two"]));
-        assert_eq!(parse("run C:\\Games\\Game.exe -fast"), exe("C:\\Games\\Game.exe", &["-fast"]));
-        assert_eq!(parse("/opt/apps/kiln-console-test.exe"), exe("/opt/apps/kiln-console-test.exe", &[]));
+        assert_eq!(
+            parse("please start Hello.EXE one \"two\""),
+            exe("Hello.EXE", &["one", "two"])
+        );
+        assert_eq!(
+            parse("run C:\\Games\\Game.exe -fast"),
+            exe("C:\\Games\\Game.exe", &["-fast"])
+        );
+        assert_eq!(
+            parse("/opt/apps/kiln-console-test.exe"),
+            exe("/opt/apps/kiln-console-test.exe", &[])
+        );
         // ".exe" alone or inside a word is not a program.
         assert!(matches!(parse("run .exe"), Intent::Unknown { .. }));
         assert!(matches!(parse("what is an exe"), Intent::Unknown { .. }));
@@ -186,10 +254,28 @@ mod tests {
     #[test]
     fn list_files_with_and_without_a_directory() {
         assert_eq!(parse("list my files"), Intent::ListFiles { dir: None });
-        assert_eq!(parse("show files in /tmp"), Intent::ListFiles { dir: Some("/tmp".into()) });
-        assert_eq!(parse("what's in Documents?"), Intent::ListFiles { dir: Some("Documents".into()) });
-        assert_eq!(parse("ls ~/src"), Intent::ListFiles { dir: Some("~/src".into()) });
-        assert_eq!(parse("list files in my home"), Intent::ListFiles { dir: None });
+        assert_eq!(
+            parse("show files in /tmp"),
+            Intent::ListFiles {
+                dir: Some("/tmp".into())
+            }
+        );
+        assert_eq!(
+            parse("what's in Documents?"),
+            Intent::ListFiles {
+                dir: Some("Documents".into())
+            }
+        );
+        assert_eq!(
+            parse("ls ~/src"),
+            Intent::ListFiles {
+                dir: Some("~/src".into())
+            }
+        );
+        assert_eq!(
+            parse("list files in my home"),
+            Intent::ListFiles { dir: None }
+        );
     }
 
     #[test]
@@ -205,10 +291,19 @@ mod tests {
 
     #[test]
     fn launch_linux_programs_by_name() {
-        assert_eq!(parse("open firefox"), Intent::Launch { program: "firefox".into(), args: vec![] });
+        assert_eq!(
+            parse("open firefox"),
+            Intent::Launch {
+                program: "firefox".into(),
+                args: vec![]
+            }
+        );
         assert_eq!(
             parse("please launch gedit notes.txt"),
-            Intent::Launch { program: "gedit".into(), args: vec!["notes.txt".into()] }
+            Intent::Launch {
+                program: "gedit".into(),
+                args: vec!["notes.txt".into()]
+            }
         );
         // Shell syntax is never a program name.
         assert!(matches!(parse("run $(reboot)"), Intent::Unknown { .. }));
@@ -219,9 +314,15 @@ mod tests {
     fn odd_and_hostile_input() {
         assert_eq!(parse(""), Intent::Empty);
         assert_eq!(parse("   \t\n "), Intent::Empty);
-        assert_eq!(parse("\u{0}\u{7}\u{1b}[2J"), Intent::Unknown { text: "[2J".into() });
+        assert_eq!(
+            parse("\u{0}\u{7}\u{1b}[2J"),
+            Intent::Unknown { text: "[2J".into() }
+        );
         assert!(matches!(parse("🦀🦀🦀"), Intent::Unknown { .. }));
-        assert!(matches!(parse("colourless green ideas"), Intent::Unknown { .. }));
+        assert!(matches!(
+            parse("colourless green ideas"),
+            Intent::Unknown { .. }
+        ));
         let long = "x".repeat(100_000);
         match parse(&long) {
             Intent::Unknown { text } => assert_eq!(text.chars().count(), MAX_INPUT_CHARS),
@@ -229,6 +330,11 @@ mod tests {
         }
         // Multi-byte characters at the cut-off are not split.
         let _ = parse(&"é".repeat(5000));
-        assert_eq!(parse("open"), Intent::Unknown { text: "open".into() });
+        assert_eq!(
+            parse("open"),
+            Intent::Unknown {
+                text: "open".into()
+            }
+        );
     }
 }

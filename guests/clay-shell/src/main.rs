@@ -9,7 +9,9 @@ use clay_shell::{app, intent, render, shell::Shell};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,7 +45,11 @@ fn main() -> ExitCode {
                     outcome.ok = later.ok;
                 }
             }
-            if outcome.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if outcome.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Some("--help") | Some("-h") => {
             println!("usage: clay-shell [--parse TEXT | --do TEXT]");
@@ -61,7 +67,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match app::run(Shell::new(ActionContext::from_env()).with_llm(clay_shell::llm::LlmConfig::from_env()), font) {
+            match app::run(
+                Shell::new(ActionContext::from_env())
+                    .with_llm(clay_shell::llm::LlmConfig::from_env()),
+                font,
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("clay-shell: {e}");

@@ -25,7 +25,10 @@ pub enum FontError {
     #[error("no font found (set CLAY_FONT or install fonts-dejavu-core); tried {0:?}")]
     NotFound(Vec<PathBuf>),
     #[error("cannot read font {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot parse font {path}: {message}")]
     Parse { path: PathBuf, message: String },
 }
@@ -34,7 +37,10 @@ pub enum FontError {
 pub fn load_font() -> Result<fontdue::Font, FontError> {
     let mut tried = Vec::new();
     let env = std::env::var_os("CLAY_FONT").map(PathBuf::from);
-    for path in env.into_iter().chain(FONT_CANDIDATES.iter().map(PathBuf::from)) {
+    for path in env
+        .into_iter()
+        .chain(FONT_CANDIDATES.iter().map(PathBuf::from))
+    {
         if path.is_file() {
             return load_font_file(&path);
         }
@@ -44,9 +50,16 @@ pub fn load_font() -> Result<fontdue::Font, FontError> {
 }
 
 pub fn load_font_file(path: &Path) -> Result<fontdue::Font, FontError> {
-    let bytes = std::fs::read(path).map_err(|source| FontError::Read { path: path.to_path_buf(), source })?;
-    fontdue::Font::from_bytes(bytes, fontdue::FontSettings::default())
-        .map_err(|m| FontError::Parse { path: path.to_path_buf(), message: m.to_string() })
+    let bytes = std::fs::read(path).map_err(|source| FontError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    fontdue::Font::from_bytes(bytes, fontdue::FontSettings::default()).map_err(|m| {
+        FontError::Parse {
+            path: path.to_path_buf(),
+            message: m.to_string(),
+        }
+    })
 }
 
 /// One request and what came of it, as shown in the results surface.
@@ -60,7 +73,12 @@ pub struct Entry {
 
 impl Entry {
     pub fn from_outcome(request: &str, o: &Outcome) -> Entry {
-        Entry { request: request.to_string(), ok: o.ok, summary: o.summary.clone(), details: o.details.clone() }
+        Entry {
+            request: request.to_string(),
+            ok: o.ok,
+            summary: o.summary.clone(),
+            details: o.details.clone(),
+        }
     }
 }
 
@@ -92,7 +110,11 @@ pub struct Canvas {
 
 impl Canvas {
     pub fn new(width: usize, height: usize) -> Canvas {
-        Canvas { width, height, pixels: vec![0; width * height] }
+        Canvas {
+            width,
+            height,
+            pixels: vec![0; width * height],
+        }
     }
 
     pub fn pixel(&self, x: usize, y: usize) -> Option<u32> {
@@ -126,7 +148,15 @@ impl Canvas {
 
     /// Draws one line of text with its baseline at `baseline`; returns the
     /// x after the last glyph. Text beyond `max_x` is not drawn.
-    pub fn draw_text(&mut self, font: &fontdue::Font, style: Style, x: i64, baseline: i64, max_x: i64, text: &str) -> i64 {
+    pub fn draw_text(
+        &mut self,
+        font: &fontdue::Font,
+        style: Style,
+        x: i64,
+        baseline: i64,
+        max_x: i64,
+        text: &str,
+    ) -> i64 {
         let Style { size, colour } = style;
         let mut pen = x as f32;
         for ch in text.chars() {
@@ -138,7 +168,12 @@ impl Canvas {
             let gy = baseline - i64::from(m.ymin) - m.height as i64;
             for row in 0..m.height {
                 for col in 0..m.width {
-                    self.blend(gx + col as i64, gy + row as i64, colour, bitmap[row * m.width + col]);
+                    self.blend(
+                        gx + col as i64,
+                        gy + row as i64,
+                        colour,
+                        bitmap[row * m.width + col],
+                    );
                 }
             }
             pen += m.advance_width;
@@ -165,20 +200,47 @@ pub fn draw(view: &View, canvas: &mut Canvas, font: &fontdue::Font) {
     canvas.fill_rect(0, 0, w, h, BACKGROUND);
     let right = w - MARGIN;
     let end = canvas.draw_text(font, style(26.0, TEXT), MARGIN, 44, right, "Clay");
-    canvas.draw_text(font, style(15.0, MUTED), end + 14, 44, right, "the Kiln desktop shell");
+    canvas.draw_text(
+        font,
+        style(15.0, MUTED),
+        end + 14,
+        44,
+        right,
+        "the Kiln desktop shell",
+    );
 
     // The intent bar: accent border, darker fill, text or placeholder, caret.
     canvas.fill_rect(MARGIN, BAR_TOP, w - 2 * MARGIN, BAR_HEIGHT, ACCENT);
-    canvas.fill_rect(MARGIN + 2, BAR_TOP + 2, w - 2 * MARGIN - 4, BAR_HEIGHT - 4, BAR_FILL);
+    canvas.fill_rect(
+        MARGIN + 2,
+        BAR_TOP + 2,
+        w - 2 * MARGIN - 4,
+        BAR_HEIGHT - 4,
+        BAR_FILL,
+    );
     let text_x = MARGIN + 14;
     let baseline = BAR_TOP + 32;
     let caret_x = if view.input.is_empty() {
-        canvas.draw_text(font, style(18.0, MUTED), text_x, baseline, right - 14, PLACEHOLDER);
+        canvas.draw_text(
+            font,
+            style(18.0, MUTED),
+            text_x,
+            baseline,
+            right - 14,
+            PLACEHOLDER,
+        );
         text_x
     } else {
         // Show the end of long input, where the user is typing.
         let visible = tail_that_fits(font, 20.0, &view.input, (right - 14 - text_x - 8) as f32);
-        canvas.draw_text(font, style(20.0, TEXT), text_x, baseline, right - 14, visible)
+        canvas.draw_text(
+            font,
+            style(20.0, TEXT),
+            text_x,
+            baseline,
+            right - 14,
+            visible,
+        )
     };
     canvas.fill_rect(caret_x + 2, BAR_TOP + 12, 2, BAR_HEIGHT - 24, ACCENT);
 
@@ -188,9 +250,23 @@ pub fn draw(view: &View, canvas: &mut Canvas, font: &fontdue::Font) {
         if y > h {
             break;
         }
-        canvas.draw_text(font, style(17.0, ACCENT), MARGIN, y, right, &format!("› {}", entry.request));
+        canvas.draw_text(
+            font,
+            style(17.0, ACCENT),
+            MARGIN,
+            y,
+            right,
+            &format!("› {}", entry.request),
+        );
         y += 24;
-        canvas.draw_text(font, style(17.0, if entry.ok { GOOD } else { BAD }), MARGIN + 18, y, right, &entry.summary);
+        canvas.draw_text(
+            font,
+            style(17.0, if entry.ok { GOOD } else { BAD }),
+            MARGIN + 18,
+            y,
+            right,
+            &entry.summary,
+        );
         y += 22;
         for line in &entry.details {
             if y > h {

@@ -22,7 +22,12 @@ pub struct Shell {
 
 impl Shell {
     pub fn new(ctx: ActionContext) -> Shell {
-        Shell { view: View::default(), ctx, pending: Vec::new(), llm: None }
+        Shell {
+            view: View::default(),
+            ctx,
+            pending: Vec::new(),
+            llm: None,
+        }
     }
 
     /// Sends requests the rules do not understand to a language model
@@ -64,12 +69,22 @@ impl Shell {
             std::thread::spawn(move || {
                 let outcome = match llm::interpret(&cfg, &text) {
                     Ok(intent) => actions::perform(&intent, &ctx),
-                    Err(e) => Outcome { ok: false, summary: format!("The language model could not help: {e}"), details: vec![], follow_up: None },
+                    Err(e) => Outcome {
+                        ok: false,
+                        summary: format!("The language model could not help: {e}"),
+                        details: vec![],
+                        follow_up: None,
+                    },
                 };
                 let _ = tx.send(outcome);
             });
             self.pending.push((request.trim().to_string(), rx));
-            self.push(Entry { request: request.trim().to_string(), ok: true, summary: "Not a known request; asking the language model…".into(), details: vec![] });
+            self.push(Entry {
+                request: request.trim().to_string(),
+                ok: true,
+                summary: "Not a known request; asking the language model…".into(),
+                details: vec![],
+            });
             return;
         }
         let mut outcome = actions::perform(&parsed, &self.ctx);

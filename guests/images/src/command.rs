@@ -15,14 +15,21 @@ const KEEP_LINES: usize = 400;
 
 /// Runs `cmd`, streams its stdout and stderr to `progress`, returns the
 /// output lines (most recent `KEEP_LINES`) on success.
-pub fn run(cmd: &mut Command, what: &str, progress: &dyn Progress) -> Result<Vec<String>, ImageError> {
+pub fn run(
+    cmd: &mut Command,
+    what: &str,
+    progress: &dyn Progress,
+) -> Result<Vec<String>, ImageError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| ImageError::Tool { tool: program.clone(), message: format!("cannot start it ({e}); is it installed?") })?;
+        .map_err(|e| ImageError::Tool {
+            tool: program.clone(),
+            message: format!("cannot start it ({e}); is it installed?"),
+        })?;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let mut readers = Vec::new();
@@ -47,12 +54,19 @@ pub fn run(cmd: &mut Command, what: &str, progress: &dyn Progress) -> Result<Vec
     for r in readers {
         let _ = r.join();
     }
-    let status = child.wait().map_err(|e| ImageError::Tool { tool: program.clone(), message: e.to_string() })?;
+    let status = child.wait().map_err(|e| ImageError::Tool {
+        tool: program.clone(),
+        message: e.to_string(),
+    })?;
     let lines = lines.lock().map(|l| l.clone()).unwrap_or_default();
     if status.success() {
         Ok(lines)
     } else {
-        Err(ImageError::CommandFailed { what: what.to_string(), status: status.to_string(), output: lines })
+        Err(ImageError::CommandFailed {
+            what: what.to_string(),
+            status: status.to_string(),
+            output: lines,
+        })
     }
 }
 

@@ -7,12 +7,27 @@ use std::io::{self, Write};
 /// One archive member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, data: Vec<u8> },
-    Symlink { path: String, target: String },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
     /// A character device node (e.g. /dev/console) so early output works
     /// before devtmpfs is mounted.
-    CharDev { path: String, mode: u32, major: u32, minor: u32 },
+    CharDev {
+        path: String,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 const S_IFDIR: u32 = 0o040000;
@@ -29,7 +44,12 @@ pub fn write_archive(out: &mut impl Write, entries: &[Entry]) -> io::Result<()> 
             Entry::Dir { path, mode } => (path, S_IFDIR | (mode & 0o7777), &[], (0, 0)),
             Entry::File { path, mode, data } => (path, S_IFREG | (mode & 0o7777), data, (0, 0)),
             Entry::Symlink { path, target } => (path, S_IFLNK | 0o777, target.as_bytes(), (0, 0)),
-            Entry::CharDev { path, mode, major, minor } => (path, S_IFCHR | (mode & 0o7777), &[], (*major, *minor)),
+            Entry::CharDev {
+                path,
+                mode,
+                major,
+                minor,
+            } => (path, S_IFCHR | (mode & 0o7777), &[], (*major, *minor)),
         };
         let nlink = if matches!(e, Entry::Dir { .. }) { 2 } else { 1 };
         write_member(out, &mut offset, ino, mode, nlink, rdev, path, data)?;
@@ -49,7 +69,12 @@ fn write_member(
     data: &[u8],
 ) -> io::Result<()> {
     let name_len = path.len() + 1;
-    let file_size = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{path} too large for cpio")))?;
+    let file_size = u32::try_from(data.len()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{path} too large for cpio"),
+        )
+    })?;
     let header = format!(
         "070701{ino:08X}{mode:08X}{uid:08X}{gid:08X}{nlink:08X}{mtime:08X}{file_size:08X}{dmaj:08X}{dmin:08X}{rmaj:08X}{rmin:08X}{name_len:08X}{check:08X}",
         uid = 0,
@@ -86,11 +111,24 @@ mod tests {
     #[test]
     fn layout_is_newc_with_alignment_and_trailer() {
         let mut out = Vec::new();
-        write_archive(&mut out, &[
-            Entry::Dir { path: "bin".into(), mode: 0o755 },
-            Entry::File { path: "init".into(), mode: 0o755, data: b"#!/bin/sh\n".to_vec() },
-            Entry::Symlink { path: "bin/sh".into(), target: "busybox".into() },
-        ])
+        write_archive(
+            &mut out,
+            &[
+                Entry::Dir {
+                    path: "bin".into(),
+                    mode: 0o755,
+                },
+                Entry::File {
+                    path: "init".into(),
+                    mode: 0o755,
+                    data: b"#!/bin/sh\n".to_vec(),
+                },
+                Entry::Symlink {
+                    path: "bin/sh".into(),
+                    target: "busybox".into(),
+                },
+            ],
+        )
         .expect("write");
         assert!(out.starts_with(b"070701"));
         assert_eq!(out.len() % 4, 0);
@@ -108,7 +146,11 @@ mod tests {
 
     #[test]
     fn output_is_deterministic() {
-        let entries = vec![Entry::File { path: "a".into(), mode: 0o644, data: vec![1, 2, 3] }];
+        let entries = vec![Entry::File {
+            path: "a".into(),
+            mode: 0o644,
+            data: vec![1, 2, 3],
+        }];
         let (mut a, mut b) = (Vec::new(), Vec::new());
         write_archive(&mut a, &entries).expect("a");
         write_archive(&mut b, &entries).expect("b");
@@ -118,14 +160,29 @@ mod tests {
     #[test]
     fn the_kernel_format_is_readable_by_cpio() {
         // Cross-check with GNU cpio when present (Debian package cpio).
-        let Ok(cpio) = which("cpio") else { panic!("cpio (Debian package cpio) is needed to cross-check the archive format") };
+        let Ok(cpio) = which("cpio") else {
+            panic!("cpio (Debian package cpio) is needed to cross-check the archive format")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let mut out = Vec::new();
-        write_archive(&mut out, &[
-            Entry::Dir { path: "d".into(), mode: 0o755 },
-            Entry::File { path: "d/f".into(), mode: 0o600, data: b"hello".to_vec() },
-            Entry::Symlink { path: "l".into(), target: "d/f".into() },
-        ])
+        write_archive(
+            &mut out,
+            &[
+                Entry::Dir {
+                    path: "d".into(),
+                    mode: 0o755,
+                },
+                Entry::File {
+                    path: "d/f".into(),
+                    mode: 0o600,
+                    data: b"hello".to_vec(),
+                },
+                Entry::Symlink {
+                    path: "l".into(),
+                    target: "d/f".into(),
+                },
+            ],
+        )
         .expect("write");
         let mut child = std::process::Command::new(cpio)
             .args(["-idm", "--quiet", "--no-absolute-filenames"])
@@ -133,15 +190,32 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn cpio");
-        child.stdin.take().expect("stdin").write_all(&out).expect("feed");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&out)
+            .expect("feed");
         assert!(child.wait().expect("wait").success());
-        assert_eq!(std::fs::read(dir.path().join("d/f")).expect("read"), b"hello");
-        assert_eq!(std::fs::read_link(dir.path().join("l")).expect("link").to_string_lossy(), "d/f");
+        assert_eq!(
+            std::fs::read(dir.path().join("d/f")).expect("read"),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read_link(dir.path().join("l"))
+                .expect("link")
+                .to_string_lossy(),
+            "d/f"
+        );
     }
 
     fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         std::env::var_os("PATH")
-            .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(name))
+                    .find(|p| p.is_file())
+            })
             .ok_or(())
     }
 }

@@ -20,7 +20,10 @@ pub fn tree_usage(root: &Path) -> Result<(u64, u64), ImageError> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| ImageError::io(&dir, e))? {
             let entry = entry.map_err(|e| ImageError::io(&dir, e))?;
-            let meta = entry.path().symlink_metadata().map_err(|e| ImageError::io(&entry.path(), e))?;
+            let meta = entry
+                .path()
+                .symlink_metadata()
+                .map_err(|e| ImageError::io(&entry.path(), e))?;
             inodes += 1;
             bytes += meta.len().div_ceil(4096) * 4096;
             if meta.is_dir() {
@@ -39,15 +42,17 @@ pub fn make_image(root: &Path, image: &Path, progress: &dyn Progress) -> Result<
     let inode_count = (inodes * 2).max(65_536);
     let _ = std::fs::remove_file(image);
     let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-F", "-q", "-b", "4096", "-m", "0", "-L", ROOT_LABEL, "-U", ROOT_UUID])
-        .arg("-N")
-        .arg(inode_count.to_string())
-        .arg("-E")
-        .arg(format!("hash_seed={ROOT_UUID},root_owner=0:0"))
-        .arg("-d")
-        .arg(root)
-        .arg(image)
-        .arg(format!("{size_mib}M"));
+    cmd.args([
+        "-F", "-q", "-b", "4096", "-m", "0", "-L", ROOT_LABEL, "-U", ROOT_UUID,
+    ])
+    .arg("-N")
+    .arg(inode_count.to_string())
+    .arg("-E")
+    .arg(format!("hash_seed={ROOT_UUID},root_owner=0:0"))
+    .arg("-d")
+    .arg(root)
+    .arg(image)
+    .arg(format!("{size_mib}M"));
     command::run(&mut cmd, "mkfs.ext4 -d", progress)?;
     Ok(size_mib << 20)
 }

@@ -38,13 +38,22 @@ impl ModuleIndex {
         let mut deps = BTreeMap::new();
         let mut by_name = BTreeMap::new();
         for line in modules_dep.lines() {
-            let Some((module, rest)) = line.split_once(':') else { continue };
+            let Some((module, rest)) = line.split_once(':') else {
+                continue;
+            };
             let module = module.trim().to_string();
             by_name.insert(module_name(&module), module.clone());
             deps.insert(module, rest.split_whitespace().map(String::from).collect());
         }
-        let builtin = modules_builtin.lines().map(|l| module_name(l.trim())).collect();
-        ModuleIndex { deps, by_name, builtin }
+        let builtin = modules_builtin
+            .lines()
+            .map(|l| module_name(l.trim()))
+            .collect();
+        ModuleIndex {
+            deps,
+            by_name,
+            builtin,
+        }
     }
 
     pub fn is_builtin(&self, name: &str) -> bool {
@@ -60,18 +69,27 @@ impl ModuleIndex {
             if self.is_builtin(&key) {
                 continue;
             }
-            let path = self
-                .by_name
-                .get(&key)
-                .ok_or_else(|| ImageError::Initramfs(format!("kernel module {name} is neither built in nor in modules.dep")))?;
+            let path = self.by_name.get(&key).ok_or_else(|| {
+                ImageError::Initramfs(format!(
+                    "kernel module {name} is neither built in nor in modules.dep"
+                ))
+            })?;
             self.visit(path, &mut seen, &mut order, 0)?;
         }
         Ok(order)
     }
 
-    fn visit(&self, path: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>, depth: usize) -> Result<(), ImageError> {
+    fn visit(
+        &self,
+        path: &str,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<(), ImageError> {
         if depth > 64 {
-            return Err(ImageError::Initramfs(format!("module dependency loop at {path}")));
+            return Err(ImageError::Initramfs(format!(
+                "module dependency loop at {path}"
+            )));
         }
         if !seen.insert(path.to_string()) {
             return Ok(());
@@ -100,7 +118,9 @@ echo "kiln-initramfs: loading modules" > /dev/console
 "#,
     );
     for m in module_files {
-        s.push_str(&format!("insmod /lib/modules/{m} || echo \"kiln-initramfs: cannot load {m}\" > /dev/console\n"));
+        s.push_str(&format!(
+            "insmod /lib/modules/{m} || echo \"kiln-initramfs: cannot load {m}\" > /dev/console\n"
+        ));
     }
     s.push_str(
         r#"root=/dev/vda
@@ -142,26 +162,73 @@ exec switch_root /newroot /sbin/init
 pub fn build(root: &Path, kver: &str, out: &Path) -> Result<u64, ImageError> {
     let moddir = root.join("lib/modules").join(kver);
     let read = |name: &str| {
-        std::fs::read_to_string(moddir.join(name)).map_err(|e| ImageError::Initramfs(format!("{}/{name}: {e}", moddir.display())))
+        std::fs::read_to_string(moddir.join(name))
+            .map_err(|e| ImageError::Initramfs(format!("{}/{name}: {e}", moddir.display())))
     };
     let index = ModuleIndex::parse(&read("modules.dep")?, &read("modules.builtin")?);
     let order = index.load_order(ROOT_MODULES)?;
-    let busybox = std::fs::read(root.join("bin/busybox"))
-        .map_err(|e| ImageError::Initramfs(format!("busybox-static missing from the root filesystem: {e}")))?;
+    let busybox = std::fs::read(root.join("bin/busybox")).map_err(|e| {
+        ImageError::Initramfs(format!(
+            "busybox-static missing from the root filesystem: {e}"
+        ))
+    })?;
 
     let mut entries = vec![
-        Entry::Dir { path: "bin".into(), mode: 0o755 },
-        Entry::Dir { path: "dev".into(), mode: 0o755 },
-        Entry::CharDev { path: "dev/console".into(), mode: 0o600, major: 5, minor: 1 },
-        Entry::Dir { path: "lib".into(), mode: 0o755 },
-        Entry::Dir { path: "lib/modules".into(), mode: 0o755 },
-        Entry::Dir { path: "newroot".into(), mode: 0o755 },
-        Entry::Dir { path: "proc".into(), mode: 0o755 },
-        Entry::Dir { path: "sys".into(), mode: 0o755 },
-        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: busybox },
+        Entry::Dir {
+            path: "bin".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "dev".into(),
+            mode: 0o755,
+        },
+        Entry::CharDev {
+            path: "dev/console".into(),
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Entry::Dir {
+            path: "lib".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "lib/modules".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "newroot".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "proc".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "sys".into(),
+            mode: 0o755,
+        },
+        Entry::File {
+            path: "bin/busybox".into(),
+            mode: 0o755,
+            data: busybox,
+        },
     ];
-    for applet in ["sh", "mount", "umount", "insmod", "switch_root", "sleep", "cat", "mkdir", "echo"] {
-        entries.push(Entry::Symlink { path: format!("bin/{applet}"), target: "busybox".into() });
+    for applet in [
+        "sh",
+        "mount",
+        "umount",
+        "insmod",
+        "switch_root",
+        "sleep",
+        "cat",
+        "mkdir",
+        "echo",
+    ] {
+        entries.push(Entry::Symlink {
+            path: format!("bin/{applet}"),
+            target: "busybox".into(),
+        });
     }
     let mut dirs = BTreeSet::new();
     for m in &order {
@@ -170,14 +237,26 @@ pub fn build(root: &Path, kver: &str, out: &Path) -> Result<u64, ImageError> {
             for part in parent.split('/') {
                 acc = format!("{acc}/{part}");
                 if dirs.insert(acc.clone()) {
-                    entries.push(Entry::Dir { path: acc.clone(), mode: 0o755 });
+                    entries.push(Entry::Dir {
+                        path: acc.clone(),
+                        mode: 0o755,
+                    });
                 }
             }
         }
-        let data = std::fs::read(moddir.join(m)).map_err(|e| ImageError::Initramfs(format!("module {m}: {e}")))?;
-        entries.push(Entry::File { path: format!("lib/modules/{m}"), mode: 0o644, data });
+        let data = std::fs::read(moddir.join(m))
+            .map_err(|e| ImageError::Initramfs(format!("module {m}: {e}")))?;
+        entries.push(Entry::File {
+            path: format!("lib/modules/{m}"),
+            mode: 0o644,
+            data,
+        });
     }
-    entries.push(Entry::File { path: "init".into(), mode: 0o755, data: init_script(&order).into_bytes() });
+    entries.push(Entry::File {
+        path: "init".into(),
+        mode: 0o755,
+        data: init_script(&order).into_bytes(),
+    });
 
     let mut bytes = Vec::new();
     cpio::write_archive(&mut bytes, &entries).map_err(|e| ImageError::Initramfs(e.to_string()))?;
@@ -201,19 +280,30 @@ kernel/fs/mbcache.ko:\n";
     #[test]
     fn closure_puts_dependencies_first_once_and_skips_builtins() {
         let idx = ModuleIndex::parse(DEP, "kernel/fs/ext4/ext4.ko\n");
-        let order = idx.load_order(&["virtio_pci", "virtio-blk", "ext4"]).expect("order");
-        assert_eq!(order, vec![
-            "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-            "kernel/drivers/virtio/virtio_ring.ko",
-            "kernel/drivers/virtio/virtio.ko",
-            "kernel/drivers/virtio/virtio_pci.ko",
-            "kernel/drivers/block/virtio_blk.ko",
-        ]);
+        let order = idx
+            .load_order(&["virtio_pci", "virtio-blk", "ext4"])
+            .expect("order");
+        assert_eq!(
+            order,
+            vec![
+                "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_pci.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+            ]
+        );
         let idx = ModuleIndex::parse(DEP, "");
         let order = idx.load_order(&["ext4"]).expect("order");
-        assert_eq!(order.last().map(String::as_str), Some("kernel/fs/ext4/ext4.ko"));
+        assert_eq!(
+            order.last().map(String::as_str),
+            Some("kernel/fs/ext4/ext4.ko")
+        );
         assert_eq!(order.len(), 3);
-        assert!(matches!(idx.load_order(&["nope"]), Err(ImageError::Initramfs(_))));
+        assert!(matches!(
+            idx.load_order(&["nope"]),
+            Err(ImageError::Initramfs(_))
+        ));
     }
 
     #[test]
@@ -221,7 +311,9 @@ kernel/fs/mbcache.ko:\n";
         let s = init_script(&["kernel/a.ko".into(), "kernel/b.ko".into()]);
         let a = s.find("insmod /lib/modules/kernel/a.ko").expect("a");
         let b = s.find("insmod /lib/modules/kernel/b.ko").expect("b");
-        let sw = s.find("exec switch_root /newroot /sbin/init").expect("switch_root");
+        let sw = s
+            .find("exec switch_root /newroot /sbin/init")
+            .expect("switch_root");
         assert!(a < b && b < sw);
         assert!(s.starts_with("#!/bin/sh\n"));
     }

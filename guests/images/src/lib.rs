@@ -34,13 +34,23 @@ pub const DEFAULT_EPOCH: u64 = 1_735_689_600;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot run {tool}: {message}")]
     Tool { tool: String, message: String },
     #[error("{what} failed ({status}); last output:\n{}", tail(.output))]
-    CommandFailed { what: String, status: String, output: Vec<String> },
+    CommandFailed {
+        what: String,
+        status: String,
+        output: Vec<String>,
+    },
     #[error("Debian {suite} has no package(s) {}: check the names", .packages.join(", "))]
-    PackageNotFound { packages: Vec<String>, suite: String },
+    PackageNotFound {
+        packages: Vec<String>,
+        suite: String,
+    },
     #[error("cannot download packages from the Debian mirror:\n{}", .details.join("\n"))]
     PackageFetch { details: Vec<String> },
     #[error("initramfs: {0}")]
@@ -60,16 +70,21 @@ fn tail(lines: &[String]) -> String {
 
 impl ImageError {
     pub fn io(path: &Path, source: std::io::Error) -> ImageError {
-        ImageError::Io { path: path.to_path_buf(), source }
+        ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +104,10 @@ pub struct BuildOptions {
 
 impl BuildOptions {
     pub fn new(cache_dir: PathBuf, agent_binary: PathBuf) -> BuildOptions {
-        let epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_EPOCH);
+        let epoch = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(DEFAULT_EPOCH);
         BuildOptions {
             cache_dir,
             agent_binary,
@@ -110,7 +128,10 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("kiln");
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp")).join(".cache/kiln")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+        .join(".cache/kiln")
 }
 
 /// Byte sizes of what was built.
@@ -203,7 +224,12 @@ fn cache_key(kind: ImageKind, opts: &BuildOptions) -> Result<String, ImageError>
     h.update(opts.epoch.to_le_bytes());
     h.update(file_sha256(&opts.agent_binary)?);
     if kind == ImageKind::Clay {
-        let shell = opts.clay_shell_binary.as_deref().ok_or(ImageError::MissingInput("the clay-shell binary (build it with cargo build --release -p clay-shell)"))?;
+        let shell = opts
+            .clay_shell_binary
+            .as_deref()
+            .ok_or(ImageError::MissingInput(
+                "the clay-shell binary (build it with cargo build --release -p clay-shell)",
+            ))?;
         h.update(file_sha256(shell)?);
     }
     Ok(hex(&h.finalize())[..16].to_string())
@@ -212,20 +238,30 @@ fn cache_key(kind: ImageKind, opts: &BuildOptions) -> Result<String, ImageError>
 const STEPS: usize = 7;
 
 /// Builds (or reuses from the cache) the image `kind`.
-pub fn build_image(kind: ImageKind, opts: &BuildOptions, progress: &dyn Progress) -> Result<ImageArtifacts, ImageError> {
+pub fn build_image(
+    kind: ImageKind,
+    opts: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<ImageArtifacts, ImageError> {
     let started = Instant::now();
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ImageError::NotRoot);
     }
     if !opts.agent_binary.is_file() {
-        return Err(ImageError::MissingInput("the kiln-agent binary (build it with cargo build --release -p kiln-agent)"));
+        return Err(ImageError::MissingInput(
+            "the kiln-agent binary (build it with cargo build --release -p kiln-agent)",
+        ));
     }
     let key = cache_key(kind, opts)?;
     let dir = opts.cache_dir.join("images").join(kind.name()).join(&key);
     let done_marker = dir.join("complete");
     if done_marker.is_file() && !opts.force {
-        progress.step(STEPS, STEPS, &format!("{kind}: using cached build {}", dir.display()));
+        progress.step(
+            STEPS,
+            STEPS,
+            &format!("{kind}: using cached build {}", dir.display()),
+        );
         return load_artifacts(kind, &dir, true);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -240,16 +276,44 @@ pub fn build_image(kind: ImageKind, opts: &BuildOptions, progress: &dyn Progress
     }
 }
 
-fn build_into(kind: ImageKind, opts: &BuildOptions, dir: &Path, started: Instant, progress: &dyn Progress) -> Result<ImageArtifacts, ImageError> {
+fn build_into(
+    kind: ImageKind,
+    opts: &BuildOptions,
+    dir: &Path,
+    started: Instant,
+    progress: &dyn Progress,
+) -> Result<ImageArtifacts, ImageError> {
     let dir = dir.to_path_buf();
     let done_marker = dir.join("complete");
     let root = dir.join("root");
 
-    progress.step(1, STEPS, &format!("{kind}: installing Debian {} packages with mmdebstrap ({})", rootfs::SUITE, kind.packages().join(" ")));
-    rootfs::bootstrap(kind, &root, &opts.cache_dir.join("debs"), &opts.mirror, opts.epoch, progress)?;
+    progress.step(
+        1,
+        STEPS,
+        &format!(
+            "{kind}: installing Debian {} packages with mmdebstrap ({})",
+            rootfs::SUITE,
+            kind.packages().join(" ")
+        ),
+    );
+    rootfs::bootstrap(
+        kind,
+        &root,
+        &opts.cache_dir.join("debs"),
+        &opts.mirror,
+        opts.epoch,
+        progress,
+    )?;
 
-    progress.step(2, STEPS, &format!("{kind}: installing the agent and configuring the guest"));
-    let inputs = customize::Inputs { agent_binary: &opts.agent_binary, clay_shell_binary: opts.clay_shell_binary.as_deref() };
+    progress.step(
+        2,
+        STEPS,
+        &format!("{kind}: installing the agent and configuring the guest"),
+    );
+    let inputs = customize::Inputs {
+        agent_binary: &opts.agent_binary,
+        clay_shell_binary: opts.clay_shell_binary.as_deref(),
+    };
     customize::customize(kind, &root, &inputs, progress)?;
 
     progress.step(3, STEPS, &format!("{kind}: extracting the kernel"));
@@ -257,26 +321,44 @@ fn build_into(kind: ImageKind, opts: &BuildOptions, dir: &Path, started: Instant
     let kernel = dir.join("vmlinuz");
     std::fs::copy(&vmlinuz, &kernel).map_err(|e| ImageError::io(&vmlinuz, e))?;
 
-    progress.step(4, STEPS, &format!("{kind}: building the initramfs (busybox + virtio modules for {kver})"));
+    progress.step(
+        4,
+        STEPS,
+        &format!("{kind}: building the initramfs (busybox + virtio modules for {kver})"),
+    );
     initramfs::build(&root, &kver, &dir.join("initramfs.cpio"))?;
 
-    progress.step(5, STEPS, &format!("{kind}: recording packages and content manifest"));
+    progress.step(
+        5,
+        STEPS,
+        &format!("{kind}: recording packages and content manifest"),
+    );
     let packages = dir.join("packages.txt");
     let listing = command::run(
         &mut command::in_chroot(&root, "dpkg-query -W -f '${Package} ${Version}\\n' | sort"),
         "listing packages",
         progress,
     )?;
-    std::fs::write(&packages, listing.join("\n") + "\n").map_err(|e| ImageError::io(&packages, e))?;
+    std::fs::write(&packages, listing.join("\n") + "\n")
+        .map_err(|e| ImageError::io(&packages, e))?;
     manifest::clamp_mtimes(&root, opts.epoch)?;
     keep_wine_prefixes_current(&root)?;
     let manifest_sha = manifest::write_manifest(&root, &dir.join("manifest.txt"), VOLATILE_PATHS)?;
-    std::fs::write(dir.join("manifest.sha256"), format!("{manifest_sha}\n")).map_err(|e| ImageError::io(&dir, e))?;
+    std::fs::write(dir.join("manifest.sha256"), format!("{manifest_sha}\n"))
+        .map_err(|e| ImageError::io(&dir, e))?;
 
-    progress.step(6, STEPS, &format!("{kind}: making the ext4 root disk with mkfs.ext4 -d"));
+    progress.step(
+        6,
+        STEPS,
+        &format!("{kind}: making the ext4 root disk with mkfs.ext4 -d"),
+    );
     ext4::make_image(&root, &dir.join("rootfs.ext4"), progress)?;
 
-    let meta = format!("kernel_version={kver}\ncmdline={}\nbuild_seconds={}\n", kind.cmdline(), started.elapsed().as_secs());
+    let meta = format!(
+        "kernel_version={kver}\ncmdline={}\nbuild_seconds={}\n",
+        kind.cmdline(),
+        started.elapsed().as_secs()
+    );
     std::fs::write(dir.join("build.txt"), meta).map_err(|e| ImageError::io(&dir, e))?;
     std::fs::write(&done_marker, b"").map_err(|e| ImageError::io(&done_marker, e))?;
     progress.step(STEPS, STEPS, &format!("{kind}: done"));
@@ -289,11 +371,19 @@ fn build_into(kind: ImageKind, opts: &BuildOptions, dir: &Path, started: Instant
 fn keep_wine_prefixes_current(root: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::MetadataExt;
     let inf = root.join("usr/share/wine/wine.inf");
-    let Ok(meta) = std::fs::metadata(&inf) else { return Ok(()) };
-    for prefix in [recipe::AGENT_WINE_PREFIX.to_string(), format!("{}/.wine", recipe::CLAY_HOME)] {
-        let stamp = root.join(prefix.trim_start_matches('/')).join(".update-timestamp");
+    let Ok(meta) = std::fs::metadata(&inf) else {
+        return Ok(());
+    };
+    for prefix in [
+        recipe::AGENT_WINE_PREFIX.to_string(),
+        format!("{}/.wine", recipe::CLAY_HOME),
+    ] {
+        let stamp = root
+            .join(prefix.trim_start_matches('/'))
+            .join(".update-timestamp");
         if stamp.is_file() {
-            std::fs::write(&stamp, format!("{}\n", meta.mtime())).map_err(|e| ImageError::io(&stamp, e))?;
+            std::fs::write(&stamp, format!("{}\n", meta.mtime()))
+                .map_err(|e| ImageError::io(&stamp, e))?;
         }
     }
     Ok(())
@@ -304,24 +394,41 @@ fn find_kernel(root: &Path) -> Result<(String, PathBuf), ImageError> {
     let mut found: Vec<_> = std::fs::read_dir(&boot)
         .map_err(|e| ImageError::io(&boot, e))?
         .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("vmlinuz-").map(|v| (v.to_string(), e.path())))
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("vmlinuz-")
+                .map(|v| (v.to_string(), e.path()))
+        })
         .collect();
     found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(ImageError::Customize("no kernel in /boot".into())),
-        _ => Err(ImageError::Customize(format!("more than one kernel in /boot: {found:?}"))),
+        _ => Err(ImageError::Customize(format!(
+            "more than one kernel in /boot: {found:?}"
+        ))),
     }
 }
 
 fn load_artifacts(kind: ImageKind, dir: &Path, cached: bool) -> Result<ImageArtifacts, ImageError> {
     let meta_path = dir.join("build.txt");
     let meta = std::fs::read_to_string(&meta_path).map_err(|e| ImageError::io(&meta_path, e))?;
-    let field = |k: &str| meta.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).unwrap_or_default().to_string();
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| ImageError::io(p, e));
+    let field = |k: &str| {
+        meta.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|e| ImageError::io(p, e))
+    };
     let root_tree = dir.join("root");
     let (content, _) = ext4::tree_usage(&root_tree)?;
-    let manifest_sha = std::fs::read_to_string(dir.join("manifest.sha256")).map_err(|e| ImageError::io(dir, e))?;
+    let manifest_sha =
+        std::fs::read_to_string(dir.join("manifest.sha256")).map_err(|e| ImageError::io(dir, e))?;
     let a = ImageArtifacts {
         kind,
         dir: dir.to_path_buf(),

@@ -24,8 +24,13 @@ pub fn write_manifest(root: &Path, out: &Path, volatile: &[&str]) -> Result<Stri
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
-            let rel = format!("/{}", path.strip_prefix(root).unwrap_or(&path).to_string_lossy());
-            let meta = path.symlink_metadata().map_err(|e| ImageError::io(&path, e))?;
+            let rel = format!(
+                "/{}",
+                path.strip_prefix(root).unwrap_or(&path).to_string_lossy()
+            );
+            let meta = path
+                .symlink_metadata()
+                .map_err(|e| ImageError::io(&path, e))?;
             let mode = meta.permissions().mode() & 0o7777;
             let owner = format!("{}:{}", meta.uid(), meta.gid());
             let ft = meta.file_type();
@@ -42,7 +47,11 @@ pub fn write_manifest(root: &Path, out: &Path, volatile: &[&str]) -> Result<Stri
                     let mut f = std::fs::File::open(&path).map_err(|e| ImageError::io(&path, e))?;
                     let mut h = Sha256::new();
                     std::io::copy(&mut f, &mut h).map_err(|e| ImageError::io(&path, e))?;
-                    format!("{rel} file {mode:04o} {owner} {} {}", meta.len(), crate::hex(&h.finalize()))
+                    format!(
+                        "{rel} file {mode:04o} {owner} {} {}",
+                        meta.len(),
+                        crate::hex(&h.finalize())
+                    )
                 }
             } else {
                 format!("{rel} special {mode:04o} {owner} {:x}", meta.rdev())
@@ -53,27 +62,44 @@ pub fn write_manifest(root: &Path, out: &Path, volatile: &[&str]) -> Result<Stri
     lines.sort();
     let text = lines.join("\n") + "\n";
     let mut f = std::fs::File::create(out).map_err(|e| ImageError::io(out, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| ImageError::io(out, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| ImageError::io(out, e))?;
     Ok(crate::hex(&Sha256::digest(text.as_bytes())))
 }
 
 /// Sets every timestamp newer than `epoch` to `epoch` (symlinks included).
 pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), ImageError> {
     let mut stack = vec![root.to_path_buf()];
-    let ts = libc::timespec { tv_sec: epoch as libc::time_t, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: epoch as libc::time_t,
+        tv_nsec: 0,
+    };
     let times = [ts, ts];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| ImageError::io(&dir, e))? {
             let entry = entry.map_err(|e| ImageError::io(&dir, e))?;
             let path = entry.path();
-            let meta = path.symlink_metadata().map_err(|e| ImageError::io(&path, e))?;
+            let meta = path
+                .symlink_metadata()
+                .map_err(|e| ImageError::io(&path, e))?;
             if meta.is_dir() {
                 stack.push(path.clone());
             }
             // Only times after the epoch move; older ones (from packages) stay.
-            let keep = libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT };
-            let atime = if meta.atime() as u64 > epoch { ts } else { keep };
-            let mtime = if meta.mtime() as u64 > epoch { ts } else { keep };
+            let keep = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            };
+            let atime = if meta.atime() as u64 > epoch {
+                ts
+            } else {
+                keep
+            };
+            let mtime = if meta.mtime() as u64 > epoch {
+                ts
+            } else {
+                keep
+            };
             if meta.atime() as u64 > epoch || meta.mtime() as u64 > epoch {
                 set_times(&path, &[atime, mtime])?;
             }
@@ -83,10 +109,21 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), ImageError> {
 }
 
 fn set_times(path: &Path, times: &[libc::timespec; 2]) -> Result<(), ImageError> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| ImageError::Io { path: path.to_path_buf(), source: std::io::Error::other("NUL in path") })?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        ImageError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("NUL in path"),
+        }
+    })?;
     // SAFETY: valid C string and a two-element timespec array.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if rc != 0 {
         return Err(ImageError::io(path, std::io::Error::last_os_error()));
     }
@@ -122,7 +159,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f"), b"x").expect("write");
         std::fs::write(dir.path().join("old"), b"x").expect("write");
-        let old = [libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 0 }; 2];
+        let old = [libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        }; 2];
         set_times(&dir.path().join("old"), &old).expect("age");
         // Touch the old file's atime only: its mtime must survive the clamp.
         let _ = std::fs::read(dir.path().join("old"));

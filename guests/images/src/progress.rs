@@ -20,7 +20,11 @@ pub struct StderrProgress {
 
 impl StderrProgress {
     pub fn new(verbose: bool) -> StderrProgress {
-        StderrProgress { started: Instant::now(), verbose, last: Mutex::new(None) }
+        StderrProgress {
+            started: Instant::now(),
+            verbose,
+            last: Mutex::new(None),
+        }
     }
 }
 
@@ -30,7 +34,10 @@ impl Progress for StderrProgress {
         let filled = WIDTH * index.saturating_sub(1) / total.max(1);
         let bar = format!("{}{}", "#".repeat(filled), ".".repeat(WIDTH - filled));
         let elapsed = self.started.elapsed().as_secs();
-        let _ = writeln!(std::io::stderr(), "[{bar}] {index}/{total} {what} (t+{elapsed}s)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "[{bar}] {index}/{total} {what} (t+{elapsed}s)"
+        );
         if let Ok(mut l) = self.last.lock() {
             *l = Some(Instant::now());
         }

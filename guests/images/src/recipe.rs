@@ -87,7 +87,9 @@ impl FromStr for ImageKind {
             "base" => Ok(ImageKind::Base),
             "clay" => Ok(ImageKind::Clay),
             "wincompat" => Ok(ImageKind::Wincompat),
-            other => Err(format!("unknown image kind {other:?} (expected base, clay or wincompat)")),
+            other => Err(format!(
+                "unknown image kind {other:?} (expected base, clay or wincompat)"
+            )),
         }
     }
 }

@@ -13,7 +13,14 @@ pub const SUITE: &str = "bookworm";
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// Runs mmdebstrap for `kind` into `root` (which must not exist yet).
-pub fn bootstrap(kind: ImageKind, root: &Path, debs: &Path, mirror: &str, epoch: u64, progress: &dyn Progress) -> Result<(), ImageError> {
+pub fn bootstrap(
+    kind: ImageKind,
+    root: &Path,
+    debs: &Path,
+    mirror: &str,
+    epoch: u64,
+    progress: &dyn Progress,
+) -> Result<(), ImageError> {
     std::fs::create_dir_all(debs).map_err(|e| ImageError::io(debs, e))?;
     let debs_s = debs.to_string_lossy();
     let mut cmd = Command::new("mmdebstrap");
@@ -35,7 +42,9 @@ pub fn bootstrap(kind: ImageKind, root: &Path, debs: &Path, mirror: &str, epoch:
         .env("LC_ALL", "C.UTF-8");
     match command::run(&mut cmd, "mmdebstrap", progress) {
         Ok(_) => Ok(()),
-        Err(ImageError::CommandFailed { output, status, .. }) => Err(classify_failure(&output, status)),
+        Err(ImageError::CommandFailed { output, status, .. }) => {
+            Err(classify_failure(&output, status))
+        }
         Err(e) => Err(e),
     }
 }
@@ -49,20 +58,35 @@ pub fn classify_failure(output: &[String], status: String) -> ImageError {
         if let Some(rest) = line.split("Unable to locate package ").nth(1) {
             missing.push(rest.trim().to_string());
         } else if line.contains("has no installation candidate") {
-            if let Some(pkg) = line.split('\'').nth(1).or_else(|| line.split_whitespace().nth(2)) {
+            if let Some(pkg) = line
+                .split('\'')
+                .nth(1)
+                .or_else(|| line.split_whitespace().nth(2))
+            {
                 missing.push(pkg.trim_matches('\'').to_string());
             }
-        } else if line.contains("Failed to fetch") || line.contains("Could not resolve") || line.contains("Unable to connect") || line.contains("Temporary failure resolving") {
+        } else if line.contains("Failed to fetch")
+            || line.contains("Could not resolve")
+            || line.contains("Unable to connect")
+            || line.contains("Temporary failure resolving")
+        {
             fetch.push(line.trim().to_string());
         }
     }
     if !missing.is_empty() {
-        return ImageError::PackageNotFound { packages: missing, suite: SUITE.into() };
+        return ImageError::PackageNotFound {
+            packages: missing,
+            suite: SUITE.into(),
+        };
     }
     if !fetch.is_empty() {
         return ImageError::PackageFetch { details: fetch };
     }
-    ImageError::CommandFailed { what: "mmdebstrap".into(), status, output: output.to_vec() }
+    ImageError::CommandFailed {
+        what: "mmdebstrap".into(),
+        status,
+        output: output.to_vec(),
+    }
 }
 
 #[cfg(test)]
@@ -71,18 +95,29 @@ mod tests {
 
     #[test]
     fn missing_and_unfetchable_packages_are_named() {
-        let out = vec!["E: Unable to locate package wine-nonexistent".to_string(), "E: other".to_string()];
+        let out = vec![
+            "E: Unable to locate package wine-nonexistent".to_string(),
+            "E: other".to_string(),
+        ];
         match classify_failure(&out, "exit 1".into()) {
-            ImageError::PackageNotFound { packages, .. } => assert_eq!(packages, vec!["wine-nonexistent"]),
+            ImageError::PackageNotFound { packages, .. } => {
+                assert_eq!(packages, vec!["wine-nonexistent"])
+            }
             e => panic!("{e}"),
         }
         let out = vec!["E: Failed to fetch http://deb.debian.org/debian/pool/main/w/wine/wine_8.0.deb  Could not connect".to_string()];
-        assert!(matches!(classify_failure(&out, "exit 1".into()), ImageError::PackageFetch { .. }));
+        assert!(matches!(
+            classify_failure(&out, "exit 1".into()),
+            ImageError::PackageFetch { .. }
+        ));
         let out = vec!["E: Package 'foo' has no installation candidate".to_string()];
         match classify_failure(&out, "exit 1".into()) {
             ImageError::PackageNotFound { packages, .. } => assert_eq!(packages, vec!["foo"]),
             e => panic!("{e}"),
         }
-        assert!(matches!(classify_failure(&["boom".into()], "exit 2".into()), ImageError::CommandFailed { .. }));
+        assert!(matches!(
+            classify_failure(&["boom".into()], "exit 2".into()),
+            ImageError::CommandFailed { .. }
+        ));
     }
 }

@@ -25,8 +25,14 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let pvh = args.iter().any(|a| a == "--pvh");
     let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
-    let kernel_var = if pvh { "$GUEST_VMLINUX" } else { "$GUEST_BZIMAGE" };
-    let probe = std::env::current_exe().expect("own path").with_file_name("kiln-boot-probe");
+    let kernel_var = if pvh {
+        "$GUEST_VMLINUX"
+    } else {
+        "$GUEST_BZIMAGE"
+    };
+    let probe = std::env::current_exe()
+        .expect("own path")
+        .with_file_name("kiln-boot-probe");
     let probe_path = probe.to_string_lossy();
     let mut script = String::new();
     for i in 0..runs {
@@ -42,7 +48,10 @@ fn main() {
     let mut s = Scenario::new(if pvh { "bench_boot_pvh" } else { "bench_boot" }, &script);
     s.timeout = Duration::from_secs(3000);
     s.binaries = vec![probe.clone(), PathBuf::from("/usr/bin/qemu-system-x86_64")];
-    s.files = vec!["/usr/share/qemu/qboot.rom".into(), "/usr/share/qemu/bios-microvm.bin".into()];
+    s.files = vec![
+        "/usr/share/qemu/qboot.rom".into(),
+        "/usr/share/qemu/bios-microvm.bin".into(),
+    ];
     eprintln!("kiln-bench-boot: {runs} interleaved runs each of Kiln and QEMU microvm, plain and with {BLACKLIST}");
     let out = match run(&s) {
         Ok(o) => o,
@@ -56,8 +65,16 @@ fn main() {
     for label in ["plain", "blacklist"] {
         let mut stats = |vmm: &str| {
             let (mut ms, mut kib) = (Vec::new(), Vec::new());
-            for line in out.output.lines().filter(|l| l.starts_with(&format!("{vmm} {label} "))) {
-                let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
+            for line in out
+                .output
+                .lines()
+                .filter(|l| l.starts_with(&format!("{vmm} {label} ")))
+            {
+                let field = |k: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .and_then(|v| v.parse::<f64>().ok())
+                };
                 match (field("boot_ms="), field("vmm_rss_kib=")) {
                     (Some(t), Some(r)) => {
                         ms.push(t);
@@ -78,14 +95,27 @@ fn main() {
     println!("| command line | runs | Kiln boot (s) | QEMU microvm boot (s) | Kiln/QEMU | Kiln VMM RSS (MiB) | QEMU VMM RSS (MiB) |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (label, k, q) in &rows {
-        let cmd = if *label == "plain" { BASE_CMDLINE.to_string() } else { format!("{BASE_CMDLINE} {BLACKLIST}") };
+        let cmd = if *label == "plain" {
+            BASE_CMDLINE.to_string()
+        } else {
+            format!("{BASE_CMDLINE} {BLACKLIST}")
+        };
         println!(
             "| `{cmd}` | {}/{} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} |",
-            k.0, q.0, k.1 / 1000.0, q.1 / 1000.0, k.1 / q.1, k.2 / 1024.0, q.2 / 1024.0
+            k.0,
+            q.0,
+            k.1 / 1000.0,
+            q.1 / 1000.0,
+            k.1 / q.1,
+            k.2 / 1024.0,
+            q.2 / 1024.0
         );
     }
     if failures > 0 {
-        eprintln!("kiln-bench-boot: {failures} runs failed to reach the marker (log: {})", out.log.display());
+        eprintln!(
+            "kiln-bench-boot: {failures} runs failed to reach the marker (log: {})",
+            out.log.display()
+        );
         std::process::exit(1);
     }
 }

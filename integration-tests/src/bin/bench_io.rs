@@ -84,15 +84,25 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let engine = if args.iter().any(|a| a == "--io-uring") { "io_uring" } else { "libaio" };
+    let engine = if args.iter().any(|a| a == "--io-uring") {
+        "io_uring"
+    } else {
+        "libaio"
+    };
     let only: Vec<String> = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_default();
-    if let Some(bad) = only.iter().find(|t| !FIGURES.iter().any(|f| f.0 == t.as_str())) {
-        fail(&format!("--only: unknown test {bad:?} (tests: {})", FIGURES.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")));
+    if let Some(bad) = only
+        .iter()
+        .find(|t| !FIGURES.iter().any(|f| f.0 == t.as_str()))
+    {
+        fail(&format!(
+            "--only: unknown test {bad:?} (tests: {})",
+            FIGURES.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")
+        ));
     }
     let kiln_is_qemu = std::env::var_os("KILN_BENCH_IO_KILN_IS_QEMU").is_some_and(|v| v == "1");
     let kiln_vmm = if kiln_is_qemu { Vmm::Qemu } else { Vmm::Kiln };
@@ -101,7 +111,10 @@ fn main() {
         (Ok(f), Ok(i)) => (f, i),
         (Err(e), _) | (_, Err(e)) => fail(&e.to_string()),
     };
-    let guest = format!("ENGINE={engine}\nRUNTIME={runtime}\nONLY={}\n{GUEST}", only.join(","));
+    let guest = format!(
+        "ENGINE={engine}\nRUNTIME={runtime}\nONLY={}\n{GUEST}",
+        only.join(",")
+    );
     let kit = GuestKit::new(&guest)
         .binary(&fio)
         .binary(&iperf3)
@@ -109,7 +122,11 @@ fn main() {
         .unwrap_or_else(|e| fail(&e.to_string()));
     let mut spec = VmSpec::new(&kit.to_string_lossy());
     spec.memory_mib = 768;
-    spec.disks = vec![Disk { path: "$WORKDIR/disk/disk.img".into(), readonly: false, serial: "bench".into() }];
+    spec.disks = vec![Disk {
+        path: "$WORKDIR/disk/disk.img".into(),
+        readonly: false,
+        serial: "bench".into(),
+    }];
     spec.tap = Some("ktap0".into());
 
     let mut script = format!(
@@ -143,7 +160,10 @@ fn main() {
     s.stall_after = Duration::from_secs(240);
     s.files.push(kit.clone());
     s.files.extend(VmSpec::qemu_files());
-    s.binaries = vec![host_tool("qemu-system-x86_64").unwrap_or_else(|e| fail(&e.to_string())), iperf3.clone()];
+    s.binaries = vec![
+        host_tool("qemu-system-x86_64").unwrap_or_else(|e| fail(&e.to_string())),
+        iperf3.clone(),
+    ];
     s.host_modules.push("tun".into());
     if kiln_is_qemu {
         eprintln!("kiln-bench-io: KILN_BENCH_IO_KILN_IS_QEMU=1: the Kiln column runs QEMU (checking the benchmark, not Kiln)");
@@ -154,8 +174,14 @@ fn main() {
     let (output, mode, log, error) = match run(&s) {
         Ok(out) => (out.output, format!("{:?}", out.mode), out.log, None),
         Err(e) => {
-            let log = kiln_integration_tests::scenario::target_dir().join("nested-logs/bench_io/console.log");
-            (std::fs::read_to_string(&log).unwrap_or_default(), "partial".to_string(), log, Some(e))
+            let log = kiln_integration_tests::scenario::target_dir()
+                .join("nested-logs/bench_io/console.log");
+            (
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                "partial".to_string(),
+                log,
+                Some(e),
+            )
         }
     };
 
@@ -169,13 +195,32 @@ fn main() {
             }
             continue;
         }
-        let (Some(vmm), Some(round), Some(test)) = (words.next(), words.next(), words.next()) else { continue };
-        let values: BTreeMap<String, f64> =
-            words.filter_map(|kv| kv.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect();
-        println!("round {round} {vmm:4} {test:18} {}", values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
-        results.entry((vmm.to_string(), test.to_string())).or_default().push(values);
+        let (Some(vmm), Some(round), Some(test)) = (words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        let values: BTreeMap<String, f64> = words
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect();
+        println!(
+            "round {round} {vmm:4} {test:18} {}",
+            values
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        results
+            .entry((vmm.to_string(), test.to_string()))
+            .or_default()
+            .push(values);
     }
-    let kiln_label = if kiln_is_qemu { "\"Kiln\" (QEMU, KILN_BENCH_IO_KILN_IS_QEMU=1)" } else { "Kiln" };
+    let kiln_label = if kiln_is_qemu {
+        "\"Kiln\" (QEMU, KILN_BENCH_IO_KILN_IS_QEMU=1)"
+    } else {
+        "Kiln"
+    };
     println!();
     println!(
         "virtio-pci I/O, {} mode: 1 vCPU, {} MiB guest, raw 512 MiB image on tmpfs, tap; fio {engine} direct=1 iodepth=16, iperf3 TCP; {runtime} s each; medians of {rounds} interleaved rounds",
@@ -185,11 +230,19 @@ fn main() {
     println!("| test | unit | runs | {kiln_label} | QEMU microvm | Kiln/QEMU |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut missing = 0;
-    for (test, key, unit, scale) in FIGURES.iter().filter(|f| only.is_empty() || only.iter().any(|t| t == f.0)) {
+    for (test, key, unit, scale) in FIGURES
+        .iter()
+        .filter(|f| only.is_empty() || only.iter().any(|t| t == f.0))
+    {
         let figures = |vmm: &str| -> Vec<f64> {
             results
                 .get(&(vmm.to_string(), test.to_string()))
-                .map(|rs| rs.iter().filter_map(|r| r.get(*key)).map(|v| v * scale).collect())
+                .map(|rs| {
+                    rs.iter()
+                        .filter_map(|r| r.get(*key))
+                        .map(|v| v * scale)
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let (mut k, mut q) = (figures("kiln"), figures("qemu"));
@@ -197,10 +250,16 @@ fn main() {
         let (kn, qn) = (k.len(), q.len());
         let (km, qm) = (median(&mut k), median(&mut q));
         let digits = if *unit == "kIOPS" { 2 } else { 0 };
-        println!("| {test} | {unit} | {kn}/{qn} | {km:.digits$} | {qm:.digits$} | {:.2}x |", km / qm);
+        println!(
+            "| {test} | {unit} | {kn}/{qn} | {km:.digits$} | {qm:.digits$} | {:.2}x |",
+            km / qm
+        );
     }
     if missing > 0 {
-        fail(&format!("{missing} figures missing (log: {})", log.display()));
+        fail(&format!(
+            "{missing} figures missing (log: {})",
+            log.display()
+        ));
     }
     if let Some(e) = error {
         fail(&e.to_string());

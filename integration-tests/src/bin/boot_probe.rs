@@ -38,9 +38,18 @@ fn main() {
         std::process::exit(2);
     };
     let guest_mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
-    let marker = args.get(2).cloned().unwrap_or_else(|| "KILN_INIT_OK".into());
+    let marker = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "KILN_INIT_OK".into());
     let start = Instant::now();
-    let mut child = match Command::new(&args[sep + 1]).args(&args[sep + 2..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn() {
+    let mut child = match Command::new(&args[sep + 1])
+        .args(&args[sep + 2..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kiln-boot-probe: cannot start {}: {e}", args[sep + 1]);
@@ -82,5 +91,8 @@ fn main() {
         println!("PROBE failed: marker {marker:?} never appeared ({} bytes of output after {boot_ms} ms)", seen.len());
         std::process::exit(1);
     }
-    println!("PROBE boot_ms={boot_ms} vmm_rss_kib={}", rss.map_or("?".into(), |r| r.to_string()));
+    println!(
+        "PROBE boot_ms={boot_ms} vmm_rss_kib={}",
+        rss.map_or("?".into(), |r| r.to_string())
+    );
 }

@@ -34,7 +34,10 @@ fn main() {
     if host != HostKvm::Hardware {
         eprintln!("kiln: starting the nested KVM host (QEMU with a software-emulated CPU; the guest's console appears in about a minute)");
     }
-    let quoted: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
     let kiln = format!(
         "\"$KILN\" run --kernel \"$GUEST_BZIMAGE\" --initrd \"$GUEST_INITRD\" --cpus 2 --memory 512M \
          --disk path=scratch.img --rng --balloon stats=5 {}",
@@ -50,7 +53,10 @@ fn main() {
              i=0; while ! grep -q KILN_SHELL_READY console.txt 2>/dev/null; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 1; done\n"
         );
         for cmd in SESSION {
-            s.push_str(&format!("sleep 2; echo '{}' >&3\n", cmd.replace('\'', "'\\''")));
+            s.push_str(&format!(
+                "sleep 2; echo '{}' >&3\n",
+                cmd.replace('\'', "'\\''")
+            ));
         }
         s.push_str("wait\n");
         s

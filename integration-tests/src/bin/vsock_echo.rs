@@ -26,7 +26,10 @@ fn connect(cid: u32, port: u32) -> std::io::Result<std::net::TcpStream> {
     }
     // SAFETY: fd is a new socket we own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval { tv_sec: 30, tv_usec: 0 };
+    let timeout = libc::timeval {
+        tv_sec: 30,
+        tv_usec: 0,
+    };
     // SAFETY: setsockopt with a pointer to a live timeval and its size.
     let rc = unsafe {
         libc::setsockopt(
@@ -71,21 +74,32 @@ enum Target {
 /// The Unix socket handshake: `CONNECT <port>\n`, then one line that must
 /// start with `OK `, read byte by byte so no echoed data is consumed.
 fn connect_uds(path: &str, port: u32) -> Result<std::os::unix::net::UnixStream, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| format!("write CONNECT: {e}"))?;
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("connect {path}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("write CONNECT: {e}"))?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 64 {
         match s.read(&mut byte) {
             Ok(1) if byte[0] == b'\n' => break,
             Ok(1) => line.push(byte[0]),
-            Ok(_) => return Err(format!("closed during the handshake after {:?}", String::from_utf8_lossy(&line))),
+            Ok(_) => {
+                return Err(format!(
+                    "closed during the handshake after {:?}",
+                    String::from_utf8_lossy(&line)
+                ))
+            }
             Err(e) => return Err(format!("reading the handshake: {e}")),
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(format!("handshake answer {:?}", String::from_utf8_lossy(&line)));
+        return Err(format!(
+            "handshake answer {:?}",
+            String::from_utf8_lossy(&line)
+        ));
     }
     Ok(s)
 }
@@ -94,24 +108,35 @@ fn echo_once(target: &Target, port: u32, i: usize) -> Result<(), String> {
     match target {
         Target::Vsock(cid) => {
             let s = connect(*cid, port).map_err(|e| format!("connect: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))
+                .map_err(|e| e.to_string())?;
             exchange(s, i, |s| s.shutdown(std::net::Shutdown::Write))
         }
-        Target::Uds(path) => exchange(connect_uds(path, port)?, i, |s| s.shutdown(std::net::Shutdown::Write)),
+        Target::Uds(path) => exchange(connect_uds(path, port)?, i, |s| {
+            s.shutdown(std::net::Shutdown::Write)
+        }),
     }
 }
 
 /// Sends the message, half-closes, reads the echo to EOF.
-fn exchange<S: Read + Write>(mut s: S, i: usize, half_close: impl Fn(&S) -> std::io::Result<()>) -> Result<(), String> {
+fn exchange<S: Read + Write>(
+    mut s: S,
+    i: usize,
+    half_close: impl Fn(&S) -> std::io::Result<()>,
+) -> Result<(), String> {
     let msg = format!("echo-{i}\n");
-    s.write_all(msg.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    s.write_all(msg.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     half_close(&s).map_err(|e| format!("shutdown: {e}"))?;
     let mut back = Vec::new();
     s.read_to_end(&mut back).map_err(|e| format!("read: {e}"))?;
     if back == msg.as_bytes() {
         Ok(())
     } else {
-        Err(format!("sent {msg:?}, got {:?}", String::from_utf8_lossy(&back)))
+        Err(format!(
+            "sent {msg:?}, got {:?}",
+            String::from_utf8_lossy(&back)
+        ))
     }
 }
 
@@ -119,8 +144,16 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let parsed = match words[..] {
-        ["--uds", path, port, n] => port.parse().ok().zip(n.parse().ok()).map(|pn| (Target::Uds(path.to_string()), pn)),
-        [cid, port, n] => cid.parse().ok().zip(port.parse().ok().zip(n.parse().ok())).map(|(c, pn)| (Target::Vsock(c), pn)),
+        ["--uds", path, port, n] => port
+            .parse()
+            .ok()
+            .zip(n.parse().ok())
+            .map(|pn| (Target::Uds(path.to_string()), pn)),
+        [cid, port, n] => cid
+            .parse()
+            .ok()
+            .zip(port.parse().ok().zip(n.parse().ok()))
+            .map(|(c, pn)| (Target::Vsock(c), pn)),
         _ => None,
     };
     let Some((target, (port, n))) = parsed else {

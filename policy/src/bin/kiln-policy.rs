@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "kiln-policy", about = "Kiln policy engine: evaluate policies, generate traces, build datasets")]
+#[command(
+    name = "kiln-policy",
+    about = "Kiln policy engine: evaluate policies, generate traces, build datasets"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: kiln_policy::cli::PolicyCommand,
@@ -11,7 +14,9 @@ struct Args {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = kiln_policy::cli::run(Args::parse().cmd) {

@@ -45,7 +45,11 @@ impl BalloonRule for Mom {
 
     fn begin_round(&mut self, ctx: &Ctx) {
         let h = &ctx.snap.host;
-        self.host_free_percent = if h.mem_total_mib > 0.0 { h.mem_available_mib / h.mem_total_mib } else { 1.0 };
+        self.host_free_percent = if h.mem_total_mib > 0.0 {
+            h.mem_available_mib / h.mem_total_mib
+        } else {
+            1.0
+        };
     }
 
     fn target(&mut self, ctx: &Ctx, v: usize) -> Option<f64> {
@@ -55,7 +59,9 @@ impl BalloonRule for Mom {
         if n == 0 {
             return None;
         }
-        let avg = |f: fn(&crate::features::Obs) -> f64| hist.window(self.stat_window).map(f).sum::<f64>() / n as f64;
+        let avg = |f: fn(&crate::features::Obs) -> f64| {
+            hist.window(self.stat_window).map(f).sum::<f64>() / n as f64
+        };
         let cur = hist.last()?.actual_mib;
         let used = avg(|o| o.actual_mib) - avg(|o| o.free_mib);
         let max = vm.mem_mib;
@@ -74,7 +80,9 @@ impl BalloonRule for Mom {
                 return None;
             }
             let balloon_min = used + self.min_guest_free_percent * cur;
-            let size = (cur * (1.0 + self.max_balloon_change_percent)).min(max).max(balloon_min);
+            let size = (cur * (1.0 + self.max_balloon_change_percent))
+                .min(max)
+                .max(balloon_min);
             self.change_big_enough(cur, size).then_some(size.min(max))
         }
     }
@@ -141,7 +149,11 @@ impl Vpa {
     /// than packing (p98 of peaks, 30% margin), since it takes over exactly
     /// when a model was unsure or made things worse.
     pub fn conservative() -> Self {
-        Vpa { margin: 0.30, target_p: 0.98, ..Vpa::default() }
+        Vpa {
+            margin: 0.30,
+            target_p: 0.98,
+            ..Vpa::default()
+        }
     }
 }
 
@@ -178,7 +190,11 @@ impl BalloonRule for Vpa {
         if self.samples[v].len() != before {
             let tp = self.target_p.clamp(0.5, 1.0);
             let [p50, pt, p95] = weighted_percentiles(&self.samples[v], [0.5, tp.min(0.95), 0.95]);
-            let pt = if tp > 0.95 { weighted_percentiles(&self.samples[v], [tp])[0] } else { pt };
+            let pt = if tp > 0.95 {
+                weighted_percentiles(&self.samples[v], [tp])[0]
+            } else {
+                pt
+            };
             self.cached[v] = Some((p50, pt, p95.max(pt)));
         }
         let (p50, p90, p95) = self.cached[v]?;

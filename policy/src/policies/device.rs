@@ -25,7 +25,12 @@ pub fn home_group(host: &Host, vcpus: &[VcpuPlacement]) -> usize {
             share[host.cpu_group[c as usize]] += 1.0 / p.cpus.len() as f64;
         }
     }
-    share.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|x| x.0).unwrap_or(0)
+    share
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map(|x| x.0)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default)]
@@ -36,10 +41,20 @@ impl DeviceRule for LocalNotify {
         "local-notify"
     }
 
-    fn place(&mut self, ctx: &Ctx, _v: usize, vcpus: &[VcpuPlacement], _load: &[f64]) -> Option<DevicePlacement> {
+    fn place(
+        &mut self,
+        ctx: &Ctx,
+        _v: usize,
+        vcpus: &[VcpuPlacement],
+        _load: &[f64],
+    ) -> Option<DevicePlacement> {
         let host = ctx.host;
         let excl = exclusive_cpus(ctx).union(&CpuSet::new(
-            vcpus.iter().filter(|p| p.exclusive).flat_map(|p| p.cpus.cpus().to_vec()).collect(),
+            vcpus
+                .iter()
+                .filter(|p| p.exclusive)
+                .flat_map(|p| p.cpus.cpus().to_vec())
+                .collect(),
         ));
         let g = home_group(host, vcpus);
         let mut set = host.cache_groups[g].minus(&excl);
@@ -50,6 +65,9 @@ impl DeviceRule for LocalNotify {
         if set.is_empty() {
             set = host.all_cpus().minus(&excl);
         }
-        (!set.is_empty()).then_some(DevicePlacement { cpus: set, mode: IoMode::Notify })
+        (!set.is_empty()).then_some(DevicePlacement {
+            cpus: set,
+            mode: IoMode::Notify,
+        })
     }
 }

@@ -56,7 +56,13 @@ pub trait CpuRule {
 
 pub trait DeviceRule {
     fn name(&self) -> &'static str;
-    fn place(&mut self, ctx: &Ctx, v: usize, vcpus: &[VcpuPlacement], load: &[f64]) -> Option<DevicePlacement>;
+    fn place(
+        &mut self,
+        ctx: &Ctx,
+        v: usize,
+        vcpus: &[VcpuPlacement],
+        load: &[f64],
+    ) -> Option<DevicePlacement>;
 }
 
 /// A policy assembled from one rule per lever.
@@ -76,7 +82,14 @@ impl Composite {
         cpu: Option<Box<dyn CpuRule>>,
         device: Option<Box<dyn DeviceRule>>,
     ) -> Self {
-        Composite { name: name.into(), balloon, cpu, device, plan: None, load: Vec::new() }
+        Composite {
+            name: name.into(),
+            balloon,
+            cpu,
+            device,
+            plan: None,
+            load: Vec::new(),
+        }
     }
 }
 
@@ -101,12 +114,19 @@ impl Policy for Composite {
         let in_force = vcpus.as_deref().unwrap_or(&ctx.state[v].vcpus);
         let devices = match &mut self.device {
             Some(d) => match ctx.state[v].devices.first() {
-                Some((name, _)) => d.place(ctx, v, in_force, &self.load).map(|p| vec![(name.clone(), p)]).unwrap_or_default(),
+                Some((name, _)) => d
+                    .place(ctx, v, in_force, &self.load)
+                    .map(|p| vec![(name.clone(), p)])
+                    .unwrap_or_default(),
                 None => Vec::new(),
             },
             None => Vec::new(),
         };
-        VmActions { vcpus, balloon_target_mib, devices }
+        VmActions {
+            vcpus,
+            balloon_target_mib,
+            devices,
+        }
     }
 }
 
@@ -135,7 +155,9 @@ pub fn estimate_cpu_load(ctx: &Ctx, plan: Option<&[Vec<VcpuPlacement>]>) -> Vec<
                     pollers.push(&d.cpus);
                     1.0
                 }
-                crate::decision::IoMode::Notify => obs.map(|o| o.iops).unwrap_or(0.0) * crate::sim::model::IO_CPU_US * 1e-6,
+                crate::decision::IoMode::Notify => {
+                    obs.map(|o| o.iops).unwrap_or(0.0) * crate::sim::model::IO_CPU_US * 1e-6
+                }
             };
             for &c in d.cpus.cpus() {
                 if let Some(l) = load.get_mut(c as usize) {
@@ -148,7 +170,14 @@ pub fn estimate_cpu_load(ctx: &Ctx, plan: Option<&[Vec<VcpuPlacement>]>) -> Vec<
 }
 
 /// The policies `kiln policy eval --policies` knows, besides `learned`.
-pub const BASELINES: [&str; 6] = ["static", "static-pin", "mom", "vpa", "packspread", "heuristic"];
+pub const BASELINES: [&str; 6] = [
+    "static",
+    "static-pin",
+    "mom",
+    "vpa",
+    "packspread",
+    "heuristic",
+];
 
 pub fn baseline(name: &str) -> Option<Composite> {
     use balloon::{Mom, Vpa};

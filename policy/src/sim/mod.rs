@@ -55,7 +55,9 @@ impl SimMetrics {
     /// Swap-ins per minute as a share of the mean working set, %.
     pub fn swap_in_pct_per_min(&self) -> f64 {
         let mean_ws = self.ws_mib_steps / self.steps.max(1) as f64;
-        100.0 * (self.guest_swap_in_mib + self.host_swap_in_mib) / self.duration_min().max(1e-9) / mean_ws.max(1e-9)
+        100.0 * (self.guest_swap_in_mib + self.host_swap_in_mib)
+            / self.duration_min().max(1e-9)
+            / mean_ws.max(1e-9)
     }
     pub fn lc_wait_p99_ms(&self) -> f64 {
         let mut v: Vec<f64> = self.lc_wait_ms.iter().map(|&x| x as f64).collect();
@@ -73,7 +75,11 @@ impl SimMetrics {
             return 0.0;
         }
         let tail = |x: f64| -> f64 {
-            self.io_excess.iter().map(|&(m, w)| w as f64 * (-x / (m as f64).max(1e-6)).exp()).sum::<f64>() / total
+            self.io_excess
+                .iter()
+                .map(|&(m, w)| w as f64 * (-x / (m as f64).max(1e-6)).exp())
+                .sum::<f64>()
+                / total
         };
         let (mut lo, mut hi) = (0.0, 1.0);
         while tail(hi) > 0.01 {
@@ -124,9 +130,22 @@ impl<'a> Simulator<'a> {
             .vms
             .iter()
             .map(|vm| VmState {
-                vcpus: vec![VcpuPlacement { cpus: all.clone(), weight: 1.0, exclusive: false }; vm.vcpus as usize],
+                vcpus: vec![
+                    VcpuPlacement {
+                        cpus: all.clone(),
+                        weight: 1.0,
+                        exclusive: false
+                    };
+                    vm.vcpus as usize
+                ],
                 balloon_target_mib: vm.mem_mib,
-                devices: vec![(DISK.to_string(), DevicePlacement { cpus: all.clone(), mode: IoMode::Notify })],
+                devices: vec![(
+                    DISK.to_string(),
+                    DevicePlacement {
+                        cpus: all.clone(),
+                        mode: IoMode::Notify,
+                    },
+                )],
             })
             .collect();
         let n = trace.vms.len();
@@ -137,13 +156,28 @@ impl<'a> Simulator<'a> {
             state,
             actual: trace.vms.iter().map(|v| v.mem_mib).collect(),
             deficit: vec![0.0; n],
-            vcpu_stats: trace.vms.iter().map(|v| vec![VcpuStat::default(); v.vcpus as usize]).collect(),
+            vcpu_stats: trace
+                .vms
+                .iter()
+                .map(|v| vec![VcpuStat::default(); v.vcpus as usize])
+                .collect(),
             balloon: trace
                 .vms
                 .iter()
-                .map(|v| BalloonStats { actual_mib: v.mem_mib, available_mib: v.mem_mib, free_mib: v.mem_mib, ..Default::default() })
+                .map(|v| BalloonStats {
+                    actual_mib: v.mem_mib,
+                    available_mib: v.mem_mib,
+                    free_mib: v.mem_mib,
+                    ..Default::default()
+                })
                 .collect(),
-            disk: vec![DeviceStat { name: DISK.into(), ..Default::default() }; n],
+            disk: vec![
+                DeviceStat {
+                    name: DISK.into(),
+                    ..Default::default()
+                };
+                n
+            ],
             host_tel: HostTelemetry {
                 mem_total_mib: host.memory_mib as f64,
                 mem_available_mib: host.guest_memory_mib(),
@@ -181,16 +215,26 @@ impl<'a> Simulator<'a> {
                 return Err(SimError::NoSuchVm(i, n));
             }
             let vm = &self.trace.vms[i];
-            let bad = |msg: String| SimError::BadAction { vm: vm.name.clone(), msg };
+            let bad = |msg: String| SimError::BadAction {
+                vm: vm.name.clone(),
+                msg,
+            };
             let check_set = |s: &CpuSet| -> Result<(), SimError> {
                 if s.is_empty() || s.cpus().iter().any(|&c| c >= self.host.cpus) {
-                    return Err(bad(format!("CPU set {s} is empty or outside the host's {} CPUs", self.host.cpus)));
+                    return Err(bad(format!(
+                        "CPU set {s} is empty or outside the host's {} CPUs",
+                        self.host.cpus
+                    )));
                 }
                 Ok(())
             };
             if let Some(p) = &a.vcpus {
                 if p.len() != vm.vcpus as usize {
-                    return Err(bad(format!("{} placements for {} vCPUs", p.len(), vm.vcpus)));
+                    return Err(bad(format!(
+                        "{} placements for {} vCPUs",
+                        p.len(),
+                        vm.vcpus
+                    )));
                 }
                 for v in p {
                     check_set(&v.cpus)?;
@@ -202,7 +246,10 @@ impl<'a> Simulator<'a> {
             }
             if let Some(t) = a.balloon_target_mib {
                 if !(t.is_finite() && t > 0.0 && t <= vm.mem_mib) {
-                    return Err(bad(format!("balloon target {t} MiB outside (0, {}]", vm.mem_mib)));
+                    return Err(bad(format!(
+                        "balloon target {t} MiB outside (0, {}]",
+                        vm.mem_mib
+                    )));
                 }
                 self.state[i].balloon_target_mib = t;
             }
@@ -233,7 +280,13 @@ impl<'a> Simulator<'a> {
             return i;
         }
         let (group_dist, node_dist) = self.dist(set);
-        sets.push(SetInfo { set: set.clone(), load: 0.0, wload: 0.0, group_dist, node_dist });
+        sets.push(SetInfo {
+            set: set.clone(),
+            load: 0.0,
+            wload: 0.0,
+            group_dist,
+            node_dist,
+        });
         sets.len() - 1
     }
 
@@ -308,7 +361,9 @@ impl<'a> Simulator<'a> {
         for c in 0..ncpu {
             group_load[host.cpu_group[c]] += load[c];
         }
-        let set_avg = |set: &CpuSet, v: &[f64]| set.cpus().iter().map(|&c| v[c as usize]).sum::<f64>() / set.len() as f64;
+        let set_avg = |set: &CpuSet, v: &[f64]| {
+            set.cpus().iter().map(|&c| v[c as usize]).sum::<f64>() / set.len() as f64
+        };
 
         // 2. CPU granted, run-queue wait and efficiency per vCPU.
         for v in 0..n {
@@ -333,17 +388,23 @@ impl<'a> Simulator<'a> {
                 let mut cache_other = 0.0;
                 for &c in set.cpus() {
                     let c = c as usize;
-                    let f = if load[c] <= 1.0 { 1.0 } else { (p.weight / wload[c]).min(1.0) };
+                    let f = if load[c] <= 1.0 {
+                        1.0
+                    } else {
+                        (p.weight / wload[c]).min(1.0)
+                    };
                     granted += contrib * f;
                     other += (load[c] - contrib).max(0.0);
                     let g = host.cpu_group[c];
-                    cache_other += ((group_load[g] - contrib) / host.cache_groups[g].len() as f64).max(0.0);
+                    cache_other +=
+                        ((group_load[g] - contrib) / host.cache_groups[g].len() as f64).max(0.0);
                 }
                 other /= size;
                 cache_other /= size;
                 let wait_ms = (dv - granted).max(0.0) * 1000.0
                     + dv * WAKEUPS_PER_DEMAND * HALF_SLICE_MS * p_no_idle_cpu(other, set.len());
-                let eff = (1.0 - CACHE_INTERFERENCE * cache_other.min(1.0)) * (1.0 - REMOTE_NUMA_PENALTY * remote);
+                let eff = (1.0 - CACHE_INTERFERENCE * cache_other.min(1.0))
+                    * (1.0 - REMOTE_NUMA_PENALTY * remote);
                 let st = &mut self.vcpu_stats[v][j];
                 st.cpu_time_ns += (granted * dt * 1e9) as u64;
                 st.wait_ns += (wait_ms * dt * 1e6) as u64;
@@ -406,7 +467,8 @@ impl<'a> Simulator<'a> {
         let overflow = (res_total - host.guest_memory_mib()).max(0.0);
         if overflow > 0.0 {
             for v in 0..n {
-                let swap_in = overflow * resident[v] / res_total * SWAPPED_TOUCH_PER_MIN * dt / 60.0;
+                let swap_in =
+                    overflow * resident[v] / res_total * SWAPPED_TOUCH_PER_MIN * dt / 60.0;
                 self.balloon[v].major_faults += (swap_in * 256.0) as u64;
                 self.metrics.host_swap_in_mib += swap_in;
             }
@@ -417,7 +479,10 @@ impl<'a> Simulator<'a> {
             full_avg10: (100.0 * overflow / res_total.max(1.0) * 2.0).min(100.0),
         };
         let starved: f64 = load.iter().map(|l| (l - 1.0).max(0.0)).sum();
-        self.host_tel.psi_cpu = Psi { some_avg10: (100.0 * starved / ncpu as f64).min(100.0), full_avg10: 0.0 };
+        self.host_tel.psi_cpu = Psi {
+            some_avg10: (100.0 * starved / ncpu as f64).min(100.0),
+            full_avg10: 0.0,
+        };
 
         // 4. I/O latency by worker placement.
         for v in 0..n {
@@ -484,7 +549,11 @@ impl TelemetrySource for Simulator<'_> {
                 devices: vec![self.disk[v].clone()],
             })
             .collect();
-        Ok(Snapshot { t_s: self.trace.time(self.step), host: self.host_tel, vms })
+        Ok(Snapshot {
+            t_s: self.trace.time(self.step),
+            host: self.host_tel,
+            vms,
+        })
     }
 }
 

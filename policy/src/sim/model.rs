@@ -64,7 +64,8 @@ pub fn io_excess_latency_us(x: &IoInputs) -> f64 {
     let capacity = (1.0 - other).max(0.1);
     let util = (x.iops * IO_CPU_US * 1e-6 / capacity).min(0.95);
     let queue = IO_CPU_US * util / (1.0 - util);
-    let locality = (1.0 - x.same_group_prob) * IO_CROSS_CACHE_US + (1.0 - x.same_node_prob) * IO_CROSS_NUMA_US;
+    let locality =
+        (1.0 - x.same_group_prob) * IO_CROSS_CACHE_US + (1.0 - x.same_node_prob) * IO_CROSS_NUMA_US;
     dispatch + queue + locality
 }
 
@@ -74,11 +75,39 @@ mod tests {
 
     #[test]
     fn io_latency_moves_the_right_way() {
-        let base = IoInputs { iops: 2000.0, poll: false, other_load: 0.3, set_size: 8, same_group_prob: 1.0, same_node_prob: 1.0 };
+        let base = IoInputs {
+            iops: 2000.0,
+            poll: false,
+            other_load: 0.3,
+            set_size: 8,
+            same_group_prob: 1.0,
+            same_node_prob: 1.0,
+        };
         let l0 = io_excess_latency_us(&base);
-        assert!(io_excess_latency_us(&IoInputs { same_group_prob: 0.0, ..base }) > l0);
-        assert!(io_excess_latency_us(&IoInputs { same_node_prob: 0.0, ..base }) > l0);
-        assert!(io_excess_latency_us(&IoInputs { other_load: 0.9, ..base }) > l0);
-        assert!(io_excess_latency_us(&IoInputs { poll: true, other_load: 0.0, ..base }) < l0);
+        assert!(
+            io_excess_latency_us(&IoInputs {
+                same_group_prob: 0.0,
+                ..base
+            }) > l0
+        );
+        assert!(
+            io_excess_latency_us(&IoInputs {
+                same_node_prob: 0.0,
+                ..base
+            }) > l0
+        );
+        assert!(
+            io_excess_latency_us(&IoInputs {
+                other_load: 0.9,
+                ..base
+            }) > l0
+        );
+        assert!(
+            io_excess_latency_us(&IoInputs {
+                poll: true,
+                other_load: 0.0,
+                ..base
+            }) < l0
+        );
     }
 }

@@ -11,11 +11,16 @@ fn host() -> Host {
 }
 
 fn trace(rows: &str) -> Trace {
-    Trace::read(format!("t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class\n{rows}").as_bytes()).unwrap()
+    Trace::read(format!("t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class\n{rows}").as_bytes())
+        .unwrap()
 }
 
 fn pin(cpus: &[u32], exclusive: bool) -> VcpuPlacement {
-    VcpuPlacement { cpus: CpuSet::new(cpus.to_vec()), weight: 1.0, exclusive }
+    VcpuPlacement {
+        cpus: CpuSet::new(cpus.to_vec()),
+        weight: 1.0,
+        exclusive,
+    }
 }
 
 #[test]
@@ -29,7 +34,10 @@ fn two_busy_vcpus_on_one_cpu_share_it_and_wait() {
     sim.apply(&act).unwrap();
     sim.advance();
     let shared_wait = sim.metrics.lc_wait_p99_ms();
-    assert!(shared_wait > 400.0, "half the time runnable but not running: {shared_wait}");
+    assert!(
+        shared_wait > 400.0,
+        "half the time runnable but not running: {shared_wait}"
+    );
     assert!((sim.metrics.batch_work_vcpu_s / 10.0) < 0.55);
 
     let mut sim = Simulator::new(&h, &t);
@@ -46,13 +54,28 @@ fn balloon_below_working_set_swaps_then_kills() {
     let h = host();
     let t = trace("0,a,1,2048,0.1,1000,0,general\n10,a,1,2048,0.1,1000,0,general\n");
     let mut sim = Simulator::new(&h, &t);
-    sim.apply(&Actions { vms: vec![VmActions { balloon_target_mib: Some(950.0), ..Default::default() }] }).unwrap();
+    sim.apply(&Actions {
+        vms: vec![VmActions {
+            balloon_target_mib: Some(950.0),
+            ..Default::default()
+        }],
+    })
+    .unwrap();
     sim.advance();
     assert!(sim.metrics.guest_swap_in_mib > 0.0);
     assert_eq!(sim.metrics.oom_events, 0);
-    sim.apply(&Actions { vms: vec![VmActions { balloon_target_mib: Some(700.0), ..Default::default() }] }).unwrap();
+    sim.apply(&Actions {
+        vms: vec![VmActions {
+            balloon_target_mib: Some(700.0),
+            ..Default::default()
+        }],
+    })
+    .unwrap();
     sim.advance();
-    assert_eq!(sim.metrics.oom_events, 1, "a 300 MiB deficit exceeds 10% swap of 2048 MiB");
+    assert_eq!(
+        sim.metrics.oom_events, 1,
+        "a 300 MiB deficit exceeds 10% swap of 2048 MiB"
+    );
     let snap = sim.sample().unwrap();
     assert_eq!(snap.vms[0].balloon.oom_kills, 1);
     assert_eq!(snap.vms[0].balloon.actual_mib, 700.0);
@@ -75,8 +98,14 @@ fn local_io_worker_beats_unplaced_one() {
         sim.metrics.io_p99_us()
     };
     let unplaced = run(None);
-    let local = run(Some(DevicePlacement { cpus: CpuSet::single(1), mode: IoMode::Notify }));
-    assert!(local < unplaced * 0.85, "local {local} vs unplaced {unplaced}");
+    let local = run(Some(DevicePlacement {
+        cpus: CpuSet::single(1),
+        mode: IoMode::Notify,
+    }));
+    assert!(
+        local < unplaced * 0.85,
+        "local {local} vs unplaced {unplaced}"
+    );
 }
 
 #[test]
@@ -87,7 +116,15 @@ fn rejects_actions_no_actuator_could_do() {
     let mut act = Actions::none(1);
     act.vms[0].vcpus = Some(vec![pin(&[9], false)]);
     assert!(matches!(sim.apply(&act), Err(SimError::BadAction { .. })));
-    let act = Actions { vms: vec![VmActions { balloon_target_mib: Some(4096.0), ..Default::default() }] };
+    let act = Actions {
+        vms: vec![VmActions {
+            balloon_target_mib: Some(4096.0),
+            ..Default::default()
+        }],
+    };
     assert!(sim.apply(&act).is_err());
-    assert!(matches!(sim.apply(&Actions::none(2)), Err(SimError::NoSuchVm(1, 1))));
+    assert!(matches!(
+        sim.apply(&Actions::none(2)),
+        Err(SimError::NoSuchVm(1, 1))
+    ));
 }

@@ -12,7 +12,9 @@ pub fn models_dir() -> PathBuf {
 }
 
 pub fn examples(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
 }
 
 /// Loads ONNX Runtime from ORT_DYLIB_PATH or fails the test saying how to get it.

@@ -58,7 +58,9 @@ pub fn apply_topology(cpuid: &mut CpuId, id: u8, count: u8) {
                     entry.eax &= 0x3fff; // "no more caches": leave it empty
                 }
             }
-            LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => set_ext_topology(entry, id, count, core_bits),
+            LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => {
+                set_ext_topology(entry, id, count, core_bits)
+            }
             LEAF_AMD_FEATURES => {
                 if count > 1 {
                     entry.ecx |= AMD_ECX_CMP_LEGACY;
@@ -95,15 +97,27 @@ const LEAF_BRAND_LAST: u32 = 0x8000_0004;
 /// "family/model" numbers.
 pub fn fill_brand_string(cpuid: &mut CpuId, brand: [[u32; 4]; 3]) {
     let present = cpuid.as_slice().iter().any(|e| {
-        (LEAF_BRAND_FIRST..=LEAF_BRAND_LAST).contains(&e.function) && (e.eax | e.ebx | e.ecx | e.edx) != 0
+        (LEAF_BRAND_FIRST..=LEAF_BRAND_LAST).contains(&e.function)
+            && (e.eax | e.ebx | e.ecx | e.edx) != 0
     });
     if present {
         return;
     }
     for (i, regs) in brand.iter().enumerate() {
         let function = LEAF_BRAND_FIRST + i as u32;
-        let entry = kvm_cpuid_entry2 { function, eax: regs[0], ebx: regs[1], ecx: regs[2], edx: regs[3], ..Default::default() };
-        match cpuid.as_mut_slice().iter_mut().find(|e| e.function == function) {
+        let entry = kvm_cpuid_entry2 {
+            function,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        };
+        match cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == function)
+        {
             Some(slot) => *slot = entry,
             None => {
                 // A full table keeps "family/model": cosmetic only.
@@ -151,14 +165,32 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     fn cpuid() -> CpuId {
         CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ebx: 0x0008_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: 4, index: 0, eax: 0x21, ..Default::default() },
-            kvm_cpuid_entry2 { function: 4, index: 3, eax: 0x63, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0008_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 0,
+                eax: 0x21,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 3,
+                eax: 0x63,
+                ..Default::default()
+            },
             entry(0xb, 0),
             entry(0xb, 1),
             entry(0xb, 2),
@@ -169,7 +201,10 @@ mod tests {
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     #[test]
@@ -190,7 +225,10 @@ mod tests {
         let smt = find(&c, 0xb, 0);
         let core = find(&c, 0xb, 1);
         assert_eq!((smt.ebx, (smt.ecx >> 8) & 0xff), (1, LEVEL_SMT));
-        assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (2, 4, LEVEL_CORE));
+        assert_eq!(
+            (core.eax, core.ebx, (core.ecx >> 8) & 0xff),
+            (2, 4, LEVEL_CORE)
+        );
         assert_eq!(core.edx, 2);
         assert_eq!((find(&c, 0xb, 2).ecx >> 8) & 0xff, 0);
 
@@ -218,9 +256,16 @@ mod tests {
         assert_eq!(find(&c, 0x8000_0003, 0).ebx, 0x6f6c_6c65);
         let mut again = c.clone();
         fill_brand_string(&mut again, [[7; 4]; 3]);
-        assert_eq!(find(&again, 0x8000_0002, 0).eax, 0x2061_6843, "existing brand kept");
+        assert_eq!(
+            find(&again, 0x8000_0002, 0).eax,
+            0x2061_6843,
+            "existing brand kept"
+        );
         let host = host_brand_string();
-        assert!(host.iter().flatten().any(|r| *r != 0), "this CPU has a brand string");
+        assert!(
+            host.iter().flatten().any(|r| *r != 0),
+            "this CPU has a brand string"
+        );
     }
 
     #[test]

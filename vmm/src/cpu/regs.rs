@@ -47,7 +47,11 @@ fn segment(index: usize) -> kvm_segment {
     let g = ((e >> 55) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: (index * 8) as u16,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
@@ -97,7 +101,10 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: EntryPoint) -> Result<()> {
     sregs.ss = data;
     sregs.tr = segment(TSS_SEL);
 
-    let mut regs = kvm_regs { rflags: RFLAGS_RESERVED, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    };
     match entry {
         EntryPoint::Linux64 { rip } => {
             sregs.cs = segment(CODE64_SEL);
@@ -127,7 +134,11 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: EntryPoint) -> Result<()> {
 
 /// FPU state every x86 CPU has after reset.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).context("KVM_SET_FPU")
 }
 
@@ -164,7 +175,11 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
     ];
     let entries: Vec<kvm_msr_entry> = values
         .iter()
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     let msrs = Msrs::from_entries(&entries).context("building MSR list")?;
     let written = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
@@ -209,7 +224,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode_as_flat() {
         let cs64 = segment(CODE64_SEL);
-        assert_eq!((cs64.base, cs64.limit, cs64.l, cs64.db, cs64.type_), (0, 0xffff_ffff, 1, 0, 0xb));
+        assert_eq!(
+            (cs64.base, cs64.limit, cs64.l, cs64.db, cs64.type_),
+            (0, 0xffff_ffff, 1, 0, 0xb)
+        );
         assert_eq!(cs64.selector, 0x10);
         let cs32 = segment(CODE32_SEL);
         assert_eq!((cs32.l, cs32.db, cs32.limit), (0, 1, 0xffff_ffff));
@@ -228,7 +246,9 @@ mod tests {
         assert_eq!(pml4, PDPTE_START | 3);
         let pdpt3: u64 = mem.read_obj(GuestAddress(PDPTE_START + 24)).unwrap();
         assert_eq!(pdpt3, (PDE_START + 0x3000) | 3);
-        let last: u64 = mem.read_obj(GuestAddress(PDE_START + 0x3000 + 511 * 8)).unwrap();
+        let last: u64 = mem
+            .read_obj(GuestAddress(PDE_START + 0x3000 + 511 * 8))
+            .unwrap();
         assert_eq!(last, (0xffe0_0000) | 0x83);
     }
 }

@@ -26,7 +26,8 @@ extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Installs the (empty) kick handler once per process. Without a handler
 /// the signal would kill the process.
 pub fn install_kick_handler() -> Result<()> {
-    register_signal_handler(kick_signal(), ignore_kick).context("installing the vCPU kick signal handler")
+    register_signal_handler(kick_signal(), ignore_kick)
+        .context("installing the vCPU kick signal handler")
 }
 
 pub struct VcpuThread {
@@ -61,14 +62,23 @@ pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
     }
 }
 
-fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, lifecycle: &VmLifecycle, stop: &AtomicBool) {
+fn run_loop(
+    index: u8,
+    mut vcpu: VcpuFd,
+    bus: &PioBus,
+    mmio: &MmioBus,
+    lifecycle: &VmLifecycle,
+    stop: &AtomicBool,
+) {
     let mut unhandled_logged = false;
     while !stop.load(Ordering::SeqCst) {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => {
-                lifecycle.request_exit(ExitReason::VmmError(format!("KVM_RUN on vCPU {index} failed: {e}")));
+                lifecycle.request_exit(ExitReason::VmmError(format!(
+                    "KVM_RUN on vCPU {index} failed: {e}"
+                )));
                 return;
             }
         };
@@ -99,14 +109,22 @@ fn run_loop(index: u8, mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, lifecycle
             VcpuExit::Shutdown => Some(crash(&vcpu, index, "triple fault")),
             VcpuExit::InternalError => {
                 let detail = internal_error_detail(&mut vcpu);
-                Some(crash(&vcpu, index, &format!("KVM internal error ({detail})")))
+                Some(crash(
+                    &vcpu,
+                    index,
+                    &format!("KVM internal error ({detail})"),
+                ))
             }
             VcpuExit::FailEntry(reason, cpu) => Some(crash(
                 &vcpu,
                 index,
                 &format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
             )),
-            VcpuExit::Hlt => Some(crash(&vcpu, index, "vCPU halted outside the in-kernel LAPIC")),
+            VcpuExit::Hlt => Some(crash(
+                &vcpu,
+                index,
+                "vCPU halted outside the in-kernel LAPIC",
+            )),
             other => {
                 if !unhandled_logged {
                     tracing::warn!("vCPU {index}: ignoring unexpected exit {other:?}");
@@ -143,10 +161,34 @@ fn crash(vcpu: &VcpuFd, index: u8, what: &str) -> ExitReason {
                  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n  \
                  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x} efer={:#x}\n  \
                  cs={:#06x} (base {:#x}, l={}) ss={:#06x} ds={:#06x}",
-                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
-                r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
-                s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
-                s.cs.selector, s.cs.base, s.cs.l, s.ss.selector, s.ds.selector,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                r.rbp,
+                r.r8,
+                r.r9,
+                r.r10,
+                r.r11,
+                r.r12,
+                r.r13,
+                r.r14,
+                r.r15,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.cs.base,
+                s.cs.l,
+                s.ss.selector,
+                s.ds.selector,
             ));
         }
         (Err(e), _) | (_, Err(e)) => text.push_str(&format!(" (registers unavailable: {e})")),

@@ -7,15 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use kiln_devices::pci::PciRoot;
-use kiln_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
-use kiln_devices::virtio::worker::WorkerControl;
 use kiln_devices::virtio::balloon::{BalloonControl, VirtioBalloon};
 use kiln_devices::virtio::block::VirtioBlock;
 use kiln_devices::virtio::console::VirtioConsole;
+use kiln_devices::virtio::net::VirtioNet;
+use kiln_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
+use kiln_devices::virtio::rng::VirtioRng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::worker::Placement;
-use kiln_devices::virtio::net::VirtioNet;
-use kiln_devices::virtio::rng::VirtioRng;
+use kiln_devices::virtio::worker::WorkerControl;
 use kiln_devices::virtio::{Memory, VirtioDevice};
 use kiln_firmware::layout;
 use kvm_ioctls::VmFd;
@@ -34,15 +34,29 @@ pub struct DeviceHandles {
 }
 
 /// The PCI root bus with every configured device on it.
-pub fn build_pci(vm: &Arc<VmFd>, mem: &Memory, config: &VmConfig) -> Result<(Arc<Mutex<PciRoot>>, DeviceHandles)> {
+pub fn build_pci(
+    vm: &Arc<VmFd>,
+    mem: &Memory,
+    config: &VmConfig,
+) -> Result<(Arc<Mutex<PciRoot>>, DeviceHandles)> {
     let interrupts = Arc::new(KvmInterrupts::new(vm.clone()));
-    let mut root = PciRoot::new(layout::PCI_ECAM_START, layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE);
+    let mut root = PciRoot::new(
+        layout::PCI_ECAM_START,
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+    );
     let (devices, handles) = create_devices(config)?;
     for device in devices {
         let name = device.name().to_string();
         let bar = root.allocate_bar(BAR_SIZE)?;
-        let pci = VirtioPciDevice::new(device, mem.clone(), bar as u32, interrupts.clone(), interrupts.clone())
-            .with_context(|| format!("setting up PCI function of {name}"))?;
+        let pci = VirtioPciDevice::new(
+            device,
+            mem.clone(),
+            bar as u32,
+            interrupts.clone(),
+            interrupts.clone(),
+        )
+        .with_context(|| format!("setting up PCI function of {name}"))?;
         let slot = root.add_device(Box::new(pci))?;
         tracing::info!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
@@ -60,7 +74,9 @@ impl DeviceSet {
     /// Adds `device`, whose I/O worker is reached through `worker`, under
     /// the device's own name.
     fn add(&mut self, device: impl VirtioDevice + 'static, worker: WorkerControl) {
-        self.handles.workers.push((device.name().to_string(), worker));
+        self.handles
+            .workers
+            .push((device.name().to_string(), worker));
         self.devices.push(Box::new(device));
     }
 }

@@ -45,9 +45,15 @@ impl Segments {
                 left -= len;
             } else if left > 0 {
                 let taken = left as u32; // left < seg.len, so it fits
-                front.push(Segment { addr: seg.addr, len: taken });
+                front.push(Segment {
+                    addr: seg.addr,
+                    len: taken,
+                });
                 let addr = seg.addr.checked_add(u64::from(taken))?;
-                rest.push(Segment { addr, len: seg.len - taken });
+                rest.push(Segment {
+                    addr,
+                    len: seg.len - taken,
+                });
                 left = 0;
             } else {
                 rest.push(*seg);
@@ -64,7 +70,8 @@ impl Segments {
                 break;
             }
             let n = (buf.len() - done).min(seg.len as usize);
-            mem.read_slice(&mut buf[done..done + n], seg.addr).map_err(|_| GuestRangeError(seg.addr))?;
+            mem.read_slice(&mut buf[done..done + n], seg.addr)
+                .map_err(|_| GuestRangeError(seg.addr))?;
             done += n;
         }
         if done == buf.len() {
@@ -76,14 +83,19 @@ impl Segments {
 
     /// Writes `data` at the start of the buffers (as much as fits).
     /// Returns the bytes written.
-    pub fn write_prefix(&self, mem: &GuestMemoryMmap, data: &[u8]) -> Result<usize, GuestRangeError> {
+    pub fn write_prefix(
+        &self,
+        mem: &GuestMemoryMmap,
+        data: &[u8],
+    ) -> Result<usize, GuestRangeError> {
         let mut done = 0;
         for seg in &self.0 {
             if done == data.len() {
                 break;
             }
             let n = (data.len() - done).min(seg.len as usize);
-            mem.write_slice(&data[done..done + n], seg.addr).map_err(|_| GuestRangeError(seg.addr))?;
+            mem.write_slice(&data[done..done + n], seg.addr)
+                .map_err(|_| GuestRangeError(seg.addr))?;
             done += n;
         }
         Ok(done)
@@ -92,7 +104,11 @@ impl Segments {
     /// Iovecs covering the buffers, for I/O from (`guest_writes == false`)
     /// or into guest memory. Fails if any byte is outside guest memory.
     /// Pages the device will write are marked dirty.
-    pub fn iovecs(&self, mem: &GuestMemoryMmap, guest_writes: bool) -> Result<Vec<libc::iovec>, GuestRangeError> {
+    pub fn iovecs(
+        &self,
+        mem: &GuestMemoryMmap,
+        guest_writes: bool,
+    ) -> Result<Vec<libc::iovec>, GuestRangeError> {
         let mut iovecs = Vec::with_capacity(self.0.len());
         for seg in &self.0 {
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
@@ -103,7 +119,10 @@ impl Segments {
                 } else {
                     slice.ptr_guard().as_ptr() as *mut u8
                 };
-                iovecs.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: slice.len() });
+                iovecs.push(libc::iovec {
+                    iov_base: ptr as *mut libc::c_void,
+                    iov_len: slice.len(),
+                });
             }
         }
         Ok(iovecs)
@@ -150,7 +169,10 @@ pub(crate) struct Layout {
 /// Walks `chain`, keeping at most `max_descriptors` buffers (the walk
 /// itself is bounded by virtio-queue's TTL). The status byte is the last
 /// byte of the last descriptor, which must be device-writable.
-pub(crate) fn walk<M>(chain: virtio_queue::DescriptorChain<M>, max_descriptors: usize) -> Result<Layout, ChainFault>
+pub(crate) fn walk<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    max_descriptors: usize,
+) -> Result<Layout, ChainFault>
 where
     M: Deref,
     M::Target: GuestMemory,
@@ -167,7 +189,10 @@ where
             flaws.too_many_descriptors = true;
             continue;
         }
-        let seg = Segment { addr: desc.addr(), len: desc.len() };
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
         if desc.is_write_only() {
             writable.push(seg);
         } else {
@@ -184,7 +209,10 @@ where
     if !last.is_write_only() || last.len() == 0 {
         return Err(ChainFault::NoStatus);
     }
-    let status = last.addr().checked_add(u64::from(last.len()) - 1).ok_or(ChainFault::NoStatus)?;
+    let status = last
+        .addr()
+        .checked_add(u64::from(last.len()) - 1)
+        .ok_or(ChainFault::NoStatus)?;
     if !flaws.too_many_descriptors {
         // The last writable buffer is `last`: drop its status byte.
         if let Some(tail) = writable.last_mut() {
@@ -194,7 +222,12 @@ where
             }
         }
     }
-    Ok(Layout { readable: Segments(readable), writable: Segments(writable), status, flaws })
+    Ok(Layout {
+        readable: Segments(readable),
+        writable: Segments(writable),
+        status,
+        flaws,
+    })
 }
 
 /// Writes the status byte; `false` if it is outside guest memory.
@@ -207,7 +240,14 @@ mod tests {
     use super::*;
 
     fn segs(v: &[(u64, u32)]) -> Segments {
-        Segments(v.iter().map(|&(a, l)| Segment { addr: GuestAddress(a), len: l }).collect())
+        Segments(
+            v.iter()
+                .map(|&(a, l)| Segment {
+                    addr: GuestAddress(a),
+                    len: l,
+                })
+                .collect(),
+        )
     }
 
     #[test]

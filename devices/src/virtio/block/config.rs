@@ -36,7 +36,12 @@ fn default_id() -> String {
 
 impl BlockConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        BlockConfig { path: path.into(), read_only: false, serial: None, id: default_id() }
+        BlockConfig {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            id: default_id(),
+        }
     }
 
     /// Checks what parsing cannot (a config may also come from JSON).

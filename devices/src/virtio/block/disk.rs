@@ -35,7 +35,11 @@ impl DiskFile {
             } else {
                 ""
             };
-            BlockError::Open { path: path.to_path_buf(), source, hint }
+            BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+                hint,
+            }
         };
         let meta = std::fs::metadata(path).map_err(open_err)?;
         let kind = meta.file_type();
@@ -54,9 +58,15 @@ impl DiskFile {
         // Seeking to the end also sizes block devices (their metadata says 0).
         let bytes = file
             .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size { path: path.to_path_buf(), source })?;
+            .map_err(|source| BlockError::Size {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if bytes == 0 {
-            tracing::warn!("disk image {} is empty: the guest sees a disk of 0 sectors", path.display());
+            tracing::warn!(
+                "disk image {} is empty: the guest sees a disk of 0 sectors",
+                path.display()
+            );
         } else if bytes % SECTOR_SIZE != 0 {
             tracing::warn!(
                 "disk image {} is {bytes} bytes, not a multiple of {SECTOR_SIZE}: the last {} bytes are not visible to the guest",
@@ -69,7 +79,11 @@ impl DiskFile {
 
     /// A disk on an already open file with a given capacity (tests, fuzzing).
     pub fn from_file(file: File, sectors: u64, read_only: bool) -> DiskFile {
-        DiskFile { file, sectors, read_only }
+        DiskFile {
+            file,
+            sectors,
+            read_only,
+        }
     }
 
     pub fn sectors(&self) -> u64 {
@@ -103,7 +117,12 @@ impl DiskFile {
 
     /// The preadv/pwritev loop: continues after partial transfers by
     /// trimming the consumed iovecs in place.
-    unsafe fn transfer(&self, iovecs: &mut [libc::iovec], mut offset: u64, write: bool) -> io::Result<()> {
+    unsafe fn transfer(
+        &self,
+        iovecs: &mut [libc::iovec],
+        mut offset: u64,
+        write: bool,
+    ) -> io::Result<()> {
         let mut first = 0;
         while first < iovecs.len() {
             if iovecs[first].iov_len == 0 {
@@ -132,9 +151,15 @@ impl DiskFile {
             }
             if n == 0 {
                 return Err(if write {
-                    io::Error::new(io::ErrorKind::WriteZero, "the disk image accepted no more data")
+                    io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the disk image accepted no more data",
+                    )
                 } else {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "the disk image ends early (truncated underneath?)")
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the disk image ends early (truncated underneath?)",
+                    )
                 });
             }
             let mut done = n as usize;
@@ -162,7 +187,11 @@ impl DiskFile {
     /// Deallocates a range. Discard is a hint: a backend that cannot punch
     /// holes keeps the data and the request still succeeds.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Err(e) if unsupported(&e) => Ok(()),
             other => other,
         }
@@ -176,20 +205,33 @@ impl DiskFile {
             return Ok(());
         }
         if unmap {
-            match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            match self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
                 Err(e) if unsupported(&e) => {}
                 other => return other,
             }
         }
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Err(e) if unsupported(&e) => {}
             other => return other,
         }
         let mut at = offset;
-        let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         while at < end {
             let n = (end - at).min(ZEROS.len() as u64) as usize;
-            let mut iov = [libc::iovec { iov_base: ZEROS.as_ptr() as *mut libc::c_void, iov_len: n }];
+            let mut iov = [libc::iovec {
+                iov_base: ZEROS.as_ptr() as *mut libc::c_void,
+                iov_len: n,
+            }];
             // SAFETY: the iovec points into a static buffer that is only read.
             unsafe { self.write_all_at(&mut iov, at)? };
             at += n as u64;
@@ -218,5 +260,8 @@ impl DiskFile {
 /// The backend does not do this fallocate mode (tmpfs and ZERO_RANGE,
 /// character devices, old file systems).
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV)
+    )
 }

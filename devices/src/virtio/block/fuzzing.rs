@@ -45,7 +45,11 @@ fn run(data: &[u8]) -> Option<()> {
     let (table, payload) = rest.split_at(table_bytes.min(rest.len()));
 
     let half = (MEM_END / 2) as usize;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), half), (GuestAddress(MEM_END / 2), half)]).ok()?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), half),
+        (GuestAddress(MEM_END / 2), half),
+    ])
+    .ok()?;
     for (i, d) in table.chunks_exact(12).enumerate() {
         let addr = u64::from(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
         let at = GuestAddress(DESC_TABLE + 16 * i as u64);
@@ -53,10 +57,12 @@ fn run(data: &[u8]) -> Option<()> {
         mem.write_slice(&d[4..12], GuestAddress(at.0 + 8)).ok()?;
     }
     let room = (MEM_END - DATA) as usize;
-    mem.write_slice(&payload[..payload.len().min(room)], GuestAddress(DATA)).ok()?;
+    mem.write_slice(&payload[..payload.len().min(room)], GuestAddress(DATA))
+        .ok()?;
     // One available entry: descriptor 0.
     mem.write_obj(0u16, GuestAddress(AVAIL_RING)).ok()?;
-    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_RING + 2)).ok()?;
+    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_RING + 2))
+        .ok()?;
     mem.write_obj(0u16, GuestAddress(AVAIL_RING + 4)).ok()?;
 
     let mut queue = Queue::new(QUEUE_LEN).ok()?;
@@ -70,7 +76,12 @@ fn run(data: &[u8]) -> Option<()> {
     let disk = memfd_disk(read_only)?;
     let warnings = Warnings::new("fuzz");
     let serial = [b'f'; super::SERIAL_LEN];
-    let ctx = RequestContext { mem: &mem, disk: &disk, serial: &serial, warnings: &warnings };
+    let ctx = RequestContext {
+        mem: &mem,
+        disk: &disk,
+        serial: &serial,
+        warnings: &warnings,
+    };
     while let Some(chain) = queue.pop_descriptor_chain(&mem) {
         let head = chain.head_index();
         let len = request::serve(&ctx, chain);
@@ -89,5 +100,9 @@ fn memfd_disk(read_only: bool) -> Option<DiskFile> {
     // SAFETY: fd is a fresh descriptor nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(DISK_BYTES).ok()?;
-    Some(DiskFile::from_file(file, DISK_BYTES / super::SECTOR_SIZE, read_only))
+    Some(DiskFile::from_file(
+        file,
+        DISK_BYTES / super::SECTOR_SIZE,
+        read_only,
+    ))
 }

@@ -68,7 +68,12 @@ impl BlockWorker {
     /// driver if it asked to be.
     fn drain(&mut self) -> bool {
         let mem = self.mem.clone();
-        let ctx = RequestContext { mem: mem.as_ref(), disk: &self.disk, serial: &self.serial, warnings: &self.warnings };
+        let ctx = RequestContext {
+            mem: mem.as_ref(),
+            disk: &self.disk,
+            serial: &self.serial,
+            warnings: &self.warnings,
+        };
         let mut served = 0usize;
         while let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) {
             let head = chain.head_index();
@@ -119,7 +124,9 @@ impl WorkerHandler for BlockWorker {
         }
         let mem = self.mem.clone();
         let result = if on {
-            self.queue.disable_notification(mem.as_ref()).map(|()| false)
+            self.queue
+                .disable_notification(mem.as_ref())
+                .map(|()| false)
         } else {
             self.queue.enable_notification(mem.as_ref())
         };

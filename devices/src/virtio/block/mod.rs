@@ -20,15 +20,15 @@ pub mod fuzzing;
 mod handler;
 mod limits;
 mod request;
-mod warn;
 #[cfg(test)]
 mod tests;
+mod warn;
 
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_queue::QueueT;
 
@@ -68,11 +68,22 @@ impl VirtioBlock {
         VirtioBlock::with_disk(config, disk, placement)
     }
 
-    pub(crate) fn with_disk(config: BlockConfig, disk: DiskFile, placement: Placement) -> Result<VirtioBlock, BlockError> {
+    pub(crate) fn with_disk(
+        config: BlockConfig,
+        disk: DiskFile,
+        placement: Placement,
+    ) -> Result<VirtioBlock, BlockError> {
         let control = WorkerControl::new(placement).map_err(BlockError::Control)?;
         let config_space = config_space(disk.sectors(), disk.read_only());
         let warnings = Arc::new(Warnings::new(&config.id));
-        Ok(VirtioBlock { config, disk: Arc::new(disk), config_space, control, worker: None, warnings })
+        Ok(VirtioBlock {
+            config,
+            disk: Arc::new(disk),
+            config_space,
+            control,
+            worker: None,
+            warnings,
+        })
     }
 
     /// The handle to move the I/O worker (CPUs, notify or poll) at runtime;
@@ -102,9 +113,9 @@ fn config_space(sectors: u64, read_only: bool) -> [u8; CONFIG_LEN] {
     put(0, &sectors.to_le_bytes()); // capacity
     put(8, &SIZE_MAX.to_le_bytes()); // size_max
     put(12, &SEG_MAX.to_le_bytes()); // seg_max
-    // 16: geometry (not offered)
+                                     // 16: geometry (not offered)
     put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-    // 24: topology (not offered); 32: writeback, 33: unused
+                                                  // 24: topology (not offered); 32: writeback, 33: unused
     put(34, &1u16.to_le_bytes()); // num_queues (meaningful only with MQ)
     if !read_only {
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
@@ -174,7 +185,8 @@ impl VirtioDevice for VirtioBlock {
             polling: false,
             broken: false,
         };
-        let worker = Worker::spawn(&self.config.id, handler, self.control.clone()).map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(&self.config.id, handler, self.control.clone())
+            .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }

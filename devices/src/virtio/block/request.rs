@@ -14,15 +14,17 @@
 use std::io;
 
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{self, ChainFault, Layout, Segments};
 use super::disk::{DiskFile, SECTOR_SIZE};
-use super::limits::{MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_REQUEST_BYTES, MAX_WRITE_ZEROES_SECTORS};
+use super::limits::{
+    MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_REQUEST_BYTES, MAX_WRITE_ZEROES_SECTORS,
+};
 use super::warn::{Problem, Warnings};
 
 const HEADER_LEN: u64 = 16;
@@ -82,7 +84,8 @@ where
         }
     };
     if !chain::write_status(ctx.mem, layout.status, status as u8) {
-        ctx.warnings.warn(Problem::NoStatus, "status byte outside guest memory");
+        ctx.warnings
+            .warn(Problem::NoStatus, "status byte outside guest memory");
         return 0;
     }
     written.saturating_add(1)
@@ -101,12 +104,19 @@ fn execute(ctx: &RequestContext<'_>, layout: &Layout) -> Result<u32, Failure> {
     if layout.flaws.readable_after_writable {
         return Err(Failure::IoErr(Problem::WrongDirection));
     }
-    let (header, payload) = layout.readable.split_front(HEADER_LEN).ok_or(Failure::IoErr(Problem::ShortHeader))?;
+    let (header, payload) = layout
+        .readable
+        .split_front(HEADER_LEN)
+        .ok_or(Failure::IoErr(Problem::ShortHeader))?;
     let mut raw = [0u8; HEADER_LEN as usize];
-    header.read_exact(ctx.mem, &mut raw).map_err(|_| Failure::IoErr(Problem::BadAddress))?;
+    header
+        .read_exact(ctx.mem, &mut raw)
+        .map_err(|_| Failure::IoErr(Problem::BadAddress))?;
     let header = Header {
         kind: u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
-        sector: u64::from_le_bytes([raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]]),
+        sector: u64::from_le_bytes([
+            raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+        ]),
     };
     match header.kind {
         VIRTIO_BLK_T_IN => {
@@ -134,7 +144,10 @@ fn execute(ctx: &RequestContext<'_>, layout: &Layout) -> Result<u32, Failure> {
             if !payload.is_empty() {
                 return Err(Failure::IoErr(Problem::WrongDirection));
             }
-            let n = layout.writable.write_prefix(ctx.mem, ctx.serial).map_err(|_| Failure::IoErr(Problem::BadAddress))?;
+            let n = layout
+                .writable
+                .write_prefix(ctx.mem, ctx.serial)
+                .map_err(|_| Failure::IoErr(Problem::BadAddress))?;
             Ok(n as u32)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -158,8 +171,12 @@ fn refuse_if_read_only(ctx: &RequestContext<'_>) -> Result<(), Failure> {
 
 /// The byte offset of `len` bytes at `sector`, if they lie within the disk.
 fn disk_range(disk: &DiskFile, sector: u64, len: u64) -> Result<u64, Failure> {
-    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Failure::IoErr(Problem::OutOfRange))?;
-    let end = offset.checked_add(len).ok_or(Failure::IoErr(Problem::OutOfRange))?;
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(Failure::IoErr(Problem::OutOfRange))?;
+    let end = offset
+        .checked_add(len)
+        .ok_or(Failure::IoErr(Problem::OutOfRange))?;
     if end > disk.sectors().saturating_mul(SECTOR_SIZE) {
         return Err(Failure::IoErr(Problem::OutOfRange));
     }
@@ -181,7 +198,9 @@ fn data_len(data: &Segments) -> Result<u64, Failure> {
 fn read(ctx: &RequestContext<'_>, sector: u64, data: &Segments) -> Result<u32, Failure> {
     let len = data_len(data)?;
     let offset = disk_range(ctx.disk, sector, len)?;
-    let mut iovecs = data.iovecs(ctx.mem, true).map_err(|_| Failure::IoErr(Problem::BadAddress))?;
+    let mut iovecs = data
+        .iovecs(ctx.mem, true)
+        .map_err(|_| Failure::IoErr(Problem::BadAddress))?;
     // SAFETY: the iovecs point into guest memory, which stays mapped while
     // `ctx.mem` is borrowed; the guest may race on it, which only garbles
     // its own data.
@@ -193,30 +212,48 @@ fn read(ctx: &RequestContext<'_>, sector: u64, data: &Segments) -> Result<u32, F
 fn write(ctx: &RequestContext<'_>, sector: u64, data: &Segments) -> Result<(), Failure> {
     let len = data_len(data)?;
     let offset = disk_range(ctx.disk, sector, len)?;
-    let mut iovecs = data.iovecs(ctx.mem, false).map_err(|_| Failure::IoErr(Problem::BadAddress))?;
+    let mut iovecs = data
+        .iovecs(ctx.mem, false)
+        .map_err(|_| Failure::IoErr(Problem::BadAddress))?;
     // SAFETY: as in `read`; the kernel only reads these buffers.
     unsafe { ctx.disk.write_all_at(&mut iovecs, offset) }.map_err(Failure::Host)
 }
 
 /// DISCARD and WRITE_ZEROES: exactly one `virtio_blk_discard_write_zeroes`
 /// segment (`max_discard_seg` = `max_write_zeroes_seg` = 1).
-fn discard_or_zero(ctx: &RequestContext<'_>, discard: bool, payload: &Segments) -> Result<(), Failure> {
+fn discard_or_zero(
+    ctx: &RequestContext<'_>,
+    discard: bool,
+    payload: &Segments,
+) -> Result<(), Failure> {
     let len = payload.total_len();
     if len != SEGMENT_LEN {
         // None, a partial one, or more than max_*_seg.
         return Err(Failure::IoErr(Problem::BadSegments));
     }
     let mut raw = [0u8; SEGMENT_LEN as usize];
-    payload.read_exact(ctx.mem, &mut raw).map_err(|_| Failure::IoErr(Problem::BadAddress))?;
-    let sector = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+    payload
+        .read_exact(ctx.mem, &mut raw)
+        .map_err(|_| Failure::IoErr(Problem::BadAddress))?;
+    let sector = u64::from_le_bytes([
+        raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+    ]);
     let sectors = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
     let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
     // The spec: UNSUPP for unknown flags, and for unmap on a discard.
-    let allowed = if discard { 0 } else { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP };
+    let allowed = if discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
     if flags & !allowed != 0 {
         return Err(Failure::Unsupp(Problem::BadFlags));
     }
-    let max = if discard { MAX_DISCARD_SECTORS } else { MAX_WRITE_ZEROES_SECTORS };
+    let max = if discard {
+        MAX_DISCARD_SECTORS
+    } else {
+        MAX_WRITE_ZEROES_SECTORS
+    };
     if sectors > max {
         return Err(Failure::IoErr(Problem::TooLarge));
     }
@@ -228,7 +265,11 @@ fn discard_or_zero(ctx: &RequestContext<'_>, discard: bool, payload: &Segments) 
     let result = if discard {
         ctx.disk.discard(offset, bytes)
     } else {
-        ctx.disk.write_zeroes(offset, bytes, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0)
+        ctx.disk.write_zeroes(
+            offset,
+            bytes,
+            flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        )
     };
     result.map_err(Failure::Host)
 }

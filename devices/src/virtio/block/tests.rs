@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::*;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -54,7 +56,8 @@ impl TempImage {
     fn new(contents: &[u8]) -> TempImage {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("kiln-blk-test-{}-{n}.img", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("kiln-blk-test-{}-{n}.img", std::process::id()));
         let mut f = File::create(&path).unwrap();
         f.write_all(contents).unwrap();
         TempImage(path)
@@ -122,7 +125,11 @@ impl Rig {
     }
 
     fn with_image(image: &TempImage, read_only: bool) -> Rig {
-        let config = BlockConfig { read_only, serial: Some("kiln-serial-0123".into()), ..BlockConfig::new(&image.0) };
+        let config = BlockConfig {
+            read_only,
+            serial: Some("kiln-serial-0123".into()),
+            ..BlockConfig::new(&image.0)
+        };
         Rig::new(VirtioBlock::new(config, Placement::default()).unwrap())
     }
 
@@ -131,7 +138,9 @@ impl Rig {
     /// once more than half the entries were used.)
     fn fresh_queue(&mut self) -> Queue {
         (self.desc_table, self.avail_ring, self.used_ring) = (0, 0x1000, 0x2000);
-        self.mem.write_slice(&[0u8; 0x3000], GuestAddress(0)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 0x3000], GuestAddress(0))
+            .unwrap();
         self.avail = 0;
         self.used = 0;
         let mut q = Queue::new(QSIZE).unwrap();
@@ -148,7 +157,11 @@ impl Rig {
         let queue = self.fresh_queue();
         let ctx = DeviceContext {
             mem: Arc::new(self.mem.clone()),
-            queues: vec![QueueContext { index: 0, queue, kick: self.kick.try_clone().unwrap() }],
+            queues: vec![QueueContext {
+                index: 0,
+                queue,
+                kick: self.kick.try_clone().unwrap(),
+            }],
             acked_features,
             interrupt: self.irq.clone(),
         };
@@ -182,13 +195,17 @@ impl Rig {
     /// makes it available, without kicking.
     fn submit_raw(&mut self, descs: &[RawDescriptor]) {
         for (i, d) in descs.iter().enumerate() {
-            self.mem.write_obj(*d, GuestAddress(self.desc_table + 16 * i as u64)).unwrap();
+            self.mem
+                .write_obj(*d, GuestAddress(self.desc_table + 16 * i as u64))
+                .unwrap();
         }
         let slot = self.avail_ring + 4 + 2 * u64::from(self.avail % QSIZE);
         self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
         self.avail = self.avail.wrapping_add(1);
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem.write_obj(self.avail, GuestAddress(self.avail_ring + 2)).unwrap();
+        self.mem
+            .write_obj(self.avail, GuestAddress(self.avail_ring + 2))
+            .unwrap();
     }
 
     fn submit(&mut self, bufs: &[Buf]) {
@@ -196,7 +213,11 @@ impl Rig {
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, writable))| {
-                let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
                 if i + 1 < bufs.len() {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
@@ -216,7 +237,11 @@ impl Rig {
         let elem_addr = GuestAddress(self.used_ring + 4 + 8 * u64::from(self.used % QSIZE));
         let start = Instant::now();
         while self.mem.read_obj::<u16>(idx_addr).unwrap() == self.used {
-            assert!(start.elapsed() < Duration::from_secs(2), "request {} was never completed", self.used);
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "request {} was never completed",
+                self.used
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         let id: u32 = self.mem.read_obj(elem_addr).unwrap();
@@ -237,7 +262,9 @@ impl Rig {
     }
 
     fn fill(&self, at: u64, byte: u8, len: usize) {
-        self.mem.write_slice(&vec![byte; len], GuestAddress(at)).unwrap();
+        self.mem
+            .write_slice(&vec![byte; len], GuestAddress(at))
+            .unwrap();
     }
 
     fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
@@ -274,31 +301,69 @@ fn config_parses_options_and_rejects_mistakes() {
     let c: BlockConfig = "path=/x,id=disk1".parse().unwrap();
     assert!(!c.read_only && c.serial.is_none() && c.id == "disk1");
 
-    assert!(matches!("readonly=on".parse::<BlockConfig>(), Err(BlockError::Options(_))));
-    assert!(matches!("path=".parse::<BlockConfig>(), Err(BlockError::Options(_))));
-    assert!(matches!("path=a,ro=on".parse::<BlockConfig>(), Err(BlockError::Options(_))));
-    assert!(matches!("path=a,serial=123456789012345678901".parse::<BlockConfig>(), Err(BlockError::SerialTooLong(_))));
-    assert!("path=a,serial=12345678901234567890".parse::<BlockConfig>().is_ok());
-    assert!(matches!("path=a,id=".parse::<BlockConfig>(), Err(BlockError::EmptyId)));
+    assert!(matches!(
+        "readonly=on".parse::<BlockConfig>(),
+        Err(BlockError::Options(_))
+    ));
+    assert!(matches!(
+        "path=".parse::<BlockConfig>(),
+        Err(BlockError::Options(_))
+    ));
+    assert!(matches!(
+        "path=a,ro=on".parse::<BlockConfig>(),
+        Err(BlockError::Options(_))
+    ));
+    assert!(matches!(
+        "path=a,serial=123456789012345678901".parse::<BlockConfig>(),
+        Err(BlockError::SerialTooLong(_))
+    ));
+    assert!("path=a,serial=12345678901234567890"
+        .parse::<BlockConfig>()
+        .is_ok());
+    assert!(matches!(
+        "path=a,id=".parse::<BlockConfig>(),
+        Err(BlockError::EmptyId)
+    ));
 }
 
 #[test]
 fn new_reports_missing_files_directories_and_odd_sizes() {
     let missing = BlockConfig::new("/nonexistent/kiln/disk.img");
-    let err = VirtioBlock::new(missing, Placement::default()).err().unwrap();
+    let err = VirtioBlock::new(missing, Placement::default())
+        .err()
+        .unwrap();
     assert!(matches!(err, BlockError::Open { .. }), "{err}");
-    assert!(err.to_string().contains("/nonexistent/kiln/disk.img"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/kiln/disk.img"),
+        "{err}"
+    );
 
     let dir = BlockConfig::new(std::env::temp_dir());
-    assert!(matches!(VirtioBlock::new(dir, Placement::default()), Err(BlockError::IsDirectory(_))));
+    assert!(matches!(
+        VirtioBlock::new(dir, Placement::default()),
+        Err(BlockError::IsDirectory(_))
+    ));
     let chardev = BlockConfig::new("/dev/null");
-    assert!(matches!(VirtioBlock::new(chardev, Placement::default()), Err(BlockError::NotAFile(_))));
+    assert!(matches!(
+        VirtioBlock::new(chardev, Placement::default()),
+        Err(BlockError::NotAFile(_))
+    ));
 
     let empty = TempImage::new(&[]);
-    assert_eq!(VirtioBlock::new(BlockConfig::new(&empty.0), Placement::default()).unwrap().capacity(), 0);
+    assert_eq!(
+        VirtioBlock::new(BlockConfig::new(&empty.0), Placement::default())
+            .unwrap()
+            .capacity(),
+        0
+    );
     // 1000 bytes: one whole sector, the 488-byte tail is invisible.
     let odd = TempImage::new(&[7u8; 1000]);
-    assert_eq!(VirtioBlock::new(BlockConfig::new(&odd.0), Placement::default()).unwrap().capacity(), 1);
+    assert_eq!(
+        VirtioBlock::new(BlockConfig::new(&odd.0), Placement::default())
+            .unwrap()
+            .capacity(),
+        1
+    );
 }
 
 #[test]
@@ -306,7 +371,14 @@ fn features_and_config_space_follow_the_spec_layout() {
     let image = TempImage::new(&pattern(DISK_BYTES));
     let rw = VirtioBlock::new(BlockConfig::new(&image.0), Placement::default()).unwrap();
     let f = rw.features();
-    for b in [VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES] {
+    for b in [
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_SIZE_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ] {
         assert!(f & (1 << b) != 0, "feature bit {b} missing");
     }
     assert!(f & (1 << VIRTIO_BLK_F_RO) == 0);
@@ -330,7 +402,14 @@ fn features_and_config_space_follow_the_spec_layout() {
     assert!(cfg(&rw, 36, 4) > 0 && cfg(&rw, 48, 4) > 0);
     assert_eq!(cfg(&rw, 1000, 4), 0, "reads past the end are zero");
 
-    let ro = VirtioBlock::new(BlockConfig { read_only: true, ..BlockConfig::new(&image.0) }, Placement::default()).unwrap();
+    let ro = VirtioBlock::new(
+        BlockConfig {
+            read_only: true,
+            ..BlockConfig::new(&image.0)
+        },
+        Placement::default(),
+    )
+    .unwrap();
     let f = ro.features();
     assert!(f & (1 << VIRTIO_BLK_F_RO) != 0);
     assert!(f & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)) == 0);
@@ -345,12 +424,21 @@ fn read_fills_guest_buffers_from_the_image() {
     rig.fill(DATA, 0xee, 8192);
     rig.header(VIRTIO_BLK_T_IN, 3);
     // Data split unevenly over two descriptors.
-    let (status, len) = rig.request(&[r(HDR, 16), w(DATA, 1024), w(DATA + 0x1000, 512), w(STATUS, 1)]);
+    let (status, len) = rig.request(&[
+        r(HDR, 16),
+        w(DATA, 1024),
+        w(DATA + 0x1000, 512),
+        w(STATUS, 1),
+    ]);
     assert_eq!((status, len), (OK, 1537));
     let want = &pattern(DISK_BYTES)[3 * 512..6 * 512];
     assert_eq!(rig.bytes(DATA, 1024), want[..1024]);
     assert_eq!(rig.bytes(DATA + 0x1000, 512), want[1024..]);
-    assert_eq!(rig.bytes(DATA + 1024, 16), vec![0xee; 16], "nothing written past the buffer");
+    assert_eq!(
+        rig.bytes(DATA + 1024, 16),
+        vec![0xee; 16],
+        "nothing written past the buffer"
+    );
     assert!(rig.irq.signals.load(Ordering::SeqCst) >= 1);
 
     // Data and status in one writable descriptor.
@@ -367,7 +455,12 @@ fn write_stores_guest_data_in_the_image() {
     rig.fill(DATA, 0x5a, 512);
     rig.fill(DATA + 0x1000, 0xa5, 512);
     rig.header(VIRTIO_BLK_T_OUT, 10);
-    let (status, len) = rig.request(&[r(HDR, 16), r(DATA, 512), r(DATA + 0x1000, 512), w(STATUS, 1)]);
+    let (status, len) = rig.request(&[
+        r(HDR, 16),
+        r(DATA, 512),
+        r(DATA + 0x1000, 512),
+        w(STATUS, 1),
+    ]);
     assert_eq!((status, len), (OK, 1));
     let file = image.read();
     assert_eq!(file.len(), DISK_BYTES);
@@ -395,7 +488,10 @@ fn flush_succeeds_and_data_survives() {
     assert_eq!(rig.request(&hdr_status()), (OK, 1));
     assert_eq!(image.read()[..512], [0x42; 512]);
     // A flush with a data buffer is malformed.
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]).0, IOERR);
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]).0,
+        IOERR
+    );
 }
 
 #[test]
@@ -422,10 +518,17 @@ fn discard_punches_a_hole_and_keeps_the_size() {
     let mut rig = Rig::with_image(&image, false);
     rig.header(VIRTIO_BLK_T_DISCARD, 0);
     rig.segment(SEG, 8, 16, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (OK, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (OK, 1)
+    );
     let file = image.read();
     assert_eq!(file.len(), DISK_BYTES);
-    assert_eq!(file[4096..12288], vec![0u8; 8192][..], "ext4 punches 4 KiB-aligned holes");
+    assert_eq!(
+        file[4096..12288],
+        vec![0u8; 8192][..],
+        "ext4 punches 4 KiB-aligned holes"
+    );
     assert_eq!(file[..4096], pattern(DISK_BYTES)[..4096]);
     assert_eq!(file[12288..], pattern(DISK_BYTES)[12288..]);
 }
@@ -436,9 +539,15 @@ fn write_zeroes_zeroes_the_range_with_and_without_unmap() {
     let mut rig = Rig::with_image(&image, false);
     rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
     rig.segment(SEG, 1, 3, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (OK, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (OK, 1)
+    );
     rig.segment(SEG, 100, 20, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (OK, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (OK, 1)
+    );
     let file = image.read();
     let p = pattern(DISK_BYTES);
     assert_eq!(file.len(), DISK_BYTES);
@@ -456,10 +565,15 @@ fn write_zeroes_falls_back_to_writing_zeros() {
     let mut check = file.try_clone().unwrap();
     check.write_all(&pattern(DISK_BYTES)).unwrap();
     let disk = DiskFile::from_file(file, (DISK_BYTES / 512) as u64, false);
-    let mut rig = Rig::new(VirtioBlock::with_disk(BlockConfig::new("memfd"), disk, Placement::default()).unwrap());
+    let mut rig = Rig::new(
+        VirtioBlock::with_disk(BlockConfig::new("memfd"), disk, Placement::default()).unwrap(),
+    );
     rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
     rig.segment(SEG, 2, 300, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (OK, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (OK, 1)
+    );
     let mut got = vec![0u8; DISK_BYTES];
     use std::os::unix::fs::FileExt;
     check.read_exact_at(&mut got, 0).unwrap();
@@ -472,7 +586,12 @@ fn write_zeroes_falls_back_to_writing_zeros() {
 fn unknown_request_types_are_unsupported() {
     let image = TempImage::new(&pattern(4096));
     let mut rig = Rig::with_image(&image, false);
-    for kind in [VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_SECURE_ERASE, VIRTIO_BLK_T_ZONE_REPORT, 0xdead_beef] {
+    for kind in [
+        VIRTIO_BLK_T_SCSI_CMD,
+        VIRTIO_BLK_T_SECURE_ERASE,
+        VIRTIO_BLK_T_ZONE_REPORT,
+        0xdead_beef,
+    ] {
         rig.header(kind, 0);
         assert_eq!(rig.request(&hdr_status()), (UNSUPP, 1), "type {kind:#x}");
     }
@@ -485,19 +604,31 @@ fn read_only_disk_reads_but_never_writes() {
     let mut rig = Rig::with_image(&image, true);
     rig.fill(DATA, 0x77, 512);
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     rig.header(VIRTIO_BLK_T_DISCARD, 0);
     rig.segment(SEG, 0, 8, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     assert_eq!(image.read(), pattern(DISK_BYTES), "the image is unchanged");
     // Refused by the device, not by the O_RDONLY file descriptor.
     assert!(rig.dev.warnings.seen(warn::Problem::ReadOnly));
     assert!(!rig.dev.warnings.seen(warn::Problem::HostIo));
 
     rig.header(VIRTIO_BLK_T_IN, 1);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
     assert_eq!(rig.bytes(DATA, 512), pattern(DISK_BYTES)[512..1024]);
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(rig.request(&hdr_status()).0, OK);
@@ -511,8 +642,14 @@ fn requests_work_with_event_idx_and_indirect_descriptors() {
     rig.activate(features::RING_EVENT_IDX | features::RING_INDIRECT_DESC);
     for sector in 0..5u64 {
         rig.header(VIRTIO_BLK_T_IN, sector);
-        assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
-        assert_eq!(rig.bytes(DATA, 512), pattern(DISK_BYTES)[sector as usize * 512..][..512]);
+        assert_eq!(
+            rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+            (OK, 513)
+        );
+        assert_eq!(
+            rig.bytes(DATA, 512),
+            pattern(DISK_BYTES)[sector as usize * 512..][..512]
+        );
     }
     // An indirect table: header, data, status.
     let table = [r(HDR, 16), w(DATA, 1024), w(STATUS, 1)];
@@ -529,7 +666,11 @@ fn requests_work_with_event_idx_and_indirect_descriptors() {
 /// Writes `bufs` as a linked descriptor table at `at`.
 fn write_table(mem: &GuestMemoryMmap, at: u64, bufs: &[Buf]) {
     for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-        let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+        let mut flags = if writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
         if i + 1 < bufs.len() {
             flags |= VRING_DESC_F_NEXT as u16;
         }
@@ -539,7 +680,12 @@ fn write_table(mem: &GuestMemoryMmap, at: u64, bufs: &[Buf]) {
 }
 
 fn indirect_head(table: u64, entries: usize) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(table, 16 * entries as u32, VRING_DESC_F_INDIRECT as u16, 0))
+    RawDescriptor::from(SplitDescriptor::new(
+        table,
+        16 * entries as u32,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    ))
 }
 
 // ---- hostile chains ----
@@ -552,14 +698,23 @@ fn chains_without_a_usable_status_byte_are_returned_unused() {
     // Header only.
     assert_eq!(rig.request(&[r(HDR, 16)]), (UNTOUCHED, 0));
     // The "status" descriptor is device-readable.
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), r(STATUS, 1)]), (UNTOUCHED, 0));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), r(STATUS, 1)]),
+        (UNTOUCHED, 0)
+    );
     // A zero-length writable last descriptor.
     assert_eq!(rig.request(&[r(HDR, 16), w(STATUS, 0)]), (UNTOUCHED, 0));
     // The status byte outside guest memory.
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(MEM_SIZE as u64 + 0x1000, 1)]), (UNTOUCHED, 0));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(MEM_SIZE as u64 + 0x1000, 1)]),
+        (UNTOUCHED, 0)
+    );
     assert!(rig.dev.warnings.seen(warn::Problem::NoStatus));
     // The device keeps serving.
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
     assert!(!rig.irq.needs_reset.load(Ordering::SeqCst));
 }
 
@@ -568,23 +723,55 @@ fn short_headers_and_wrong_directions_fail_with_ioerr() {
     let image = TempImage::new(&pattern(DISK_BYTES));
     let mut rig = Rig::with_image(&image, false);
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.request(&[r(HDR, 8), w(STATUS, 1)]), (IOERR, 1), "8-byte header");
+    assert_eq!(
+        rig.request(&[r(HDR, 8), w(STATUS, 1)]),
+        (IOERR, 1),
+        "8-byte header"
+    );
     assert_eq!(rig.request(&[w(STATUS, 1)]), (IOERR, 1), "no header at all");
     // IN with a device-readable data buffer.
-    assert_eq!(rig.request(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     // Readable after writable.
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), r(DATA + 0x1000, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[
+            r(HDR, 16),
+            w(DATA, 512),
+            r(DATA + 0x1000, 512),
+            w(STATUS, 1)
+        ]),
+        (IOERR, 1)
+    );
     // OUT with a device-writable data buffer: the file is not touched.
     rig.header(VIRTIO_BLK_T_OUT, 0);
     rig.fill(DATA, 0x99, 512);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (IOERR, 1));
-    assert_eq!(rig.request(&[r(HDR, 16), r(DATA, 512), w(DATA + 0x1000, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
+    assert_eq!(
+        rig.request(&[
+            r(HDR, 16),
+            r(DATA, 512),
+            w(DATA + 0x1000, 512),
+            w(STATUS, 1)
+        ]),
+        (IOERR, 1)
+    );
     // GET_ID with readable data; DISCARD with a writable segment.
     rig.header(VIRTIO_BLK_T_GET_ID, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(DATA, 20), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(DATA, 20), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     rig.header(VIRTIO_BLK_T_DISCARD, 0);
     rig.segment(SEG, 0, 8, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), w(SEG, 16), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(SEG, 16), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     assert_eq!(image.read(), pattern(DISK_BYTES));
     assert!(rig.dev.warnings.seen(warn::Problem::ShortHeader));
     assert!(rig.dev.warnings.seen(warn::Problem::WrongDirection));
@@ -601,13 +788,23 @@ fn out_of_range_misaligned_and_oversized_requests_fail_with_ioerr() {
         rig.header(kind, sectors); // just past the end
         assert_eq!(rig.request(&[r(HDR, 16), data(512), w(STATUS, 1)]).0, IOERR);
         rig.header(kind, sectors - 1); // straddles the end
-        assert_eq!(rig.request(&[r(HDR, 16), data(1024), w(STATUS, 1)]).0, IOERR);
+        assert_eq!(
+            rig.request(&[r(HDR, 16), data(1024), w(STATUS, 1)]).0,
+            IOERR
+        );
         rig.header(kind, u64::MAX / 512 + 1); // sector * 512 overflows
         assert_eq!(rig.request(&[r(HDR, 16), data(512), w(STATUS, 1)]).0, IOERR);
         rig.header(kind, u64::MAX / 512); // offset + len overflows
-        assert_eq!(rig.request(&[r(HDR, 16), data(1024), w(STATUS, 1)]).0, IOERR);
+        assert_eq!(
+            rig.request(&[r(HDR, 16), data(1024), w(STATUS, 1)]).0,
+            IOERR
+        );
         rig.header(kind, 0);
-        assert_eq!(rig.request(&[r(HDR, 16), data(100), w(STATUS, 1)]).0, IOERR, "not whole sectors");
+        assert_eq!(
+            rig.request(&[r(HDR, 16), data(100), w(STATUS, 1)]).0,
+            IOERR,
+            "not whole sectors"
+        );
         // Larger than MAX_REQUEST_BYTES (never touches memory or file).
         let huge = vec![data(0x0800_0000); 3];
         let mut bufs = vec![r(HDR, 16)];
@@ -620,14 +817,28 @@ fn out_of_range_misaligned_and_oversized_requests_fail_with_ioerr() {
     for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         rig.header(kind, 0);
         rig.segment(SEG, sectors - 1, 2, 0);
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0, IOERR);
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0,
+            IOERR
+        );
         rig.segment(SEG, u64::MAX, 1, 0);
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0, IOERR);
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0,
+            IOERR
+        );
         rig.segment(SEG, 0, u32::MAX, 0);
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0, IOERR, "above max sectors");
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]).0,
+            IOERR,
+            "above max sectors"
+        );
     }
     assert_eq!(image.read(), pattern(DISK_BYTES));
-    for p in [warn::Problem::OutOfRange, warn::Problem::Misaligned, warn::Problem::TooLarge] {
+    for p in [
+        warn::Problem::OutOfRange,
+        warn::Problem::Misaligned,
+        warn::Problem::TooLarge,
+    ] {
         assert!(rig.dev.warnings.seen(p), "{p:?} not logged");
     }
 }
@@ -640,15 +851,31 @@ fn bad_discard_segments_and_flags_are_rejected() {
         rig.header(kind, 0);
         rig.segment(SEG, 0, 8, 0);
         rig.segment(SEG + 16, 16, 8, 0);
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 32), w(STATUS, 1)]), (IOERR, 1), "two segments");
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 8), w(STATUS, 1)]), (IOERR, 1), "half a segment");
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 32), w(STATUS, 1)]),
+            (IOERR, 1),
+            "two segments"
+        );
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 8), w(STATUS, 1)]),
+            (IOERR, 1),
+            "half a segment"
+        );
         assert_eq!(rig.request(&hdr_status()), (IOERR, 1), "no segment");
         rig.segment(SEG, 0, 8, 0x4);
-        assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (UNSUPP, 1), "reserved flag");
+        assert_eq!(
+            rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+            (UNSUPP, 1),
+            "reserved flag"
+        );
     }
     rig.header(VIRTIO_BLK_T_DISCARD, 0);
     rig.segment(SEG, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-    assert_eq!(rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]), (UNSUPP, 1), "unmap on a discard");
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(SEG, 16), w(STATUS, 1)]),
+        (UNSUPP, 1),
+        "unmap on a discard"
+    );
     assert_eq!(image.read(), pattern(DISK_BYTES));
 }
 
@@ -660,7 +887,12 @@ fn descriptor_loops_and_bad_addresses_are_contained() {
     // 0 -> 1 -> 0 -> ...: virtio-queue stops after the queue size.
     let looped = [
         RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
-        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 0)),
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )),
     ];
     rig.set_status(UNTOUCHED);
     rig.submit_raw(&looped);
@@ -668,19 +900,36 @@ fn descriptor_loops_and_bad_addresses_are_contained() {
     assert_eq!(rig.wait_used(), 0);
     assert_eq!(rig.status(), UNTOUCHED);
     // `next` outside the table.
-    let dangling = [RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 999))];
+    let dangling = [RawDescriptor::from(SplitDescriptor::new(
+        HDR,
+        16,
+        VRING_DESC_F_NEXT as u16,
+        999,
+    ))];
     rig.submit_raw(&dangling);
     rig.kick();
     assert_eq!(rig.wait_used(), 0);
     assert!(rig.dev.warnings.seen(warn::Problem::BrokenChain));
 
     // Data buffer outside guest memory, or wrapping the address space.
-    assert_eq!(rig.request(&[r(HDR, 16), w(MEM_SIZE as u64 - 256, 512), w(STATUS, 1)]), (IOERR, 1));
-    assert_eq!(rig.request(&[r(HDR, 16), w(u64::MAX - 255, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(MEM_SIZE as u64 - 256, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(u64::MAX - 255, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(0x1_0000_0000, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(0x1_0000_0000, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     // Header outside guest memory.
-    assert_eq!(rig.request(&[r(0x1_0000_0000, 16), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(0x1_0000_0000, 16), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     assert!(rig.dev.warnings.seen(warn::Problem::BadAddress));
     assert_eq!(image.read(), pattern(DISK_BYTES));
 
@@ -697,14 +946,19 @@ fn descriptor_loops_and_bad_addresses_are_contained() {
     assert_eq!(rig.status(), IOERR);
     // A nested indirect descriptor breaks the chain.
     write_table(&rig.mem, INDIRECT, &[r(HDR, 16)]);
-    rig.mem.write_obj(indirect_head(INDIRECT + 0x100, 1), GuestAddress(INDIRECT)).unwrap();
+    rig.mem
+        .write_obj(indirect_head(INDIRECT + 0x100, 1), GuestAddress(INDIRECT))
+        .unwrap();
     rig.submit_raw(&[indirect_head(INDIRECT, 1)]);
     rig.kick();
     assert_eq!(rig.wait_used(), 0);
 
     // Still serving; the queue itself is fine.
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
     assert!(!rig.irq.needs_reset.load(Ordering::SeqCst));
 }
 
@@ -712,16 +966,32 @@ fn descriptor_loops_and_bad_addresses_are_contained() {
 
 #[test]
 fn host_enospc_fails_the_request_and_the_device_keeps_running() {
-    let full = File::options().read(true).write(true).open("/dev/full").unwrap();
+    let full = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let disk = DiskFile::from_file(full, 2048, false);
-    let mut rig = Rig::new(VirtioBlock::with_disk(BlockConfig::new("/dev/full"), disk, Placement::default()).unwrap());
+    let mut rig = Rig::new(
+        VirtioBlock::with_disk(BlockConfig::new("/dev/full"), disk, Placement::default()).unwrap(),
+    );
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     assert!(rig.dev.warnings.seen(warn::Problem::HostIo));
     rig.fill(DATA, 0xee, 512);
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
-    assert_eq!(rig.bytes(DATA, 512), vec![0u8; 512], "/dev/full reads zeros");
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
+    assert_eq!(
+        rig.bytes(DATA, 512),
+        vec![0u8; 512],
+        "/dev/full reads zeros"
+    );
     assert!(!rig.irq.needs_reset.load(Ordering::SeqCst));
 }
 
@@ -729,13 +999,28 @@ fn host_enospc_fails_the_request_and_the_device_keeps_running() {
 fn image_truncated_underneath_fails_reads_past_its_new_end() {
     let image = TempImage::new(&pattern(DISK_BYTES));
     let mut rig = Rig::with_image(&image, false);
-    File::options().write(true).open(&image.0).unwrap().set_len(4096).unwrap();
+    File::options()
+        .write(true)
+        .open(&image.0)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
     rig.header(VIRTIO_BLK_T_IN, 16);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (IOERR, 1));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (IOERR, 1)
+    );
     rig.header(VIRTIO_BLK_T_IN, 7);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]), (IOERR, 1), "short read");
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]),
+        (IOERR, 1),
+        "short read"
+    );
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
 }
 
 #[test]
@@ -748,7 +1033,11 @@ fn broken_used_ring_marks_the_device_needing_reset() {
     queue.set_used_ring_address(Some(0xfff0_0000), Some(0));
     let ctx = DeviceContext {
         mem: Arc::new(rig.mem.clone()),
-        queues: vec![QueueContext { index: 0, queue, kick: rig.kick.try_clone().unwrap() }],
+        queues: vec![QueueContext {
+            index: 0,
+            queue,
+            kick: rig.kick.try_clone().unwrap(),
+        }],
         acked_features: 0,
         interrupt: rig.irq.clone(),
     };
@@ -758,7 +1047,10 @@ fn broken_used_ring_marks_the_device_needing_reset() {
     rig.kick();
     let start = Instant::now();
     while !rig.irq.needs_reset.load(Ordering::SeqCst) {
-        assert!(start.elapsed() < Duration::from_secs(2), "needs_reset never set");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "needs_reset never set"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -787,7 +1079,10 @@ fn reset_stops_the_worker_and_the_device_activates_again() {
     rig.activate(0);
     assert!(rig.dev.is_active());
     rig.header(VIRTIO_BLK_T_IN, 2);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
     assert_eq!(rig.bytes(DATA, 512), pattern(DISK_BYTES)[1024..1536]);
     assert!(control.thread_id().is_some());
     // Activating twice without a reset restarts cleanly too.
@@ -800,8 +1095,16 @@ fn activate_without_the_queue_fails() {
     let image = TempImage::new(&pattern(4096));
     let mut dev = VirtioBlock::new(BlockConfig::new(&image.0), Placement::default()).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-    let ctx = DeviceContext { mem: Arc::new(mem), queues: vec![], acked_features: 0, interrupt: Arc::new(TestInterrupt::default()) };
-    assert!(matches!(dev.activate(ctx), Err(crate::virtio::ActivateError::MissingQueue(0))));
+    let ctx = DeviceContext {
+        mem: Arc::new(mem),
+        queues: vec![],
+        acked_features: 0,
+        interrupt: Arc::new(TestInterrupt::default()),
+    };
+    assert!(matches!(
+        dev.activate(ctx),
+        Err(crate::virtio::ActivateError::MissingQueue(0))
+    ));
 }
 
 #[test]
@@ -809,7 +1112,9 @@ fn poll_mode_serves_requests_without_kicks() {
     let image = TempImage::new(&pattern(DISK_BYTES));
     let mut rig = Rig::with_image(&image, false);
     let control = rig.dev.worker_control();
-    control.set_wait_mode(WaitMode::Poll { spin: Duration::from_secs(5) });
+    control.set_wait_mode(WaitMode::Poll {
+        spin: Duration::from_secs(5),
+    });
     // No kicks below: only polling can find these requests.
     for sector in 0..3u64 {
         rig.header(VIRTIO_BLK_T_IN, sector);
@@ -824,12 +1129,23 @@ fn poll_mode_serves_requests_without_kicks() {
     // Back to notify mode: notifications on again, kicks work.
     control.set_wait_mode(WaitMode::Notify);
     let start = Instant::now();
-    while rig.mem.read_obj::<u16>(GuestAddress(rig.used_ring)).unwrap() != 0 {
-        assert!(start.elapsed() < Duration::from_secs(2), "notifications never re-enabled");
+    while rig
+        .mem
+        .read_obj::<u16>(GuestAddress(rig.used_ring))
+        .unwrap()
+        != 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "notifications never re-enabled"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     rig.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), (OK, 513));
+    assert_eq!(
+        rig.request(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]),
+        (OK, 513)
+    );
 }
 
 // ---- fuzz entry point ----
@@ -838,7 +1154,11 @@ fn poll_mode_serves_requests_without_kicks() {
 fn fuzz_entry_point_survives_random_and_crafted_inputs() {
     // A valid IN request: 3 descriptors (header at 0x1000, data, status).
     let mut input = vec![3u8];
-    for (addr, len, flags, next) in [(0x1000u32, 16u32, 1u16, 1u16), (0x2000, 512, 3, 2), (0x3000, 1, 2, 0)] {
+    for (addr, len, flags, next) in [
+        (0x1000u32, 16u32, 1u16, 1u16),
+        (0x2000, 512, 3, 2),
+        (0x3000, 1, 2, 0),
+    ] {
         input.extend(addr.to_le_bytes());
         input.extend(len.to_le_bytes());
         input.extend(flags.to_le_bytes());
@@ -857,7 +1177,11 @@ fn fuzz_entry_point_survives_random_and_crafted_inputs() {
         x
     };
     for i in 0..3000 {
-        let mut data = if i % 2 == 0 { input.clone() } else { vec![0u8; (next() % 300) as usize] };
+        let mut data = if i % 2 == 0 {
+            input.clone()
+        } else {
+            vec![0u8; (next() % 300) as usize]
+        };
         let flips = 1 + next() % 8;
         for _ in 0..flips {
             if data.is_empty() {

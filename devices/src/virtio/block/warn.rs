@@ -54,7 +54,10 @@ pub(crate) struct Warnings {
 
 impl Warnings {
     pub fn new(name: &str) -> Self {
-        Warnings { name: name.to_string(), seen: AtomicU32::new(0) }
+        Warnings {
+            name: name.to_string(),
+            seen: AtomicU32::new(0),
+        }
     }
 
     /// Logs `problem` unless it was logged before; `detail` may be empty.
@@ -64,9 +67,17 @@ impl Warnings {
             return;
         }
         if detail.is_empty() {
-            tracing::warn!("{}: {} (further ones not logged)", self.name, problem.describe());
+            tracing::warn!(
+                "{}: {} (further ones not logged)",
+                self.name,
+                problem.describe()
+            );
         } else {
-            tracing::warn!("{}: {}: {detail} (further ones not logged)", self.name, problem.describe());
+            tracing::warn!(
+                "{}: {}: {detail} (further ones not logged)",
+                self.name,
+                problem.describe()
+            );
         }
     }
 

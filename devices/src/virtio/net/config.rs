@@ -32,7 +32,11 @@ pub struct NetConfig {
 
 impl NetConfig {
     pub fn new(tap: &str) -> NetConfig {
-        NetConfig { tap: tap.to_string(), mac: None, id: String::new() }
+        NetConfig {
+            tap: tap.to_string(),
+            mac: None,
+            id: String::new(),
+        }
     }
 
     /// The MAC the guest gets: the configured one or one derived from the
@@ -77,12 +81,18 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
         return Err("the interface name is empty".into());
     }
     if name.len() > MAX_IFNAME_LEN {
-        return Err(format!("the interface name is {} bytes, Linux allows at most {MAX_IFNAME_LEN}", name.len()));
+        return Err(format!(
+            "the interface name is {} bytes, Linux allows at most {MAX_IFNAME_LEN}",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err("the interface name must not be . or ..".into());
     }
-    if let Some(c) = name.chars().find(|c| matches!(c, '/' | ':' | '%' | '\0') || c.is_whitespace()) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| matches!(c, '/' | ':' | '%' | '\0') || c.is_whitespace())
+    {
         return Err(format!("the interface name must not contain {c:?}"));
     }
     Ok(())
@@ -94,7 +104,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
-        let part = parts.next().ok_or("expected six bytes like 52:54:00:12:34:56")?;
+        let part = parts
+            .next()
+            .ok_or("expected six bytes like 52:54:00:12:34:56")?;
         if part.len() != 2 {
             return Err("expected six two-digit hex bytes like 52:54:00:12:34:56".into());
         }
@@ -131,7 +143,11 @@ pub struct MacDisplay(pub [u8; 6]);
 impl fmt::Display for MacDisplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -148,7 +164,8 @@ mod mac_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| parse_mac(&t).map_err(serde::de::Error::custom)).transpose()
+        text.map(|t| parse_mac(&t).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -169,11 +186,23 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs_clearly() {
-        assert_eq!("mac=52:54:00:12:34:56".parse::<NetConfig>(), Err(OptionsError::Missing("tap".into())));
-        let long = "tap=abcdefghijklmnop".parse::<NetConfig>().unwrap_err().to_string();
-        assert!(long.contains("16 bytes") && long.contains("at most 15"), "{long}");
+        assert_eq!(
+            "mac=52:54:00:12:34:56".parse::<NetConfig>(),
+            Err(OptionsError::Missing("tap".into()))
+        );
+        let long = "tap=abcdefghijklmnop"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            long.contains("16 bytes") && long.contains("at most 15"),
+            "{long}"
+        );
         for bad in ["tap=a/b", "tap=a b", "tap=..", "tap=kiln%d", "tap=a:1"] {
-            assert!(matches!(bad.parse::<NetConfig>(), Err(OptionsError::Invalid { .. })), "{bad}");
+            assert!(
+                matches!(bad.parse::<NetConfig>(), Err(OptionsError::Invalid { .. })),
+                "{bad}"
+            );
         }
         for bad in [
             "52:54:00:12:34",
@@ -184,9 +213,15 @@ mod tests {
             "00:00:00:00:00:00",
         ] {
             let e = format!("tap=t,mac={bad}").parse::<NetConfig>();
-            assert!(matches!(e, Err(OptionsError::Invalid { .. })), "{bad}: {e:?}");
+            assert!(
+                matches!(e, Err(OptionsError::Invalid { .. })),
+                "{bad}: {e:?}"
+            );
         }
-        assert!(matches!("tap=t,maq=1".parse::<NetConfig>(), Err(OptionsError::Unknown { .. })));
+        assert!(matches!(
+            "tap=t,maq=1".parse::<NetConfig>(),
+            Err(OptionsError::Unknown { .. })
+        ));
     }
 
     #[test]

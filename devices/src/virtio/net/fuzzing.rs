@@ -57,7 +57,11 @@ struct Setup {
 /// Guest memory with one queue described by `data`.
 fn build(mut data: &[u8]) -> Option<Setup> {
     let header = take(&mut data, 3)?;
-    let (descriptors, heads, flags) = (usize::from(header[0] % (SIZE as u8 + 1)), header[1] % 40, header[2]);
+    let (descriptors, heads, flags) = (
+        usize::from(header[0] % (SIZE as u8 + 1)),
+        header[1] % 40,
+        header[2],
+    );
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
     for i in 0..descriptors {
         let d = take(&mut data, 16)?;
@@ -65,7 +69,8 @@ fn build(mut data: &[u8]) -> Option<Setup> {
         let mut desc = [0u8; 16];
         desc.copy_from_slice(d);
         desc[0..8].copy_from_slice(&(raw_addr % (2 * MEM_SIZE as u64)).to_le_bytes());
-        mem.write_slice(&desc, GuestAddress(DESC + 16 * i as u64)).ok()?;
+        mem.write_slice(&desc, GuestAddress(DESC + 16 * i as u64))
+            .ok()?;
     }
     for i in 0..u64::from(heads) {
         let h = take(&mut data, 2)?;
@@ -74,7 +79,8 @@ fn build(mut data: &[u8]) -> Option<Setup> {
             mem.write_slice(h, GuestAddress(AVAIL + 4 + 2 * i)).ok()?;
         }
     }
-    mem.write_obj(u16::from(heads), GuestAddress(AVAIL + 2)).ok()?;
+    mem.write_obj(u16::from(heads), GuestAddress(AVAIL + 2))
+        .ok()?;
     let n = data.len().min(MEM_SIZE - DATA as usize);
     mem.write_slice(&data[..n], GuestAddress(DATA)).ok()?;
 
@@ -85,7 +91,11 @@ fn build(mut data: &[u8]) -> Option<Setup> {
     queue.set_used_ring_address(Some(USED as u32), Some(0));
     queue.set_event_idx(flags & 4 != 0);
     queue.set_ready(true);
-    Some(Setup { mem: Arc::new(mem), queue, flags })
+    Some(Setup {
+        mem: Arc::new(mem),
+        queue,
+        flags,
+    })
 }
 
 fn socketpair() -> Option<(OwnedFd, OwnedFd)> {
@@ -110,10 +120,22 @@ fn socketpair() -> Option<(OwnedFd, OwnedFd)> {
 fn worker(setup: Setup, rx_side: bool, ours: OwnedFd, acked: u64) -> Option<NetWorker> {
     let idle = || -> Option<QueueContext> {
         // An empty, never-ready queue elsewhere in memory.
-        Some(QueueContext { index: 0, queue: Queue::new(SIZE).ok()?, kick: EventFd::new(libc::EFD_NONBLOCK).ok()? })
+        Some(QueueContext {
+            index: 0,
+            queue: Queue::new(SIZE).ok()?,
+            kick: EventFd::new(libc::EFD_NONBLOCK).ok()?,
+        })
     };
-    let fuzzed = QueueContext { index: 0, queue: setup.queue, kick: EventFd::new(libc::EFD_NONBLOCK).ok()? };
-    let (rx, tx) = if rx_side { (fuzzed, idle()?) } else { (idle()?, fuzzed) };
+    let fuzzed = QueueContext {
+        index: 0,
+        queue: setup.queue,
+        kick: EventFd::new(libc::EFD_NONBLOCK).ok()?,
+    };
+    let (rx, tx) = if rx_side {
+        (fuzzed, idle()?)
+    } else {
+        (idle()?, fuzzed)
+    };
     Some(NetWorker::new(
         setup.mem,
         rx,
@@ -128,8 +150,14 @@ fn worker(setup: Setup, rx_side: bool, ours: OwnedFd, acked: u64) -> Option<NetW
 /// Transmit path: the chains `data` describes are gathered and sent.
 pub fn tx_chain(data: &[u8]) {
     let Some(setup) = build(data) else { return };
-    let Some((ours, _peer)) = socketpair() else { return };
-    let acked = if setup.flags & 1 != 0 { feature::CSUM | feature::HOST_TSO4 } else { 0 };
+    let Some((ours, _peer)) = socketpair() else {
+        return;
+    };
+    let acked = if setup.flags & 1 != 0 {
+        feature::CSUM | feature::HOST_TSO4
+    } else {
+        0
+    };
     if let Some(mut w) = worker(setup, false, ours, acked) {
         w.run_tx_once();
     }
@@ -139,14 +167,18 @@ pub fn tx_chain(data: &[u8]) {
 /// and are filled into the chains `data` describes. Flags: bit 0
 /// MRG_RXBUF, bit 1 GUEST_CSUM, bit 2 EVENT_IDX.
 pub fn rx_fill(mut data: &[u8]) {
-    let Some(count) = take(&mut data, 1) else { return };
+    let Some(count) = take(&mut data, 1) else {
+        return;
+    };
     let mut lengths = Vec::new();
     for _ in 0..count[0] % 4 {
         let Some(l) = take(&mut data, 2) else { return };
         lengths.push(usize::from(u16::from_le_bytes([l[0], l[1]])).min(MAX_PACKET_LEN));
     }
     let Some(setup) = build(data) else { return };
-    let Some((ours, peer)) = socketpair() else { return };
+    let Some((ours, peer)) = socketpair() else {
+        return;
+    };
     let mut acked = 0;
     if setup.flags & 1 != 0 {
         acked |= feature::MRG_RXBUF;
@@ -157,7 +189,14 @@ pub fn rx_fill(mut data: &[u8]) {
     for (i, len) in lengths.into_iter().enumerate() {
         let frame: Vec<u8> = (0..len).map(|b| (b as u8) ^ (i as u8)).collect();
         // SAFETY: sends from a valid buffer; a full socket just drops it.
-        unsafe { libc::send(std::os::fd::AsRawFd::as_raw_fd(&peer), frame.as_ptr().cast(), frame.len(), 0) };
+        unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&peer),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
     }
     if let Some(mut w) = worker(setup, true, ours, acked) {
         w.run_rx_once();
@@ -189,7 +228,12 @@ mod tests {
             tx_chain(&data);
             rx_fill(&data);
         }
-        for data in [&[][..], &[0xff; 3][..], &[16, 39, 0xff][..], &[3, 0xff, 0xff, 16, 30, 7][..]] {
+        for data in [
+            &[][..],
+            &[0xff; 3][..],
+            &[16, 39, 0xff][..],
+            &[3, 0xff, 0xff, 16, 30, 7][..],
+        ] {
             tx_chain(data);
             rx_fill(data);
         }
@@ -210,7 +254,14 @@ mod tests {
         w.run_tx_once();
         let mut buf = [0u8; 100];
         // SAFETY: receives into a valid buffer.
-        let n = unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(&peer), buf.as_mut_ptr().cast(), 100, 0) };
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&peer),
+                buf.as_mut_ptr().cast(),
+                100,
+                0,
+            )
+        };
         assert_eq!(n, 60);
         assert_eq!(&buf[..60], &[0xab; 60][..]);
     }

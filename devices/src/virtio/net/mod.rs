@@ -115,21 +115,41 @@ pub(crate) enum Problem {
 impl Problem {
     fn what(self) -> &'static str {
         match self {
-            Problem::TxWritableDescriptor => "transmit chain has a device-writable descriptor; chain dropped",
-            Problem::TxTooShort => "transmit chain is shorter than the virtio-net header; chain dropped",
-            Problem::TxTooLong => "transmit frame is larger than 64 KiB plus headers; frame dropped",
-            Problem::TxBrokenChain => "transmit chain loops or points past the descriptor table; chain dropped",
+            Problem::TxWritableDescriptor => {
+                "transmit chain has a device-writable descriptor; chain dropped"
+            }
+            Problem::TxTooShort => {
+                "transmit chain is shorter than the virtio-net header; chain dropped"
+            }
+            Problem::TxTooLong => {
+                "transmit frame is larger than 64 KiB plus headers; frame dropped"
+            }
+            Problem::TxBrokenChain => {
+                "transmit chain loops or points past the descriptor table; chain dropped"
+            }
             Problem::TxBadAddress => "transmit chain points outside guest memory; chain dropped",
             Problem::TxTooFragmented => "transmit chain has too many pieces; chain dropped",
             Problem::TxTapWrite => "writing a frame to the tap failed; frame dropped",
-            Problem::RxReadableDescriptor => "receive chain has a device-readable descriptor; chain returned empty",
-            Problem::RxBrokenChain => "receive chain loops or points past the descriptor table; chain returned empty",
-            Problem::RxBadAddress => "receive chain points outside guest memory; chain returned empty",
+            Problem::RxReadableDescriptor => {
+                "receive chain has a device-readable descriptor; chain returned empty"
+            }
+            Problem::RxBrokenChain => {
+                "receive chain loops or points past the descriptor table; chain returned empty"
+            }
+            Problem::RxBadAddress => {
+                "receive chain points outside guest memory; chain returned empty"
+            }
             Problem::RxBufferTooSmall => "receive buffer too small for the frame; frame dropped",
-            Problem::RxRingTooSmall => "all receive buffers together are too small for a frame; frame dropped",
+            Problem::RxRingTooSmall => {
+                "all receive buffers together are too small for a frame; frame dropped"
+            }
             Problem::RxTapRead => "reading from the tap failed",
-            Problem::RxShortFrame => "the tap returned a frame without a virtio-net header; dropped",
-            Problem::BadHeadIndex => "the driver offered a descriptor index past the queue size; ignored",
+            Problem::RxShortFrame => {
+                "the tap returned a frame without a virtio-net header; dropped"
+            }
+            Problem::BadHeadIndex => {
+                "the driver offered a descriptor index past the queue size; ignored"
+            }
             Problem::QueueBroken => "a queue's rings are not in guest memory; device needs reset",
         }
     }
@@ -170,14 +190,22 @@ pub(crate) struct Diag {
 
 impl Diag {
     pub(crate) fn new(name: &str) -> Diag {
-        Diag { name: name.into(), logged: AtomicU32::new(0), counters: Counters::default() }
+        Diag {
+            name: name.into(),
+            logged: AtomicU32::new(0),
+            counters: Counters::default(),
+        }
     }
 
     /// Warns about `problem` the first time it happens on this device.
     pub(crate) fn report(&self, problem: Problem, detail: impl fmt::Display) {
         let bit = 1u32 << (problem as u32);
         if self.logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            tracing::warn!("virtio-net {}: {} ({detail}); further ones are not logged", self.name, problem.what());
+            tracing::warn!(
+                "virtio-net {}: {} ({detail}); further ones are not logged",
+                self.name,
+                problem.what()
+            );
         }
         match problem {
             Problem::TxWritableDescriptor
@@ -202,7 +230,9 @@ impl Diag {
 
     pub(crate) fn tx_sent(&self, frame_len: usize) {
         self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-        self.counters.tx_bytes.fetch_add(frame_len as u64, Ordering::Relaxed);
+        self.counters
+            .tx_bytes
+            .fetch_add(frame_len as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn tx_dropped(&self) {
@@ -211,7 +241,9 @@ impl Diag {
 
     pub(crate) fn rx_delivered(&self, frame_len: usize) {
         self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-        self.counters.rx_bytes.fetch_add(frame_len as u64, Ordering::Relaxed);
+        self.counters
+            .rx_bytes
+            .fetch_add(frame_len as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn rx_dropped(&self) {
@@ -331,11 +363,20 @@ impl VirtioDevice for VirtioNet {
 
     fn activate(&mut self, mut ctx: DeviceContext) -> Result<(), ActivateError> {
         self.reset();
-        let rx = ctx.take_queue(RX_QUEUE).ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
-        let tx = ctx.take_queue(TX_QUEUE).ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
+        let rx = ctx
+            .take_queue(RX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(RX_QUEUE))?;
+        let tx = ctx
+            .take_queue(TX_QUEUE)
+            .ok_or(ActivateError::MissingQueue(TX_QUEUE))?;
         self.tap
             .set_offload(tap::offload_flags(ctx.acked_features))
-            .map_err(|e| ActivateError::Backend(format!("tap {}: TUNSETOFFLOAD failed: {e}", self.tap.name())))?;
+            .map_err(|e| {
+                ActivateError::Backend(format!(
+                    "tap {}: TUNSETOFFLOAD failed: {e}",
+                    self.tap.name()
+                ))
+            })?;
         let handler = worker::NetWorker::new(
             ctx.mem,
             rx,
@@ -345,7 +386,8 @@ impl VirtioDevice for VirtioNet {
             self.diag.clone(),
             ctx.acked_features,
         );
-        let worker = Worker::spawn(&self.name, handler, self.control.clone()).map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(&self.name, handler, self.control.clone())
+            .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -22,7 +22,10 @@ pub(crate) struct RxMode {
 
 impl RxMode {
     pub(crate) fn from_features(acked: u64) -> RxMode {
-        RxMode { mergeable: acked & feature::MRG_RXBUF != 0, guest_csum: acked & feature::GUEST_CSUM != 0 }
+        RxMode {
+            mergeable: acked & feature::MRG_RXBUF != 0,
+            guest_csum: acked & feature::GUEST_CSUM != 0,
+        }
     }
 }
 
@@ -74,14 +77,21 @@ impl RxState {
         diag: &Diag,
     ) -> Result<RxOutcome, virtio_queue::Error> {
         if packet.len() < VNET_HDR_LEN {
-            diag.report(Problem::RxShortFrame, format_args!("{} bytes", packet.len()));
+            diag.report(
+                Problem::RxShortFrame,
+                format_args!("{} bytes", packet.len()),
+            );
             return Ok(RxOutcome::Dropped);
         }
         let need = packet.len();
         // Reserve buffers until they can hold the packet.
         loop {
             let have: usize = self.reserved.iter().map(|b| b.capacity).sum();
-            let enough = if mode.mergeable { have >= need } else { !self.reserved.is_empty() };
+            let enough = if mode.mergeable {
+                have >= need
+            } else {
+                !self.reserved.is_empty()
+            };
             if enough {
                 break;
             }
@@ -90,7 +100,10 @@ impl RxState {
                 let size = usize::from(queue.size());
                 if mode.mergeable && (self.reserved.len() >= size || descriptors >= size) {
                     // Every descriptor is already ours: no more can come.
-                    diag.report(Problem::RxRingTooSmall, format_args!("{have} bytes for a {need}-byte packet"));
+                    diag.report(
+                        Problem::RxRingTooSmall,
+                        format_args!("{have} bytes for a {need}-byte packet"),
+                    );
                     return Ok(RxOutcome::Dropped);
                 }
                 return Ok(RxOutcome::NoBuffers);
@@ -123,7 +136,9 @@ impl RxState {
         let mut covered = 0usize;
         while covered < need {
             // Cannot run past the end: the loop above reserved enough.
-            let Some(b) = self.reserved.get(count) else { break };
+            let Some(b) = self.reserved.get(count) else {
+                break;
+            };
             covered += b.capacity;
             count += 1;
         }
@@ -177,7 +192,10 @@ impl RxState {
 
 /// Checks a receive chain: only device-writable descriptors, inside guest
 /// memory, ending properly, at least a header long.
-fn check_buffer(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<RxBuffer, Problem> {
+fn check_buffer(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<RxBuffer, Problem> {
     let head = chain.head_index();
     let mut pieces = Vec::new();
     let mut capacity = 0usize;
@@ -206,5 +224,10 @@ fn check_buffer(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>)
     if capacity < VNET_HDR_LEN {
         return Err(Problem::RxBufferTooSmall);
     }
-    Ok(RxBuffer { head, pieces, capacity, descriptors })
+    Ok(RxBuffer {
+        head,
+        pieces,
+        capacity,
+        descriptors,
+    })
 }

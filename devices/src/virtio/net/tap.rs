@@ -14,7 +14,9 @@ const TUN_PATH: &str = "/dev/net/tun";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    #[error("{TUN_PATH} does not exist or has no driver ({0}): load the tun module (modprobe tun)")]
+    #[error(
+        "{TUN_PATH} does not exist or has no driver ({0}): load the tun module (modprobe tun)"
+    )]
     NoTunDevice(#[source] io::Error),
     #[error(
         "permission denied for tap {name:?}: creating or attaching a tap needs CAP_NET_ADMIN \
@@ -24,14 +26,20 @@ pub enum TapError {
     PermissionDenied { name: String },
     #[error("invalid tap name {name:?}: {why}")]
     InvalidName { name: String, why: String },
-    #[error("tap {name:?} is busy: another process is attached to it (a tap serves one VMM at a time)")]
+    #[error(
+        "tap {name:?} is busy: another process is attached to it (a tap serves one VMM at a time)"
+    )]
     Busy { name: String },
     #[error("interface {name:?} exists but is not a single-queue tap; choose another name")]
     NotATap { name: String },
     #[error("cannot open {TUN_PATH}: {0}")]
     Open(#[source] io::Error),
     #[error("tap {name:?}: {op} failed: {source}")]
-    Ioctl { name: String, op: &'static str, source: io::Error },
+    Ioctl {
+        name: String,
+        op: &'static str,
+        source: io::Error,
+    },
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags member of
@@ -58,41 +66,69 @@ impl Tap {
     /// Attaches to tap `name`, creating it if it does not exist (a tap
     /// created here is not persistent: it goes away with the fd).
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        check_ifname(name).map_err(|why| TapError::InvalidName { name: name.into(), why })?;
+        check_ifname(name).map_err(|why| TapError::InvalidName {
+            name: name.into(),
+            why,
+        })?;
         let path = CString::new(TUN_PATH).map_err(|e| TapError::Open(io::Error::other(e)))?;
         // SAFETY: a plain open of a NUL-terminated path.
-        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if raw < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => TapError::NoTunDevice(e),
-                Some(libc::EACCES | libc::EPERM) => TapError::PermissionDenied { name: name.into() },
+                Some(libc::EACCES | libc::EPERM) => {
+                    TapError::PermissionDenied { name: name.into() }
+                }
                 _ => TapError::Open(e),
             });
         }
         // SAFETY: `raw` is a freshly opened fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::EPERM | libc::EACCES) => TapError::PermissionDenied { name: name.into() },
+                Some(libc::EPERM | libc::EACCES) => {
+                    TapError::PermissionDenied { name: name.into() }
+                }
                 Some(libc::EBUSY) => TapError::Busy { name: name.into() },
                 Some(libc::EINVAL) => TapError::NotATap { name: name.into() },
-                _ => TapError::Ioctl { name: name.into(), op: "TUNSETIFF", source: e },
+                _ => TapError::Ioctl {
+                    name: name.into(),
+                    op: "TUNSETIFF",
+                    source: e,
+                },
             });
         }
-        let tap = Tap { fd, name: name.into(), is_tap: true };
+        let tap = Tap {
+            fd,
+            name: name.into(),
+            is_tap: true,
+        };
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int.
         if unsafe { libc::ioctl(tap.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(tap.ioctl_error("TUNSETVNETHDRSZ"));
         }
-        tap.set_offload(0).map_err(|source| TapError::Ioctl { name: name.into(), op: "TUNSETOFFLOAD", source })?;
+        tap.set_offload(0).map_err(|source| TapError::Ioctl {
+            name: name.into(),
+            op: "TUNSETOFFLOAD",
+            source,
+        })?;
         Ok(tap)
     }
 
@@ -100,7 +136,11 @@ impl Tap {
     /// boundaries (e.g. one end of a `SOCK_SEQPACKET` socketpair). It should
     /// be non-blocking.
     pub fn from_packet_fd(fd: OwnedFd, name: &str) -> Tap {
-        Tap { fd, name: name.into(), is_tap: false }
+        Tap {
+            fd,
+            name: name.into(),
+            is_tap: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -108,7 +148,11 @@ impl Tap {
     }
 
     fn ioctl_error(&self, op: &'static str) -> TapError {
-        TapError::Ioctl { name: self.name.clone(), op, source: io::Error::last_os_error() }
+        TapError::Ioctl {
+            name: self.name.clone(),
+            op,
+            source: io::Error::last_os_error(),
+        }
     }
 
     /// Tells the kernel which offloads the guest accepts on receive
@@ -118,7 +162,14 @@ impl Tap {
             return Ok(());
         }
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+        if unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } < 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -146,7 +197,8 @@ impl Tap {
     /// Every iovec must point to memory readable for its length for the
     /// duration of the call.
     pub unsafe fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let count = libc::c_int::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         loop {
             // SAFETY: the caller guarantees the iovecs are readable.
             let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };

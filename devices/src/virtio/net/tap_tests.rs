@@ -37,9 +37,15 @@ fn real_tap_tests_in_a_private_network_namespace() {
         .expect("cannot run unshare (util-linux) for the real-tap tests");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "real-tap tests failed in their network namespace:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "real-tap tests failed in their network namespace:\n{stdout}\n{stderr}"
+    );
     let expect = format!("{INNER_TESTS} passed");
-    assert!(stdout.contains(&expect), "expected {expect} inside the namespace:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&expect),
+        "expected {expect} inside the namespace:\n{stdout}\n{stderr}"
+    );
 }
 
 fn inside_namespace() -> bool {
@@ -51,7 +57,11 @@ fn inside_namespace() -> bool {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).status().expect("cannot run ip (iproute2)").success()
+    Command::new("ip")
+        .args(args)
+        .status()
+        .expect("cannot run ip (iproute2)")
+        .success()
 }
 
 fn must_ip(args: &[&str]) {
@@ -63,7 +73,10 @@ const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
 const HOST_IP: [u8; 4] = [10, 77, 0, 1];
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -113,9 +126,14 @@ fn received(mem: &GuestMemoryMmap, rx: &Driver) -> Vec<(Vec<u8>, u16)> {
     rx.used()
         .into_iter()
         .map(|(head, len)| {
-            assert!(head < 16 && len <= 2048, "used entry ({head}, {len}) of {:?}", rx.used());
+            assert!(
+                head < 16 && len <= 2048,
+                "used entry ({head}, {len}) of {:?}",
+                rx.used()
+            );
             let mut v = vec![0u8; len as usize];
-            mem.read_slice(&mut v, GuestAddress(RX_DATA + u64::from(head) * 0x1000)).unwrap();
+            mem.read_slice(&mut v, GuestAddress(RX_DATA + u64::from(head) * 0x1000))
+                .unwrap();
             let num_buffers = u16::from_le_bytes([v[10], v[11]]);
             (v.split_off(VNET_HDR_LEN), num_buffers)
         })
@@ -128,7 +146,8 @@ fn inner_guest_and_host_talk_over_the_tap() {
     if !inside_namespace() {
         return;
     }
-    let mut dev = VirtioNet::new("tap=kt0,mac=52:54:00:00:00:02".parse().unwrap()).expect("create tap kt0");
+    let mut dev =
+        VirtioNet::new("tap=kt0,mac=52:54:00:00:00:02".parse().unwrap()).expect("create tap kt0");
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/kt0/disable_ipv6", "1");
     must_ip(&["addr", "add", "10.77.0.1/24", "dev", "kt0"]);
     must_ip(&["link", "set", "kt0", "up"]);
@@ -157,15 +176,25 @@ fn inner_guest_and_host_talk_over_the_tap() {
 
     // The host talks to the guest's address: the kernel first asks who
     // has it, and the device hands that ARP request to the guest.
-    let host = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::from(HOST_IP), 7777)).expect("bind on kt0's address");
+    let host = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::from(HOST_IP), 7777))
+        .expect("bind on kt0's address");
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    host.send_to(b"ping-from-host", SocketAddrV4::new(Ipv4Addr::from(GUEST_IP), 9)).expect("send to the guest");
+    host.send_to(
+        b"ping-from-host",
+        SocketAddrV4::new(Ipv4Addr::from(GUEST_IP), 9),
+    )
+    .expect("send to the guest");
     let find_arp = || {
-        received(&mem, &rx)
-            .into_iter()
-            .find(|(f, _)| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == GUEST_IP)
+        received(&mem, &rx).into_iter().find(|(f, _)| {
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x06]
+                && f[20..22] == [0, 1]
+                && f[38..42] == GUEST_IP
+        })
     };
-    wait_until("the kernel's ARP request in the guest", || find_arp().is_some());
+    wait_until("the kernel's ARP request in the guest", || {
+        find_arp().is_some()
+    });
     let (arp, num_buffers) = find_arp().unwrap();
     assert_eq!(num_buffers, 1);
     assert_eq!(&arp[0..6], &[0xff; 6], "broadcast");
@@ -174,9 +203,14 @@ fn inner_guest_and_host_talk_over_the_tap() {
     // The guest answers; the kernel then releases the queued datagram.
     let mut next_tx = TX_DATA;
     let mut transmit = |frame: &[u8], tx: &mut Driver| {
-        mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(next_tx)).unwrap();
-        mem.write_slice(frame, GuestAddress(next_tx + 0x100)).unwrap();
-        tx.add(&[(next_tx, VNET_HDR_LEN as u32, false), (next_tx + 0x100, frame.len() as u32, false)]);
+        mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(next_tx))
+            .unwrap();
+        mem.write_slice(frame, GuestAddress(next_tx + 0x100))
+            .unwrap();
+        tx.add(&[
+            (next_tx, VNET_HDR_LEN as u32, false),
+            (next_tx + 0x100, frame.len() as u32, false),
+        ]);
         tx.kick();
         next_tx += 0x1000;
     };
@@ -190,15 +224,23 @@ fn inner_guest_and_host_talk_over_the_tap() {
                 && f[36..38] == 9u16.to_be_bytes()
         })
     };
-    wait_until("the host's datagram in the guest after the guest's ARP reply", || find_udp().is_some());
+    wait_until(
+        "the host's datagram in the guest after the guest's ARP reply",
+        || find_udp().is_some(),
+    );
     let (udp, _) = find_udp().unwrap();
     assert_eq!(&udp[0..6], &GUEST_MAC);
     assert_eq!(&udp[42..], b"ping-from-host");
 
     // A datagram the guest builds arrives on the host socket.
-    transmit(&udp_frame(host_mac, 5555, 7777, b"hello-from-guest"), &mut tx);
+    transmit(
+        &udp_frame(host_mac, 5555, 7777, b"hello-from-guest"),
+        &mut tx,
+    );
     let mut buf = [0u8; 64];
-    let (n, from) = host.recv_from(&mut buf).expect("the guest's datagram on the host");
+    let (n, from) = host
+        .recv_from(&mut buf)
+        .expect("the guest's datagram on the host");
     assert_eq!(&buf[..n], b"hello-from-guest");
     assert_eq!(from.to_string(), "10.77.0.2:5555");
 
@@ -223,12 +265,20 @@ fn inner_tap_errors_and_lifetime() {
     assert!(matches!(busy, TapError::Busy { .. }), "{busy}");
     assert!(busy.to_string().contains("busy"), "{busy}");
     drop(first);
-    assert!(!ip(&["link", "show", "kbusy0"]), "a tap Kiln created disappears with it");
+    assert!(
+        !ip(&["link", "show", "kbusy0"]),
+        "a tap Kiln created disappears with it"
+    );
 
     let not_tap = Tap::open("lo").unwrap_err();
     assert!(matches!(not_tap, TapError::NotATap { .. }), "{not_tap}");
-    let long = VirtioNet::new(NetConfig::new("sixteen-bytes-xx")).err().expect("long name refused");
-    assert!(matches!(long, NetError::Tap(TapError::InvalidName { .. })), "{long}");
+    let long = VirtioNet::new(NetConfig::new("sixteen-bytes-xx"))
+        .err()
+        .expect("long name refused");
+    assert!(
+        matches!(long, NetError::Tap(TapError::InvalidName { .. })),
+        "{long}"
+    );
 
     // A persistent tap made by the host is attached to and left in place.
     must_ip(&["tuntap", "add", "kpers0", "mode", "tap"]);

@@ -38,7 +38,10 @@ impl Interrupt for TestInterrupt {
 pub(super) fn wait_until(what: &str, f: impl Fn() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(2), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -75,8 +78,17 @@ impl<'a> Driver<'a> {
         let avail = desc + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
         let end = used + 6 + 8 * u64::from(size);
-        mem.write_slice(&vec![0u8; (end - at) as usize], GuestAddress(at)).unwrap();
-        Driver { mem, size, desc, avail, used, next_desc: 0, kick: EventFd::new(libc::EFD_NONBLOCK).unwrap() }
+        mem.write_slice(&vec![0u8; (end - at) as usize], GuestAddress(at))
+            .unwrap();
+        Driver {
+            mem,
+            size,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
     }
 
     pub fn queue(&self) -> Queue {
@@ -96,7 +108,11 @@ impl<'a> Driver<'a> {
     pub fn context(&self, index: u16, event_idx: bool) -> QueueContext {
         let mut queue = self.queue();
         queue.set_event_idx(event_idx);
-        QueueContext { index, queue, kick: self.kick.try_clone().unwrap() }
+        QueueContext {
+            index,
+            queue,
+            kick: self.kick.try_clone().unwrap(),
+        }
     }
 
     /// Offers a chain of `bufs`; returns its head index.
@@ -120,9 +136,17 @@ impl<'a> Driver<'a> {
     /// one chain starting at the next free table slot.
     pub fn add_raw(&mut self, descs: &[[u8; 16]]) -> u16 {
         let first = self.next_desc;
-        assert!(usize::from(first) + descs.len() <= usize::from(self.size), "descriptor table full");
+        assert!(
+            usize::from(first) + descs.len() <= usize::from(self.size),
+            "descriptor table full"
+        );
         for (i, d) in descs.iter().enumerate() {
-            self.mem.write_slice(d, GuestAddress(self.desc + 16 * u64::from(first + i as u16))).unwrap();
+            self.mem
+                .write_slice(
+                    d,
+                    GuestAddress(self.desc + 16 * u64::from(first + i as u16)),
+                )
+                .unwrap();
         }
         self.next_desc += descs.len() as u16;
         let idx = self.avail_idx();
@@ -205,7 +229,12 @@ pub(super) fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
 pub(super) fn send(fd: &OwnedFd, data: &[u8]) {
     // SAFETY: sends from a valid buffer.
     let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-    assert_eq!(n, data.len() as isize, "send: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        n,
+        data.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Receives one frame, waiting up to 2 s.
@@ -247,14 +276,22 @@ fn rig() -> Rig {
     let (ours, peer) = seqpacket_pair();
     let config: NetConfig = "tap=test0,mac=52:54:00:12:34:56".parse().unwrap();
     let dev = VirtioNet::with_tap(&config, Tap::from_packet_fd(ours, "test0")).unwrap();
-    Rig { mem, dev, peer, irq: Arc::new(TestInterrupt::default()) }
+    Rig {
+        mem,
+        dev,
+        peer,
+        irq: Arc::new(TestInterrupt::default()),
+    }
 }
 
 impl Rig {
     fn activate(&mut self, rx: &Driver, tx: &Driver, acked: u64, event_idx: bool) {
         let ctx = DeviceContext {
             mem: self.mem.clone(),
-            queues: vec![rx.context(RX_QUEUE, event_idx), tx.context(TX_QUEUE, event_idx)],
+            queues: vec![
+                rx.context(RX_QUEUE, event_idx),
+                tx.context(TX_QUEUE, event_idx),
+            ],
             acked_features: acked | features::VERSION_1,
             interrupt: self.irq.clone(),
         };
@@ -273,7 +310,9 @@ fn read_mem(mem: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
 }
 
 /// A packet as the tap would hand it over: header (flags, gso none) then
@@ -309,7 +348,11 @@ fn offers_the_features_and_config_space() {
     assert_eq!(r.dev.queue_max_sizes(), vec![256, 256]);
     let mut cfg = [0xffu8; 10];
     r.dev.read_config(0, &mut cfg);
-    assert_eq!(cfg, [0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0, 0, 0], "mac, status=LINK_UP, zeros past the end");
+    assert_eq!(
+        cfg,
+        [0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0, 0, 0],
+        "mac, status=LINK_UP, zeros past the end"
+    );
     let mut one = [0u8; 2];
     r.dev.read_config(6, &mut one);
     assert_eq!(u16::from_le_bytes(one), 1);
@@ -319,7 +362,11 @@ fn offers_the_features_and_config_space() {
 fn offload_follows_the_guest_features() {
     use super::tap::offload_flags;
     assert_eq!(offload_flags(0), 0);
-    assert_eq!(offload_flags(feature::GUEST_TSO4), 0, "no TSO without checksum offload");
+    assert_eq!(
+        offload_flags(feature::GUEST_TSO4),
+        0,
+        "no TSO without checksum offload"
+    );
     assert_eq!(offload_flags(feature::GUEST_CSUM), libc::TUN_F_CSUM);
     assert_eq!(
         offload_flags(feature::GUEST_CSUM | feature::GUEST_TSO4 | feature::GUEST_TSO6),
@@ -347,7 +394,9 @@ fn transmitted_frame_reaches_the_tap_with_its_header() {
     assert_eq!(&got[12..], &frame[..]);
     tx.wait_used(1);
     assert_eq!(tx.used(), vec![(u32::from(head), 0)]);
-    wait_until("the tx interrupt", || r.irq.signals[1].load(Ordering::SeqCst) == 1);
+    wait_until("the tx interrupt", || {
+        r.irq.signals[1].load(Ordering::SeqCst) == 1
+    });
     let s = r.dev.stats();
     assert_eq!((s.tx_frames, s.tx_bytes, s.tx_dropped), (1, 60, 0));
 }
@@ -362,7 +411,10 @@ fn hostile_transmit_chains_are_dropped_and_the_device_keeps_going() {
     write_mem(&r.mem, DATA, &packet(0, &pattern(50, 1)));
     let writable = tx.add(&[(DATA, 12, false), (DATA + 12, 50, true)]);
     let short = tx.add(&[(DATA, 5, false)]);
-    let too_long = tx.add(&[(DATA, 12, false), (DATA + 0x1000, (MAX_FRAME_LEN + 1) as u32, false)]);
+    let too_long = tx.add(&[
+        (DATA, 12, false),
+        (DATA + 0x1000, (MAX_FRAME_LEN + 1) as u32, false),
+    ]);
     let at = tx.next_index();
     let looped = tx.add_raw(&[raw_desc(DATA, 12, VRING_DESC_F_NEXT as u16, at)]);
     let past_table = tx.add_raw(&[raw_desc(DATA, 12, VRING_DESC_F_NEXT as u16, 200)]);
@@ -370,10 +422,16 @@ fn hostile_transmit_chains_are_dropped_and_the_device_keeps_going() {
     let good = tx.add(&[(DATA, 62, false)]);
     tx.kick();
     let got = recv(&r.peer);
-    assert_eq!(got, packet(0, &pattern(50, 1)), "only the good frame reaches the tap");
+    assert_eq!(
+        got,
+        packet(0, &pattern(50, 1)),
+        "only the good frame reaches the tap"
+    );
     tx.wait_used(7);
-    let heads: Vec<u32> =
-        [writable, short, too_long, looped, past_table, outside, good].iter().map(|h| u32::from(*h)).collect();
+    let heads: Vec<u32> = [writable, short, too_long, looped, past_table, outside, good]
+        .iter()
+        .map(|h| u32::from(*h))
+        .collect();
     assert_eq!(tx.used(), heads.iter().map(|h| (*h, 0)).collect::<Vec<_>>());
     assert!(nothing_to_recv(&r.peer));
     for p in [
@@ -406,7 +464,11 @@ fn a_64k_tso_frame_is_sent_whole() {
     r.activate(&rx, &tx, feature::CSUM | feature::HOST_TSO4, false);
     let frame = pattern(MAX_FRAME_LEN, 9);
     write_mem(&r.mem, DATA, &packet(0, &frame));
-    tx.add(&[(DATA, 12, false), (DATA + 12, 40000, false), (DATA + 40012, (MAX_FRAME_LEN - 40000) as u32, false)]);
+    tx.add(&[
+        (DATA, 12, false),
+        (DATA + 12, 40000, false),
+        (DATA + 40012, (MAX_FRAME_LEN - 40000) as u32, false),
+    ]);
     tx.kick();
     let got = recv(&r.peer);
     assert_eq!(got.len(), MAX_PACKET_LEN);
@@ -419,13 +481,22 @@ fn received_frame_spans_mergeable_buffers() {
     let mem = r.mem.clone();
     let mut rx = Driver::new(&mem, RX_RING, 16);
     let tx = Driver::new(&mem, TX_RING, 16);
-    let heads: Vec<u16> = (0..4).map(|i| rx.add(&[(DATA + i * 0x1000, 1024, true)])).collect();
+    let heads: Vec<u16> = (0..4)
+        .map(|i| rx.add(&[(DATA + i * 0x1000, 1024, true)]))
+        .collect();
     r.activate(&rx, &tx, feature::MRG_RXBUF | feature::GUEST_CSUM, false);
     let frame = pattern(3000, 5);
     send(&r.peer, &packet(2, &frame)); // DATA_VALID kept with GUEST_CSUM
     rx.wait_used(3);
     let used = rx.used();
-    assert_eq!(used, vec![(heads[0].into(), 1024), (heads[1].into(), 1024), (heads[2].into(), 3012 - 2048)]);
+    assert_eq!(
+        used,
+        vec![
+            (heads[0].into(), 1024),
+            (heads[1].into(), 1024),
+            (heads[2].into(), 3012 - 2048)
+        ]
+    );
     let first = read_mem(&r.mem, DATA, 1024);
     assert_eq!(first[0], 2, "header flags passed through");
     assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3, "num_buffers");
@@ -433,7 +504,9 @@ fn received_frame_spans_mergeable_buffers() {
     got.extend(read_mem(&r.mem, DATA + 0x1000, 1024));
     got.extend(read_mem(&r.mem, DATA + 0x2000, 3012 - 2048));
     assert!(got == frame);
-    wait_until("the rx interrupt", || r.irq.signals[0].load(Ordering::SeqCst) >= 1);
+    wait_until("the rx interrupt", || {
+        r.irq.signals[0].load(Ordering::SeqCst) >= 1
+    });
 
     // The fourth buffer takes the next small frame alone.
     send(&r.peer, &packet(0, &pattern(100, 6)));
@@ -460,7 +533,11 @@ fn without_mergeable_buffers_one_chain_holds_the_frame() {
     assert_eq!(rx.used(), vec![(head.into(), 1512)]);
     let hdr = read_mem(&r.mem, DATA, 12);
     assert_eq!(hdr[0], 0, "flags cleared without GUEST_CSUM");
-    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers is 1");
+    assert_eq!(
+        u16::from_le_bytes([hdr[10], hdr[11]]),
+        1,
+        "num_buffers is 1"
+    );
     assert!(read_mem(&r.mem, DATA + 0x1000, 1500) == frame);
 }
 
@@ -496,10 +573,16 @@ fn receive_waits_for_buffers_and_resumes_on_the_kick() {
     for seed in 0..3 {
         send(&r.peer, &packet(0, &pattern(500, seed)));
     }
-    wait_until("the worker to see the tap", || control.busy_rounds() > rounds);
+    wait_until("the worker to see the tap", || {
+        control.busy_rounds() > rounds
+    });
     let blocked = control.busy_rounds();
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(control.busy_rounds(), blocked, "a worker waiting for buffers must sleep, not spin on the tap");
+    assert_eq!(
+        control.busy_rounds(),
+        blocked,
+        "a worker waiting for buffers must sleep, not spin on the tap"
+    );
     assert_eq!(rx.used_count(), 0);
     assert_eq!(rx.avail_event(), 0, "asks to be kicked for the next buffer");
 
@@ -515,9 +598,15 @@ fn receive_waits_for_buffers_and_resumes_on_the_kick() {
     let h2 = rx.add(&[(DATA + 0x2000, 2048, true)]);
     rx.kick();
     rx.wait_used(3);
-    assert_eq!(rx.used(), vec![(h0.into(), 512), (h1.into(), 512), (h2.into(), 512)]);
+    assert_eq!(
+        rx.used(),
+        vec![(h0.into(), 512), (h1.into(), 512), (h2.into(), 512)]
+    );
     for (i, at) in [DATA, DATA + 0x1000, DATA + 0x2000].into_iter().enumerate() {
-        assert!(read_mem(&r.mem, at + 12, 500) == pattern(500, i as u8), "frame {i} in order, none lost");
+        assert!(
+            read_mem(&r.mem, at + 12, 500) == pattern(500, i as u8),
+            "frame {i} in order, none lost"
+        );
     }
     assert_eq!(r.dev.stats().rx_dropped, 0);
 }
@@ -532,20 +621,37 @@ fn hostile_receive_chains_are_returned_empty() {
     let mixed = rx.add(&[(DATA, 12, true), (DATA + 12, 2048, false)]);
     let outside = rx.add(&[(MEM_SIZE as u64 - 16, 2048, true)]);
     let at = rx.next_index();
-    let looped = rx.add_raw(&[raw_desc(DATA, 2048, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, at)]);
+    let looped = rx.add_raw(&[raw_desc(
+        DATA,
+        2048,
+        (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+        at,
+    )]);
     let tiny = rx.add(&[(DATA, 4, true)]);
     let good = rx.add(&[(DATA + 0x4000, 2048, true)]);
     r.activate(&rx, &tx, feature::MRG_RXBUF, false);
     send(&r.peer, &packet(0, &pattern(300, 4)));
     rx.wait_used(6);
-    let expect: Vec<(u32, u32)> = [readable, mixed, outside, looped, tiny].iter().map(|h| (u32::from(*h), 0)).collect();
+    let expect: Vec<(u32, u32)> = [readable, mixed, outside, looped, tiny]
+        .iter()
+        .map(|h| (u32::from(*h), 0))
+        .collect();
     assert_eq!(rx.used()[..5], expect[..]);
     assert_eq!(rx.used()[5], (good.into(), 312));
     assert!(read_mem(&r.mem, DATA + 0x4000 + 12, 300) == pattern(300, 4));
-    for p in [Problem::RxReadableDescriptor, Problem::RxBadAddress, Problem::RxBrokenChain, Problem::RxBufferTooSmall] {
+    for p in [
+        Problem::RxReadableDescriptor,
+        Problem::RxBadAddress,
+        Problem::RxBrokenChain,
+        Problem::RxBufferTooSmall,
+    ] {
         assert!(r.dev.diag().was_reported(p), "{p:?} not reported");
     }
-    assert_eq!(r.dev.stats().bad_chains, 4, "the tiny buffer counts as too small, not malformed");
+    assert_eq!(
+        r.dev.stats().bad_chains,
+        4,
+        "the tiny buffer counts as too small, not malformed"
+    );
     assert!(!r.irq.needs_reset.load(Ordering::SeqCst));
 }
 
@@ -596,8 +702,12 @@ fn poll_mode_serves_without_kicks_and_suppresses_them() {
     let mut tx = Driver::new(&mem, TX_RING, 16);
     r.activate(&rx, &tx, feature::MRG_RXBUF, false);
     let control = r.dev.worker_control();
-    control.set_wait_mode(WaitMode::Poll { spin: Duration::from_secs(5) });
-    wait_until("notifications suppressed", || tx.used_flags() == 1 && rx.used_flags() == 1);
+    control.set_wait_mode(WaitMode::Poll {
+        spin: Duration::from_secs(5),
+    });
+    wait_until("notifications suppressed", || {
+        tx.used_flags() == 1 && rx.used_flags() == 1
+    });
     write_mem(&r.mem, DATA, &packet(0, &pattern(80, 3)));
     tx.add(&[(DATA, 92, false)]);
     assert_eq!(recv(&r.peer).len(), 92, "sent without a kick");
@@ -607,7 +717,9 @@ fn poll_mode_serves_without_kicks_and_suppresses_them() {
     rx.wait_used(1);
     assert_eq!(rx.used(), vec![(h.into(), 82)]);
     control.set_wait_mode(WaitMode::Notify);
-    wait_until("notifications back on", || tx.used_flags() == 0 && rx.used_flags() == 0);
+    wait_until("notifications back on", || {
+        tx.used_flags() == 0 && rx.used_flags() == 0
+    });
 }
 
 #[test]
@@ -634,5 +746,8 @@ fn activation_needs_both_queues() {
         acked_features: features::VERSION_1,
         interrupt: r.irq.clone(),
     };
-    assert!(matches!(r.dev.activate(ctx), Err(crate::virtio::ActivateError::MissingQueue(1))));
+    assert!(matches!(
+        r.dev.activate(ctx),
+        Err(crate::virtio::ActivateError::MissingQueue(1))
+    ));
 }

@@ -28,7 +28,10 @@ pub(crate) fn gather(
             return Err(Problem::TxWritableDescriptor);
         }
         let len = desc.len() as usize;
-        total = total.checked_add(len).filter(|t| *t <= MAX_PACKET_LEN).ok_or(Problem::TxTooLong)?;
+        total = total
+            .checked_add(len)
+            .filter(|t| *t <= MAX_PACKET_LEN)
+            .ok_or(Problem::TxTooLong)?;
         if len == 0 {
             continue;
         }
@@ -38,7 +41,10 @@ pub(crate) fn gather(
                 return Err(Problem::TxTooFragmented);
             }
             // The pointer stays valid while `mem` (mapped guest RAM) lives.
-            iov.push(libc::iovec { iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void, iov_len: slice.len() });
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
         }
     }
     // The chain iterator stops early, with the last descriptor still
@@ -54,7 +60,11 @@ pub(crate) fn gather(
 }
 
 /// Sends the packet gathered in `iov` to the tap.
-pub(crate) fn send(tap: &Tap, mem: &GuestMemoryMmap, iov: &[libc::iovec]) -> std::io::Result<usize> {
+pub(crate) fn send(
+    tap: &Tap,
+    mem: &GuestMemoryMmap,
+    iov: &[libc::iovec],
+) -> std::io::Result<usize> {
     // The iovecs point into `mem`, which the caller keeps alive.
     let _ = mem;
     // SAFETY: every iovec was built by `gather` from a guest memory slice

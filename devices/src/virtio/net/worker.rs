@@ -113,7 +113,8 @@ impl NetWorker {
                         self.interrupt.signal_queue(TX_QUEUE);
                     }
                 } else {
-                    self.diag.report(Problem::BadHeadIndex, format_args!("transmit head {head}"));
+                    self.diag
+                        .report(Problem::BadHeadIndex, format_args!("transmit head {head}"));
                 }
             }
             if self.polling || !queue.enable_notification(mem)? {
@@ -138,7 +139,10 @@ impl NetWorker {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(n) if n > MAX_PACKET_LEN => {
-                        self.diag.report(Problem::RxBufferTooSmall, "frame larger than 64 KiB from the tap");
+                        self.diag.report(
+                            Problem::RxBufferTooSmall,
+                            "frame larger than 64 KiB from the tap",
+                        );
                         self.diag.rx_dropped();
                         continue;
                     }
@@ -154,7 +158,13 @@ impl NetWorker {
             };
             moved = true;
             let packet = &mut self.rx_buf[..len];
-            match self.rx_state.deliver(&mut self.rx.queue, &self.mem, packet, self.mode, &self.diag) {
+            match self.rx_state.deliver(
+                &mut self.rx.queue,
+                &self.mem,
+                packet,
+                self.mode,
+                &self.diag,
+            ) {
                 Ok(RxOutcome::Delivered { .. }) => {}
                 Ok(RxOutcome::Dropped) => self.diag.rx_dropped(),
                 Ok(RxOutcome::NoBuffers) => {
@@ -204,7 +214,11 @@ impl WorkerHandler for NetWorker {
         vec![
             // Edge-triggered: the worker may leave frames in the tap while
             // the guest has no buffers without being woken for them again.
-            (self.tap.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED, TAP),
+            (
+                self.tap.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                TAP,
+            ),
             (self.rx.kick.as_raw_fd(), EventSet::IN, RX_KICK),
             (self.tx.kick.as_raw_fd(), EventSet::IN, TX_KICK),
         ]

@@ -36,7 +36,11 @@ impl VirtioDevice for FakeDevice {
     }
     fn activate(&mut self, ctx: DeviceContext) -> Result<(), ActivateError> {
         self.0.activations.fetch_add(1, Ordering::SeqCst);
-        *self.0.queues.lock().unwrap() = ctx.queues.iter().map(|q| (q.index, q.queue.size())).collect();
+        *self.0.queues.lock().unwrap() = ctx
+            .queues
+            .iter()
+            .map(|q| (q.index, q.queue.size()))
+            .collect();
         *self.0.features.lock().unwrap() = ctx.acked_features;
         *self.0.interrupt.lock().unwrap() = Some(ctx.interrupt);
         Ok(())
@@ -70,12 +74,25 @@ struct Rig {
 const BAR: u32 = 0xc000_0000;
 
 fn rig() -> Rig {
-    let mem = Arc::new(vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let mem =
+        Arc::new(vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
     let seen = Arc::new(Seen::default());
     let routing = Arc::new(RecordingRouting::default());
     let ioevents = Arc::new(RecordingIoEvents::default());
-    let dev = VirtioPciDevice::new(Box::new(FakeDevice(seen.clone())), mem, BAR, routing.clone(), ioevents.clone()).unwrap();
-    Rig { dev, seen, routing, ioevents }
+    let dev = VirtioPciDevice::new(
+        Box::new(FakeDevice(seen.clone())),
+        mem,
+        BAR,
+        routing.clone(),
+        ioevents.clone(),
+    )
+    .unwrap();
+    Rig {
+        dev,
+        seen,
+        routing,
+        ioevents,
+    }
 }
 
 impl Rig {
@@ -107,7 +124,11 @@ impl Rig {
         self.w(0x0c, features & 0xffff_ffff, 4);
         self.w(0x08, 1, 4);
         self.w(0x0c, features >> 32, 4);
-        self.w(0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK), 1);
+        self.w(
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            1,
+        );
     }
 }
 
@@ -118,7 +139,11 @@ fn pci_identity_and_capabilities_are_what_linux_looks_for() {
     let mut r = rig();
     let mut id = [0u8; 4];
     r.dev.config_read(0, &mut id);
-    assert_eq!(u32::from_le_bytes(id), 0x1044_1af4, "vendor 1af4, device 0x1040 + type");
+    assert_eq!(
+        u32::from_le_bytes(id),
+        0x1044_1af4,
+        "vendor 1af4, device 0x1040 + type"
+    );
     // Walk the capability list: four virtio caps (types 1..4) and MSI-X.
     let mut b = [0u8; 1];
     r.dev.config_read(config::CAPABILITIES_POINTER, &mut b);
@@ -147,8 +172,15 @@ fn driver_ok_activates_with_enabled_queues_and_vectors() {
     r.w(0x14, u64::from(ALL_OK), 1);
     assert_eq!(r.status(), ALL_OK);
     assert_eq!(r.seen.activations.load(Ordering::SeqCst), 1);
-    assert_eq!(*r.seen.queues.lock().unwrap(), vec![(0, 128)], "queue 1 was not enabled");
-    assert_eq!(*r.seen.features.lock().unwrap(), features::VERSION_1 | features::RING_EVENT_IDX);
+    assert_eq!(
+        *r.seen.queues.lock().unwrap(),
+        vec![(0, 128)],
+        "queue 1 was not enabled"
+    );
+    assert_eq!(
+        *r.seen.features.lock().unwrap(),
+        features::VERSION_1 | features::RING_EVENT_IDX
+    );
 
     // The device signals queue 0 -> MSI-X vector 1 fires once enabled and unmasked.
     let pci_ctl = r.dev.msix_cap + 2;
@@ -157,7 +189,11 @@ fn driver_ok_activates_with_enabled_queues_and_vectors() {
     let irq = r.seen.interrupt.lock().unwrap().clone().unwrap();
     irq.signal_queue(0);
     assert!(r.routing.irqfds.lock().unwrap()[1].read().is_ok());
-    assert_eq!(r.r(ISR, 1), 1, "ISR shows the queue interrupt, and reading clears it");
+    assert_eq!(
+        r.r(ISR, 1),
+        1,
+        "ISR shows the queue interrupt, and reading clears it"
+    );
     assert_eq!(r.r(ISR, 1), 0);
     // Device config reads reach the device.
     assert_eq!(r.r(DEVICE_CONFIG, 2), 0xbbaa);
@@ -170,7 +206,11 @@ fn unknown_features_are_refused_and_missing_version_1_too() {
     assert_eq!(r.status() & status::FEATURES_OK, 0);
     r.w(0x14, 0, 1);
     r.negotiate(1);
-    assert_eq!(r.status() & status::FEATURES_OK, 0, "legacy-only drivers are refused");
+    assert_eq!(
+        r.status() & status::FEATURES_OK,
+        0,
+        "legacy-only drivers are refused"
+    );
 }
 
 #[test]
@@ -210,16 +250,29 @@ fn reset_stops_the_device_and_it_can_start_again() {
 #[test]
 fn ioeventfds_follow_the_bar() {
     let mut r = rig();
-    assert!(r.ioevents.0.lock().unwrap().is_empty(), "nothing registered while decoding is off");
-    r.dev.config_write(config::COMMAND, &[config::COMMAND_MEMORY as u8]);
+    assert!(
+        r.ioevents.0.lock().unwrap().is_empty(),
+        "nothing registered while decoding is off"
+    );
+    r.dev
+        .config_write(config::COMMAND, &[config::COMMAND_MEMORY as u8]);
     let notify = u64::from(BAR) + NOTIFY;
-    assert_eq!(*r.ioevents.0.lock().unwrap(), vec![(true, notify), (true, notify + 4)]);
+    assert_eq!(
+        *r.ioevents.0.lock().unwrap(),
+        vec![(true, notify), (true, notify + 4)]
+    );
     r.ioevents.0.lock().unwrap().clear();
-    r.dev.config_write(config::BAR0, &0xc800_0000u32.to_le_bytes());
+    r.dev
+        .config_write(config::BAR0, &0xc800_0000u32.to_le_bytes());
     let moved = 0xc800_0000 + NOTIFY;
     assert_eq!(
         *r.ioevents.0.lock().unwrap(),
-        vec![(false, notify), (false, notify + 4), (true, moved), (true, moved + 4)]
+        vec![
+            (false, notify),
+            (false, notify + 4),
+            (true, moved),
+            (true, moved + 4)
+        ]
     );
 }
 
@@ -248,7 +301,8 @@ fn arbitrary_register_traffic_never_panics() {
         }
         if x & 0xff == 0 {
             let coff = ((x >> 20) % 4096) as usize;
-            r.dev.config_write(coff, &(x as u32).to_le_bytes()[..len.min(4)]);
+            r.dev
+                .config_write(coff, &(x as u32).to_le_bytes()[..len.min(4)]);
         }
     }
 }

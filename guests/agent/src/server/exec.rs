@@ -28,13 +28,18 @@ pub fn command_for(req: &ExecRequest) -> Result<Command, OpError> {
         .split_first()
         .ok_or_else(|| OpError::new(ErrorCode::BadRequest, "argv must not be empty"))?;
     if program.is_empty() {
-        return Err(OpError::new(ErrorCode::BadRequest, "argv[0] must not be empty"));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "argv[0] must not be empty",
+        ));
     }
     let has_nul = |s: &str| s.contains('\0');
-    if req.argv.iter().any(|a| has_nul(a))
-        || req.env.iter().any(|(k, v)| has_nul(k) || has_nul(v))
+    if req.argv.iter().any(|a| has_nul(a)) || req.env.iter().any(|(k, v)| has_nul(k) || has_nul(v))
     {
-        return Err(OpError::new(ErrorCode::BadRequest, "NUL byte in argv or env"));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "NUL byte in argv or env",
+        ));
     }
     if req.env.keys().any(|k| k.is_empty() || k.contains('=')) {
         return Err(OpError::new(
@@ -51,7 +56,10 @@ pub fn command_for(req: &ExecRequest) -> Result<Command, OpError> {
     if let Some(cwd) = &req.cwd {
         let meta = std::fs::metadata(cwd).map_err(|e| OpError::io(&format!("cwd {cwd}"), &e))?;
         if !meta.is_dir() {
-            return Err(OpError::new(ErrorCode::BadRequest, format!("cwd {cwd} is not a directory")));
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("cwd {cwd} is not a directory"),
+            ));
         }
         cmd.current_dir(cwd);
     }
@@ -69,11 +77,15 @@ pub fn run_streaming(
     emit: &mut dyn FnMut(Output) -> bool,
 ) -> Result<ExitStatus, OpError> {
     let started = Instant::now();
-    cmd.stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group, so a timeout kills everything the program started.
-        .process_group(0);
+    cmd.stdin(if stdin.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // Own process group, so a timeout kills everything the program started.
+    .process_group(0);
     let mut child = cmd
         .spawn()
         .map_err(|e| OpError::io("cannot start program", &e))?;
@@ -100,7 +112,9 @@ pub fn run_streaming(
             killed = true;
             timed_out = true;
         }
-        let wait = deadline.saturating_duration_since(now).clamp(Duration::from_millis(1), POLL);
+        let wait = deadline
+            .saturating_duration_since(now)
+            .clamp(Duration::from_millis(1), POLL);
         match rx.recv_timeout(wait) {
             Ok(Event::Data(stream, data)) => {
                 let delivered = match stream {
@@ -129,7 +143,8 @@ pub fn run_streaming(
             }
         }
     }
-    let (status, _) = exited.ok_or_else(|| OpError::new(ErrorCode::Failed, "program state lost"))?;
+    let (status, _) =
+        exited.ok_or_else(|| OpError::new(ErrorCode::Failed, "program state lost"))?;
     Ok(ExitStatus {
         code: status.code(),
         signal: status.signal(),

@@ -37,7 +37,10 @@ pub enum PutProgress {
 
 fn validate_path(path: &str) -> Result<&Path, OpError> {
     if !path.starts_with('/') {
-        return Err(OpError::new(ErrorCode::BadRequest, format!("path {path:?} is not absolute")));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!("path {path:?} is not absolute"),
+        ));
     }
     if path.contains('\0') {
         return Err(OpError::new(ErrorCode::BadRequest, "NUL byte in path"));
@@ -51,26 +54,42 @@ impl PutSession {
         if req.size > max_file_size {
             return Err(OpError::new(
                 ErrorCode::TooLarge,
-                format!("file of {} bytes exceeds the limit of {max_file_size} bytes", req.size),
+                format!(
+                    "file of {} bytes exceeds the limit of {max_file_size} bytes",
+                    req.size
+                ),
             ));
         }
         let sha_ok = req.sha256.len() == 64
-            && req.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && req
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !sha_ok {
-            return Err(OpError::new(ErrorCode::BadRequest, "sha256 must be 64 lower-case hex digits"));
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                "sha256 must be 64 lower-case hex digits",
+            ));
         }
         let mode = req.mode.unwrap_or(0o644);
         if mode > 0o7777 {
-            return Err(OpError::new(ErrorCode::BadRequest, format!("invalid mode {mode:o}")));
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("invalid mode {mode:o}"),
+            ));
         }
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(OpError::new(ErrorCode::BadRequest, "path has no file name"));
         };
         if req.create_dirs {
-            fs::create_dir_all(parent).map_err(|e| OpError::io("creating parent directories", &e))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| OpError::io("creating parent directories", &e))?;
         }
         if path.is_dir() {
-            return Err(OpError::new(ErrorCode::BadRequest, format!("{} is a directory", path.display())));
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("{} is a directory", path.display()),
+            ));
         }
         let tmp_name = format!(
             ".{}.kiln-put.{}.{}",
@@ -117,7 +136,8 @@ impl PutSession {
             .file
             .as_mut()
             .ok_or_else(|| OpError::new(ErrorCode::Failed, "upload already finished"))?;
-        file.write_all(data).map_err(|e| OpError::io("writing file", &e))?;
+        file.write_all(data)
+            .map_err(|e| OpError::io("writing file", &e))?;
         self.hasher.update(data);
         self.received = new_total;
         if self.is_complete() {
@@ -133,19 +153,24 @@ impl PutSession {
             .file
             .take()
             .ok_or_else(|| OpError::new(ErrorCode::Failed, "upload already finished"))?;
-        file.sync_all().map_err(|e| OpError::io("syncing file", &e))?;
+        file.sync_all()
+            .map_err(|e| OpError::io("syncing file", &e))?;
         drop(file);
         let actual = hex(&std::mem::take(&mut self.hasher).finalize());
         if actual != self.expected_sha {
             return Err(OpError::new(
                 ErrorCode::ChecksumMismatch,
-                format!("received content has sha256 {actual}, expected {}", self.expected_sha),
+                format!(
+                    "received content has sha256 {actual}, expected {}",
+                    self.expected_sha
+                ),
             ));
         }
         fs::set_permissions(&self.tmp_path, Permissions::from_mode(self.mode))
             .map_err(|e| OpError::io("setting permissions", &e))?;
-        fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| OpError::io(&format!("moving file to {}", self.final_path.display()), &e))?;
+        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| {
+            OpError::io(&format!("moving file to {}", self.final_path.display()), &e)
+        })?;
         self.committed = true;
         Ok(Response::PutDone {
             size: self.received,
@@ -171,15 +196,24 @@ pub fn send_file(
     emit: &mut dyn FnMut(Response) -> bool,
 ) -> Result<(), OpError> {
     let path = validate_path(path)?;
-    let mut file = File::open(path).map_err(|e| OpError::io(&format!("opening {}", path.display()), &e))?;
-    let meta = file.metadata().map_err(|e| OpError::io("reading metadata", &e))?;
+    let mut file =
+        File::open(path).map_err(|e| OpError::io(&format!("opening {}", path.display()), &e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| OpError::io("reading metadata", &e))?;
     if !meta.is_file() {
-        return Err(OpError::new(ErrorCode::BadRequest, format!("{} is not a regular file", path.display())));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!("{} is not a regular file", path.display()),
+        ));
     }
     if meta.len() > max_file_size {
         return Err(OpError::new(
             ErrorCode::TooLarge,
-            format!("file of {} bytes exceeds the limit of {max_file_size} bytes", meta.len()),
+            format!(
+                "file of {} bytes exceeds the limit of {max_file_size} bytes",
+                meta.len()
+            ),
         ));
     }
     if !emit(Response::FileBegin {
@@ -200,7 +234,9 @@ pub fn send_file(
             Err(e) => return Err(OpError::io("reading file", &e)),
         };
         hasher.update(&buf[..n]);
-        if !emit(Response::FileChunk { data: buf[..n].to_vec() }) {
+        if !emit(Response::FileChunk {
+            data: buf[..n].to_vec(),
+        }) {
             return Ok(());
         }
     }

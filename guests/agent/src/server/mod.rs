@@ -200,7 +200,10 @@ impl<'a> Session<'a> {
                     continue;
                 }
                 Err(FrameError::Empty) => {
-                    self.send(None, OpError::new(ErrorCode::BadRequest, "empty frame").into_response())?;
+                    self.send(
+                        None,
+                        OpError::new(ErrorCode::BadRequest, "empty frame").into_response(),
+                    )?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -210,7 +213,11 @@ impl<'a> Session<'a> {
                 Err(e) => {
                     let id = best_effort_id(&body);
                     tracing::debug!(error = %e, "malformed request");
-                    self.send(id, OpError::new(ErrorCode::BadRequest, format!("malformed request: {e}")).into_response())?;
+                    self.send(
+                        id,
+                        OpError::new(ErrorCode::BadRequest, format!("malformed request: {e}"))
+                            .into_response(),
+                    )?;
                 }
             }
         }
@@ -231,8 +238,14 @@ impl<'a> Session<'a> {
             if let Some(put) = self.put.take() {
                 let put_id = put.id;
                 drop(put); // removes the partial file
-                let msg = format!("upload abandoned: {} arrived before all data", request.op_name());
-                self.send(Some(put_id), OpError::new(ErrorCode::BadRequest, msg).into_response())?;
+                let msg = format!(
+                    "upload abandoned: {} arrived before all data",
+                    request.op_name()
+                );
+                self.send(
+                    Some(put_id),
+                    OpError::new(ErrorCode::BadRequest, msg).into_response(),
+                )?;
             }
         }
         match request {
@@ -272,7 +285,10 @@ impl<'a> Session<'a> {
     fn timeout(&self, requested_ms: Option<u64>) -> Result<Duration, OpError> {
         match requested_ms {
             None => Ok(self.cfg.default_timeout),
-            Some(0) => Err(OpError::new(ErrorCode::BadRequest, "timeout_ms must be positive")),
+            Some(0) => Err(OpError::new(
+                ErrorCode::BadRequest,
+                "timeout_ms must be positive",
+            )),
             Some(ms) => Ok(Duration::from_millis(ms).min(self.cfg.max_timeout)),
         }
     }
@@ -293,7 +309,13 @@ impl<'a> Session<'a> {
                 exec::Output::Stdout(data) => Response::Stdout { data },
                 exec::Output::Stderr(data) => Response::Stderr { data },
             };
-            match frame::write_json(conn, &ResponseFrame { id: Some(id), response }) {
+            match frame::write_json(
+                conn,
+                &ResponseFrame {
+                    id: Some(id),
+                    response,
+                },
+            ) {
                 Ok(()) => true,
                 Err(e) => {
                     write_error = Some(e);
@@ -322,7 +344,10 @@ impl<'a> Session<'a> {
         let Some(wine_cfg) = self.cfg.wine.clone() else {
             return self.reply(
                 id,
-                Err(OpError::new(ErrorCode::Unsupported, "this guest has no Wine (not a Windows-compatibility image)")),
+                Err(OpError::new(
+                    ErrorCode::Unsupported,
+                    "this guest has no Wine (not a Windows-compatibility image)",
+                )),
             );
         };
         let prepared = self
@@ -330,7 +355,8 @@ impl<'a> Session<'a> {
             .and_then(|t| wine::command_for(&wine_cfg, &req).map(|cmd| (cmd, t)));
         match prepared {
             Ok((cmd, _)) if req.gui => {
-                let started = wine::start_detached(cmd).map(|pid| Response::WindowsAppStarted { pid });
+                let started =
+                    wine::start_detached(cmd).map(|pid| Response::WindowsAppStarted { pid });
                 self.reply(id, started)
             }
             Ok((cmd, timeout)) => self.stream_command(id, cmd, Vec::new(), timeout),
@@ -360,14 +386,26 @@ impl<'a> Session<'a> {
 
     fn put_chunk(&mut self, id: u64, data: &[u8]) -> Result<(), FrameError> {
         let Some(mut session) = self.put.take() else {
-            return self.reply(id, Err(OpError::new(ErrorCode::BadRequest, "put_chunk without a put in progress")));
+            return self.reply(
+                id,
+                Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    "put_chunk without a put in progress",
+                )),
+            );
         };
         if session.id != id {
-            let msg = format!("put_chunk for id {id} while the upload in progress has id {}", session.id);
+            let msg = format!(
+                "put_chunk for id {id} while the upload in progress has id {}",
+                session.id
+            );
             let session_id = session.id;
             drop(session); // removes the partial file
-            // The pending upload is abandoned too: both ids learn about it.
-            self.send(Some(session_id), OpError::new(ErrorCode::BadRequest, msg.clone()).into_response())?;
+                           // The pending upload is abandoned too: both ids learn about it.
+            self.send(
+                Some(session_id),
+                OpError::new(ErrorCode::BadRequest, msg.clone()).into_response(),
+            )?;
             return self.reply(id, Err(OpError::new(ErrorCode::BadRequest, msg)));
         }
         match session.write_chunk(data) {
@@ -388,7 +426,13 @@ impl<'a> Session<'a> {
         let (max, chunk) = (self.cfg.max_file_size, self.cfg.chunk_size);
         let mut write_error = None;
         let conn = &mut self.conn;
-        let mut emit = |response: Response| match frame::write_json(conn, &ResponseFrame { id: Some(id), response }) {
+        let mut emit = |response: Response| match frame::write_json(
+            conn,
+            &ResponseFrame {
+                id: Some(id),
+                response,
+            },
+        ) {
             Ok(()) => true,
             Err(e) => {
                 write_error = Some(e);

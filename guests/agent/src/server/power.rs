@@ -50,9 +50,13 @@ impl PowerControl {
     fn perform(&self, action: PowerAction) {
         match self {
             PowerControl::Hook(path) => match Command::new(path).arg(action.as_str()).status() {
-                Ok(st) if st.success() => tracing::info!(action = action.as_str(), "power hook ran"),
+                Ok(st) if st.success() => {
+                    tracing::info!(action = action.as_str(), "power hook ran")
+                }
                 Ok(st) => tracing::error!(action = action.as_str(), %st, "power hook failed"),
-                Err(e) => tracing::error!(action = action.as_str(), error = %e, "cannot run power hook"),
+                Err(e) => {
+                    tracing::error!(action = action.as_str(), error = %e, "cannot run power hook")
+                }
             },
             PowerControl::Reboot2 => {
                 tracing::warn!(action = action.as_str(), "powering the guest down now");

@@ -161,7 +161,9 @@ fn uname() -> Result<Uts, OpError> {
     }
     let field = |f: &[libc::c_char]| {
         // SAFETY: the kernel NUL-terminates every utsname field.
-        unsafe { CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(f.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     };
     Ok(Uts {
         release: field(&buf.release),
@@ -187,7 +189,9 @@ mod tests {
 
     #[test]
     fn meminfo_and_loadavg() {
-        let m = parse_meminfo("MemTotal:       16384 kB\nMemAvailable:    8192 kB\nHugePages_Total:       0\nbogus\n");
+        let m = parse_meminfo(
+            "MemTotal:       16384 kB\nMemAvailable:    8192 kB\nHugePages_Total:       0\nbogus\n",
+        );
         assert_eq!(m["MemTotal"], 16384);
         assert_eq!(m["MemAvailable"], 8192);
         assert_eq!(m["HugePages_Total"], 0);

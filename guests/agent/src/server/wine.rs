@@ -1,10 +1,10 @@
 //! `run_windows_app`: a Windows program run under Wine, either to completion
 //! (console programs, output streamed) or detached on the guest display (GUI).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
-use std::os::unix::process::CommandExt;
 
 use super::OpError;
 use crate::protocol::{ErrorCode, WindowsAppRequest};
@@ -22,15 +22,22 @@ pub struct WineConfig {
 /// The command running `req` under Wine (stdio is left to the caller).
 pub fn command_for(cfg: &WineConfig, req: &WindowsAppRequest) -> Result<Command, OpError> {
     if !req.path.starts_with('/') || req.path.contains('\0') {
-        return Err(OpError::new(ErrorCode::BadRequest, "path must be absolute, without NUL bytes"));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "path must be absolute, without NUL bytes",
+        ));
     }
     if req.args.iter().any(|a| a.contains('\0')) {
         return Err(OpError::new(ErrorCode::BadRequest, "NUL byte in args"));
     }
     let exe = Path::new(&req.path);
-    let meta = std::fs::metadata(exe).map_err(|e| OpError::io(&format!("program {}", req.path), &e))?;
+    let meta =
+        std::fs::metadata(exe).map_err(|e| OpError::io(&format!("program {}", req.path), &e))?;
     if !meta.is_file() {
-        return Err(OpError::new(ErrorCode::BadRequest, format!("{} is not a file", req.path)));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            format!("{} is not a file", req.path),
+        ));
     }
     let mut cmd = Command::new(&cfg.wine);
     cmd.arg(exe)
@@ -61,7 +68,9 @@ pub fn start_detached(mut cmd: Command) -> Result<u32, OpError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
-    let mut child = cmd.spawn().map_err(|e| OpError::io("cannot start wine", &e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| OpError::io("cannot start wine", &e))?;
     let pid = child.id();
     thread::spawn(move || match child.wait() {
         Ok(st) => tracing::info!(pid, %st, "windows app exited"),

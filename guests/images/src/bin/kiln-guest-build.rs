@@ -14,9 +14,13 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
-    let Some(kind) = args.next() else { return usage() };
+    let Some(kind) = args.next() else {
+        return usage();
+    };
     let kind: ImageKind = match kind.parse() {
         Ok(k) => k,
         Err(e) => {
@@ -24,7 +28,8 @@ fn main() -> ExitCode {
             return usage();
         }
     };
-    let (mut agent, mut shell, mut cache, mut mirror, mut force, mut verbose) = (None, None, None, None, false, true);
+    let (mut agent, mut shell, mut cache, mut mirror, mut force, mut verbose) =
+        (None, None, None, None, false, true);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--agent" => agent = args.next().map(PathBuf::from),

@@ -9,10 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_images::{build_image, default_cache_dir, BuildOptions, ImageArtifacts, ImageKind, StderrProgress};
+use kiln_images::{
+    build_image, default_cache_dir, BuildOptions, ImageArtifacts, ImageKind, StderrProgress,
+};
 
 pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").to_path_buf()
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Builds the guest binaries (release) and returns (kiln-agent, clay-shell).
@@ -21,22 +26,41 @@ pub fn target_dir() -> PathBuf {
 /// whose new hashes would make every cached image stale.
 pub fn guest_binaries() -> (PathBuf, PathBuf) {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "kiln", "-p", "kiln-agent", "-p", "clay-shell"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "kiln",
+            "-p",
+            "kiln-agent",
+            "-p",
+            "clay-shell",
+        ])
         .status()
         .expect("run cargo build for the guest binaries");
-    assert!(status.success(), "building kiln-agent and clay-shell failed");
+    assert!(
+        status.success(),
+        "building kiln-agent and clay-shell failed"
+    );
     let rel = target_dir().join("release");
     (rel.join("kiln-agent"), rel.join("clay-shell"))
 }
 
 pub fn require_root_and_tools(tools: &[&str]) {
     // SAFETY: geteuid cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "image tests must run as root (mmdebstrap, chroot, mkfs with owners)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "image tests must run as root (mmdebstrap, chroot, mkfs with owners)"
+    );
     for t in tools {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
             .unwrap_or(false);
-        assert!(found, "{t} is not installed; see guests/images/README.md for the apt packages");
+        assert!(
+            found,
+            "{t} is not installed; see guests/images/README.md for the apt packages"
+        );
     }
 }
 
@@ -45,7 +69,8 @@ pub fn build(kind: ImageKind, force: bool) -> ImageArtifacts {
     let mut opts = BuildOptions::new(default_cache_dir(), agent);
     opts.clay_shell_binary = Some(shell);
     opts.force = force;
-    let a = build_image(kind, &opts, &StderrProgress::new(false)).unwrap_or_else(|e| panic!("building {kind}: {e}"));
+    let a = build_image(kind, &opts, &StderrProgress::new(false))
+        .unwrap_or_else(|e| panic!("building {kind}: {e}"));
     eprint!("{}", a.summary());
     a
 }
@@ -72,30 +97,54 @@ impl Qemu {
         let dir = tempfile::tempdir().expect("tempdir");
         // The guest writes to its disk: boot a copy, never the cached image.
         let disk = dir.path().join("disk.ext4");
-        let st = Command::new("cp").args(["--sparse=always"]).arg(&a.rootfs).arg(&disk).status().expect("cp");
+        let st = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(&a.rootfs)
+            .arg(&disk)
+            .status()
+            .expect("cp");
         assert!(st.success());
         let serial = dir.path().join("serial.log");
         let monitor = dir.path().join("monitor.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-smp", "1", "-m"]).arg(memory_mib.to_string())
-            .arg("-kernel").arg(&a.kernel)
-            .arg("-initrd").arg(&a.initramfs)
-            .arg("-append").arg(&a.cmdline)
-            .arg("-drive").arg(format!("file={},if=virtio,format=raw", disk.display()))
-            .arg("-serial").arg(format!("file:{}", serial.display()))
-            .arg("-monitor").arg(format!("unix:{},server,nowait", monitor.display()))
+        cmd.args(["-accel", "tcg", "-smp", "1", "-m"])
+            .arg(memory_mib.to_string())
+            .arg("-kernel")
+            .arg(&a.kernel)
+            .arg("-initrd")
+            .arg(&a.initramfs)
+            .arg("-append")
+            .arg(&a.cmdline)
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", disk.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
             .args(["-display", "none", "-no-reboot", "-nodefaults"]);
         if display {
             cmd.args(["-device", "virtio-gpu-pci"]);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("start qemu-system-x86_64");
-        Qemu { child, dir, serial, monitor }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Qemu {
+            child,
+            dir,
+            serial,
+            monitor,
+        }
     }
 
     /// The serial console so far, without terminal escape sequences
     /// (systemd colours its status lines).
     pub fn console(&self) -> String {
-        strip_ansi(&String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()))
+        strip_ansi(&String::from_utf8_lossy(
+            &std::fs::read(&self.serial).unwrap_or_default(),
+        ))
     }
 
     /// Waits until the serial console shows every marker, or panics with
@@ -108,10 +157,16 @@ impl Qemu {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("qemu exited ({st}) before {markers:?}; console tail:\n{}", tail(&text));
+                panic!(
+                    "qemu exited ({st}) before {markers:?}; console tail:\n{}",
+                    tail(&text)
+                );
             }
             if start.elapsed() > timeout {
-                panic!("guest did not show {markers:?} within {timeout:?}; console tail:\n{}", tail(&text));
+                panic!(
+                    "guest did not show {markers:?} within {timeout:?}; console tail:\n{}",
+                    tail(&text)
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -119,8 +174,10 @@ impl Qemu {
 
     pub fn hmp(&self, command: &str) -> String {
         let mut s = UnixStream::connect(&self.monitor).expect("connect to the QEMU monitor");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        s.write_all(format!("{command}\n").as_bytes()).expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s.write_all(format!("{command}\n").as_bytes())
+            .expect("send");
         std::thread::sleep(Duration::from_millis(400));
         let mut buf = vec![0u8; 65536];
         let n = s.read(&mut buf).unwrap_or(0);
@@ -202,7 +259,11 @@ impl Image {
             while pos < bytes.len() && !bytes[pos].is_ascii_whitespace() {
                 pos += 1;
             }
-            fields.push(std::str::from_utf8(bytes.get(start..pos)?).ok()?.to_string());
+            fields.push(
+                std::str::from_utf8(bytes.get(start..pos)?)
+                    .ok()?
+                    .to_string(),
+            );
         }
         pos += 1;
         if fields[0] != "P6" || fields[3] != "255" {
@@ -221,9 +282,16 @@ impl Image {
 
     pub fn save_png(&self, path: &Path) {
         let file = std::fs::File::create(path).expect("create png");
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        let mut enc = png::Encoder::new(
+            std::io::BufWriter::new(file),
+            self.width as u32,
+            self.height as u32,
+        );
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.write_header().expect("header").write_image_data(&self.rgb).expect("png data");
+        enc.write_header()
+            .expect("header")
+            .write_image_data(&self.rgb)
+            .expect("png data");
     }
 }

@@ -12,6 +12,7 @@
 //! the test gets an [`Outcome`]. Logs of every run stay under
 //! `target/nested-logs/<scenario>/`.
 
+pub mod checks;
 pub mod guest_kit;
 pub mod host;
 pub mod initrd;
@@ -19,6 +20,7 @@ pub mod nested;
 pub mod scenario;
 pub mod virtio_vm;
 
+pub use checks::{CheckResults, Checks};
 pub use guest_kit::GuestKit;
 pub use host::HostKvm;
 pub use scenario::{run, Mode, Outcome, RigError, Scenario};

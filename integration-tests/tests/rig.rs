@@ -181,3 +181,39 @@ fn nested_script_gets_disks_as_snapshot_virtio_disks() {
 fn direct_script_gets_disks_as_copies() {
     check_disks(Mode::Direct, "rig_disks_direct");
 }
+
+/// Several checks in one host: each runs in its own work directory with
+/// its own exit code and output, a failing one does not stop the next,
+/// and `finish` fails the test naming every failed check.
+#[test]
+fn direct_checks_share_one_host_and_fail_separately() {
+    let mut checks = kiln_integration_tests::Checks::new("rig_checks")
+        .check("first", "echo A=1; touch here; exit 3")
+        .check("second", "echo B=2; [ ! -e here ] && echo OWN_DIR=yes; [ \"$(pwd)\" = \"$WORKDIR\" ] && echo WORKDIR_OK");
+    checks.scenario.force_mode = Some(Mode::Direct);
+    let mut results = checks.run().unwrap();
+    let first = results.get("first");
+    assert_eq!(first.exit_code, 3);
+    assert_eq!(first.value("A").as_deref(), Some("1"));
+    assert_eq!(first.value("B"), None, "output is split per check");
+    let second = results.get("second");
+    assert_eq!(second.exit_code, 0);
+    second
+        .expect_output("OWN_DIR=yes")
+        .expect_output("WORKDIR_OK");
+    results
+        .verify("first", |o| {
+            o.expect_exit(0);
+        })
+        .verify("second", |o| {
+            o.expect_exit(0);
+        });
+    let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| results.finish()));
+    let msg = finished
+        .expect_err("a failed check must fail the test")
+        .downcast::<String>()
+        .map(|s| *s)
+        .unwrap_or_default();
+    assert!(msg.starts_with("1 of 2 checks failed"), "{msg}");
+    assert!(msg.contains("check first:"), "{msg}");
+}

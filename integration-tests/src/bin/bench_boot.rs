@@ -2,7 +2,8 @@
 //! memory outside guest RAM, Kiln against QEMU `-M microvm`, side by side
 //! in one (nested or direct) host, interleaved runs, medians and ratios.
 //! `--pvh` boots the uncompressed ELF vmlinux (PVH entry) instead of the
-//! bzImage, with both VMMs.
+//! bzImage, with both VMMs. `--quick` is one run of each VMM with the plain
+//! command line: the figure-printing run in `scripts/test.sh`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +25,17 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let pvh = args.iter().any(|a| a == "--pvh");
-    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs: usize = if quick {
+        1
+    } else {
+        args.iter().find_map(|a| a.parse().ok()).unwrap_or(5)
+    };
+    let labels: &[&str] = if quick {
+        &["plain"]
+    } else {
+        &["plain", "blacklist"]
+    };
     let kernel_var = if pvh {
         "$GUEST_VMLINUX"
     } else {
@@ -36,7 +47,8 @@ fn main() {
     let probe_path = probe.to_string_lossy();
     let mut script = String::new();
     for i in 0..runs {
-        for (label, extra) in [("plain", ""), ("blacklist", BLACKLIST)] {
+        for &label in labels {
+            let extra = if label == "blacklist" { BLACKLIST } else { "" };
             let cmdline = format!("{BASE_CMDLINE} {extra}").trim().to_string();
             script.push_str(&format!(
                 "echo \"kiln {label} $({probe_path} 256 KILN_INIT_OK -- \"$KILN\" run --kernel \"{kernel_var}\" --initrd \"$GUEST_INITRD\" --cpus 1 --memory 256M --cmdline '{cmdline}')\"\n\
@@ -62,7 +74,7 @@ fn main() {
     };
     let mut failures = 0;
     let mut rows = Vec::new();
-    for label in ["plain", "blacklist"] {
+    for &label in labels {
         let mut stats = |vmm: &str| {
             let (mut ms, mut kib) = (Vec::new(), Vec::new());
             for line in out

@@ -16,10 +16,13 @@ pub mod guest_kit;
 pub mod host;
 pub mod initrd;
 pub mod nested;
+pub mod ports;
+pub mod running;
 pub mod scenario;
 pub mod virtio_vm;
 
 pub use guest_kit::GuestKit;
 pub use host::HostKvm;
-pub use scenario::{run, Mode, Outcome, RigError, Scenario};
+pub use running::Running;
+pub use scenario::{run, start, Mode, Outcome, RigError, Scenario};
 pub use virtio_vm::{Disk, VmSpec, Vmm};

@@ -52,9 +52,10 @@ pub struct Scenario {
     /// with `snapshot=on` (writes go to a temporary overlay, the file is
     /// never changed); in direct mode, sparse copies in the work directory.
     pub disks: Vec<PathBuf>,
-    /// Kernel modules the script needs on its host (e.g. `tun`,
-    /// `vhost_vsock`): loaded with their dependencies in the nested host
-    /// before the script starts; `modprobe`d (best effort) in direct mode.
+    /// Kernel modules the script needs on its host (e.g. `vhost_vsock`):
+    /// loaded with their dependencies in the nested host before the script
+    /// starts (`tun` and `vhost_net` always are); `modprobe`d (best effort)
+    /// in direct mode.
     pub host_modules: Vec<String>,
     /// TCP ports of the script's host that tools on this host reach at
     /// `127.0.0.1:<Running::host_port(port)>` while the scenario runs

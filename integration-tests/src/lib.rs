@@ -6,7 +6,7 @@
 //! - otherwise inside a **nested KVM host**: QEMU in TCG mode emulating an
 //!   AMD CPU with SVM and nested paging, running Debian's kernel with
 //!   `kvm_amd`, with Kiln, the default guest and the script in its
-//!   initramfs, moved to a tmpfs root at boot (see DESIGN.md, "The host's
+//!   initramfs, under a tmpfs root at boot (see DESIGN.md, "The host's
 //!   KVM, and the nested rig").
 //!
 //! Either way the script sees the same environment (README.md here), and

@@ -103,6 +103,18 @@ mod tests {
     }
 
     #[test]
+    fn qemu_7_2_s_message_for_a_taken_port_is_recognised() {
+        // Printed by qemu-system-x86_64 7.2 when the host port is in use.
+        assert!(is_bind_failure(
+            "qemu-system-x86_64: -netdev user,id=n,restrict=on,hostfwd=tcp:127.0.0.1:42835-:80: \
+             Could not set up host forwarding rule 'tcp:127.0.0.1:42835-:80'"
+        ));
+        assert!(!is_bind_failure(
+            "qemu-system-x86_64: warning: TCG doesn't support requested feature"
+        ));
+    }
+
+    #[test]
     fn qemu_gets_a_restricted_loopback_only_network() {
         let args = qemu_args(&[Forward {
             guest: 80,

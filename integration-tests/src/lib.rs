@@ -6,10 +6,13 @@
 //! - otherwise inside a **nested KVM host**: QEMU in TCG mode emulating an
 //!   AMD CPU with SVM and nested paging, running Debian's kernel with
 //!   `kvm_amd`, with Kiln, the default guest and the script in its
-//!   initramfs (see DESIGN.md, "The host's KVM, and the nested rig").
+//!   initramfs, under a tmpfs root at boot (see DESIGN.md, "The host's
+//!   KVM, and the nested rig").
 //!
 //! Either way the script sees the same environment (README.md here), and
-//! the test gets an [`Outcome`]. Logs of every run stay under
+//! the test gets an [`Outcome`]: from [`run`], or from [`start`] and
+//! [`Running::finish`] when it talks to the script's services meanwhile
+//! (`Scenario::forward_ports`). Logs of every run stay under
 //! `target/nested-logs/<scenario>/`.
 
 pub mod checks;
@@ -17,11 +20,14 @@ pub mod guest_kit;
 pub mod host;
 pub mod initrd;
 pub mod nested;
+pub mod ports;
+pub mod running;
 pub mod scenario;
 pub mod virtio_vm;
 
 pub use checks::{CheckResults, Checks};
 pub use guest_kit::GuestKit;
 pub use host::HostKvm;
-pub use scenario::{run, Mode, Outcome, RigError, Scenario};
+pub use running::Running;
+pub use scenario::{run, start, Mode, Outcome, RigError, Scenario};
 pub use virtio_vm::{Disk, VmSpec, Vmm};

@@ -31,17 +31,77 @@ pub const ALIVE_MARKER: &str = "KILN_RIG_ALIVE";
 /// Printed once KVM works in the nested host, before the script starts.
 pub const HOST_READY_MARKER: &str = "KILN_RIG_HOST_READY";
 
+/// Modules the nested host always loads (with their dependencies), so
+/// scripts find `/dev/net/tun` and `/dev/vhost-net`.
+pub const DEFAULT_MODULES: &[&str] = &["tun", "vhost_net"];
+
+/// In the initramfs when the scenario forwards ports: "ADDRESS GATEWAY"
+/// for `eth0`.
+pub const NETWORK_FLAG: &str = "rig/network";
+
+/// The nested host's init, in two stages. The initramfs is the kernel's
+/// rootfs, which cannot be unmounted, so `pivot_root` (containers, some
+/// sandboxes) fails on it. Stage 1 mounts a tmpfs, bind-mounts the
+/// initramfs's top-level directories into it (copying its ~80 MB cost
+/// seconds of boot under TCG; binds cost nothing and double no memory),
+/// gives it its own `/tmp`, and makes it the root as busybox
+/// `switch_root` does (move it onto `/`, chroot), but without emptying the
+/// initramfs, whose files the binds still show. Stage 2 sets the host up
+/// and runs the script.
 const INIT: &str = r#"#!/bin/busybox sh
+if [ "$1" != --rig-root ]; then
+  # Few programs here: each start costs under TCG (mkdir, echo, [ are
+  # shell built-ins; the binds are one mount -a).
+  b=/bin/busybox
+  die() { echo "KILN_RIG_ERROR=$*"; $b poweroff -f; }
+  mkdir /newroot && $b mount -t tmpfs -o mode=0755 root /newroot || die "mounting the tmpfs root failed"
+  : > /rig-fstab
+  for e in /*; do
+    case "$e" in
+      /newroot|/rig-fstab) ;;
+      /dev|/proc|/sys|/tmp) mkdir "/newroot$e" ;;
+      *) if [ -L "$e" ]; then
+           $b cp -a "$e" /newroot/ || die "copying $e into the tmpfs root failed"
+           continue
+         fi
+         if [ -d "$e" ]; then mkdir "/newroot$e"; else : > "/newroot$e"; fi
+         echo "$e /newroot$e none bind 0 0" >> /rig-fstab ;;
+    esac
+  done
+  echo "tmp /newroot/tmp tmpfs mode=1777 0 0" >> /rig-fstab
+  $b mount -a -T /rig-fstab || die "binding the initramfs into the tmpfs root failed"
+  for e in /tmp/* /tmp/.[!.]*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    $b mv "$e" /newroot/tmp/ || die "moving $e to the new /tmp failed"
+  done
+  cd /newroot && $b mount -o move . / || die "moving the tmpfs root onto / failed"
+  exec $b chroot . /init --rig-root
+fi
 /bin/busybox --install -s /bin
+die() { echo "KILN_RIG_ERROR=$*"; poweroff -f; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts || die "mounting /dev/pts failed"
+mount -t tmpfs -o mode=1777 shm /dev/shm || die "mounting /dev/shm failed"
+# cgroup v2 with cpu, memory and pids delegated to child groups.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || die "mounting cgroup2 failed"
+echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control || die "enabling the cpu, memory and pids cgroup controllers failed"
 for m in $(cat /rig/kvm-modules); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
-# Modules a scenario asked for (Scenario::host_modules), dependencies first.
+# The default modules (tun, vhost_net) and those a scenario asked for
+# (Scenario::host_modules), dependencies first.
 for m in $(cat /rig/extra-modules 2>/dev/null); do insmod "/rig/modules/$m" || echo "KILN_RIG_ERROR=insmod $m failed"; done
 if [ ! -e /dev/kvm ]; then echo "KILN_RIG_ERROR=no /dev/kvm in the nested host"; poweroff -f; fi
 npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)
 if [ "$npt" != Y ] && [ "$npt" != 1 ]; then echo "KILN_RIG_ERROR=kvm_amd runs without nested paging (npt=$npt)"; poweroff -f; fi
+ip link set lo up
+if [ -e /rig/network ]; then
+  # The way in (Scenario::forward_ports): QEMU's restricted user network.
+  read -r addr gw < /rig/network
+  n=0; while [ ! -e /sys/class/net/eth0 ]; do n=$((n+1)); [ $n -gt 100 ] && die "no eth0 for the forwarded ports"; sleep 0.1; done
+  ip addr add "$addr" dev eth0 && ip link set eth0 up && ip route add default via "$gw" || die "configuring eth0 failed"
+fi
 echo KILN_RIG_HOST_READY
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/usr/bin/kiln GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio

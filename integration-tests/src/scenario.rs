@@ -1,17 +1,15 @@
 //! Scenarios: a script, where it runs, and what came back.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::host::HostKvm;
 use crate::initrd::Tree;
-use crate::nested::{
-    self, ALIVE_MARKER, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_READY_MARKER,
-};
+use crate::nested;
+use crate::ports::{self, Forward};
+use crate::running::{Limits, Running, Start};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RigError {
@@ -23,6 +21,13 @@ pub enum RigError {
     TimedOut { timeout_s: u64, log: PathBuf },
     #[error("the nested host failed before the script finished: {reason} (log: {log})")]
     HostFailed { reason: String, log: PathBuf },
+    #[error("{marker:?} not in the scenario's output within {waited_s} s: {reason} (log: {log})")]
+    OutputNotSeen {
+        marker: String,
+        waited_s: u64,
+        reason: String,
+        log: PathBuf,
+    },
 }
 
 /// What a test asks the rig to run.
@@ -47,10 +52,18 @@ pub struct Scenario {
     /// with `snapshot=on` (writes go to a temporary overlay, the file is
     /// never changed); in direct mode, sparse copies in the work directory.
     pub disks: Vec<PathBuf>,
-    /// Kernel modules the script needs on its host (e.g. `tun`,
-    /// `vhost_vsock`): loaded with their dependencies in the nested host
-    /// before the script starts; `modprobe`d (best effort) in direct mode.
+    /// Kernel modules the script needs on its host (e.g. `vhost_vsock`):
+    /// loaded with their dependencies in the nested host before the script
+    /// starts (`tun` and `vhost_net` always are); `modprobe`d (best effort)
+    /// in direct mode.
     pub host_modules: Vec<String>,
+    /// TCP ports of the script's host that tools on this host reach at
+    /// `127.0.0.1:<Running::host_port(port)>` while the scenario runs
+    /// (start it with [`start`]). Nested: QEMU user networking with
+    /// `restrict=on` (the nested host reaches nothing outside), host ports
+    /// chosen free at run time, the nested host at 10.0.2.15/24 on `eth0`.
+    /// Direct: the script runs here, so a port is itself.
+    pub forward_ports: Vec<u16>,
     /// Nested host memory in MiB.
     pub nested_memory_mib: u32,
     /// Give the script this terminal (stdin/stdout) instead of capturing
@@ -73,6 +86,7 @@ impl Scenario {
             files: Vec::new(),
             disks: Vec::new(),
             host_modules: Vec::new(),
+            forward_ports: Vec::new(),
             nested_memory_mib: 3072,
             interactive: false,
             force_mode: None,
@@ -158,8 +172,15 @@ pub fn kiln_binary() -> Result<PathBuf, RigError> {
     Ok(path)
 }
 
-/// Runs `scenario` on hardware KVM or in the nested host.
+/// Runs `scenario` on hardware KVM or in the nested host, to its end.
 pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
+    start(scenario)?.finish()
+}
+
+/// Starts `scenario` and returns while it runs, so the test can talk to
+/// its services (`Scenario::forward_ports`); [`Running::finish`] waits for
+/// the end. Nested: returns once QEMU is up (its forwarded ports bound).
+pub fn start(scenario: &Scenario) -> Result<Running, RigError> {
     let host = HostKvm::detect();
     eprintln!("kiln-rig: {}: {}", scenario.name, host.describe());
     let logs = target_dir().join("nested-logs").join(&scenario.name);
@@ -181,17 +202,30 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, RigError> {
         );
     }
     match mode {
-        Mode::Direct => run_direct(scenario, &kiln, &guest, &logs),
-        Mode::Nested => run_nested(scenario, &kiln, &guest, &cache, &logs),
+        Mode::Direct => start_direct(scenario, &kiln, &guest, &logs),
+        Mode::Nested => start_nested(scenario, &kiln, &guest, &cache, &logs),
     }
 }
 
-fn run_direct(
+fn start_direct(
     scenario: &Scenario,
     kiln: &Path,
     guest: &kiln_guests::DefaultGuest,
     logs: &Path,
-) -> Result<Outcome, RigError> {
+) -> Result<Running, RigError> {
+    // The script runs on this host: its ports are this host's.
+    let mut forwards = Vec::new();
+    for &port in &scenario.forward_ports {
+        if forwards.iter().any(|f: &Forward| f.guest == port) {
+            return Err(RigError::Setup(format!(
+                "forward_ports: {port} given twice"
+            )));
+        }
+        forwards.push(Forward {
+            guest: port,
+            host: port,
+        });
+    }
     let work = logs.join("work");
     std::fs::create_dir_all(&work).map_err(|e| RigError::Setup(e.to_string()))?;
     // The guest writes to its disks: give it copies (sparse, or reflinks
@@ -228,62 +262,34 @@ fn run_direct(
             );
         }
     }
-    if scenario.interactive {
-        let start = Instant::now();
-        let status = direct_command(scenario, kiln, guest, &work, &disks)
-            .status()
-            .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
-        let log = logs.join("output.log");
-        return Ok(Outcome {
-            mode: Mode::Direct,
-            exit_code: status.code().unwrap_or(-1),
-            output: String::new(),
-            log,
-            elapsed: start.elapsed(),
-            host_ready: None,
-        });
-    }
     let log = logs.join("output.log");
+    if scenario.interactive {
+        let child = direct_command(scenario, kiln, guest, &work, &disks)
+            .spawn()
+            .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
+        return Running::process(child, Mode::Direct, forwards, log, None, false, None);
+    }
     let out = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
     let err = out
         .try_clone()
         .map_err(|e| RigError::Setup(e.to_string()))?;
-    let start = Instant::now();
     // Its own process group, so a timeout kills the script's children too.
-    let mut child = direct_command(scenario, kiln, guest, &work, &disks)
+    let child = direct_command(scenario, kiln, guest, &work, &disks)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
         .map_err(|e| RigError::Setup(format!("starting sh: {e}")))?;
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| RigError::Setup(e.to_string()))?
-        {
-            break status;
-        }
-        if start.elapsed() > scenario.timeout {
-            // SAFETY: kill(2) on the process group we created for the script.
-            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-            let _ = child.wait();
-            return Err(RigError::TimedOut {
-                timeout_s: scenario.timeout.as_secs(),
-                log,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
-    Ok(Outcome {
-        mode: Mode::Direct,
-        exit_code: status.code().unwrap_or(-1),
-        output,
+    Running::process(
+        child,
+        Mode::Direct,
+        forwards,
         log,
-        elapsed: start.elapsed(),
-        host_ready: None,
-    })
+        Some(scenario.timeout),
+        true,
+        None,
+    )
 }
 
 /// The script as a shell command with the rig's environment, on this host.
@@ -357,13 +363,13 @@ fn nested_disk_prelude(count: usize) -> String {
     sh
 }
 
-fn run_nested(
+fn start_nested(
     scenario: &Scenario,
     kiln: &Path,
     guest: &kiln_guests::DefaultGuest,
     cache: &Path,
     logs: &Path,
-) -> Result<Outcome, RigError> {
+) -> Result<Running, RigError> {
     let qemu = which("qemu-system-x86_64").ok_or_else(|| {
         RigError::Setup("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (the test command does)".into())
     })?;
@@ -394,15 +400,27 @@ fn run_nested(
         tree.host_file(file, 0o644)?;
     }
     let mut wanted_modules = scenario.host_modules.clone();
+    let mut want = |m: &str| {
+        if !wanted_modules.iter().any(|w| w == m) {
+            wanted_modules.push(m.into());
+        }
+    };
+    // Taps and vhost-net for the script's VMMs, always.
+    nested::DEFAULT_MODULES.iter().for_each(|m| want(m));
     if !scenario.disks.is_empty() {
         if scenario.disks.len() > 26 {
             return Err(RigError::Setup("more than 26 disks".into()));
         }
-        for m in ["virtio_pci", "virtio_blk"] {
-            if !wanted_modules.iter().any(|w| w == m) {
-                wanted_modules.push(m.into());
-            }
-        }
+        ["virtio_pci", "virtio_blk"].iter().for_each(|m| want(m));
+    }
+    if !scenario.forward_ports.is_empty() {
+        ["virtio_pci", "virtio_net"].iter().for_each(|m| want(m));
+        // Tells /init to configure eth0 (ports::NESTED_ADDRESS).
+        tree.file(
+            nested::NETWORK_FLAG,
+            0o644,
+            format!("{} {}\n", ports::NESTED_ADDRESS, ports::NESTED_GATEWAY).into_bytes(),
+        );
     }
     let modules = host.module_files(&wanted_modules)?;
     let mut names = Vec::new();
@@ -429,158 +447,55 @@ fn run_nested(
     let initrd = logs.join("initrd.cpio");
     concat(&[&host.base_initrd, &extra], &initrd)?;
 
-    if scenario.interactive {
-        return run_nested_interactive(&qemu, scenario, &host, &initrd, logs);
-    }
     let log = logs.join("console.log");
-    let mut log_file = std::fs::File::create(&log).map_err(|e| RigError::Setup(e.to_string()))?;
-    let start = Instant::now();
-    let mut child = qemu_command(&qemu, scenario, &host, &initrd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
-
-    let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            while reader
-                .read_until(b'\n', &mut buf)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {
-                let line = String::from_utf8_lossy(&buf).replace('\r', "");
-                buf.clear();
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+    if scenario.interactive {
+        // QEMU puts this terminal in raw mode; Ctrl-A X leaves QEMU.
+        let forwards = ports::pick(&scenario.forward_ports)?;
+        let child = qemu_command(&qemu, scenario, &host, &initrd)
+            .args(ports::qemu_args(&forwards))
+            .spawn()
+            .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
+        return Running::process(
+            child,
+            Mode::Nested,
+            forwards,
+            log,
+            None,
+            false,
+            Some(initrd),
+        );
     }
-    drop(tx);
-
-    let mut output = String::new();
-    let mut in_script = false;
-    let mut exit_code = None;
-    let mut host_error = None;
-    let mut host_ready = None;
-    let mut partial = String::new();
-    let mut last_output = Instant::now();
-    let failure = loop {
-        match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(line) => {
-                last_output = Instant::now();
-                let _ = log_file.write_all(line.as_bytes());
-                // A heartbeat may land in the middle of a script's line:
-                // keep the part before it for the line's continuation.
-                let line = std::mem::take(&mut partial) + &line;
-                if let Some(before) = line.trim_end().strip_suffix(ALIVE_MARKER) {
-                    partial = before.to_string();
-                    continue;
-                }
-                let trimmed = line.trim_end();
-                if let Some((before, code)) = trimmed.split_once(EXIT_MARKER).filter(|_| in_script)
-                {
-                    // The script's last line may lack its newline.
-                    if !before.is_empty() {
-                        output.push_str(before);
-                        output.push('\n');
-                    }
-                    exit_code = code.trim().parse::<i32>().ok();
-                    in_script = false;
-                } else if !in_script && host_ready.is_none() && trimmed.ends_with(HOST_READY_MARKER)
-                {
-                    host_ready = Some(start.elapsed());
-                } else if trimmed.ends_with(BEGIN_MARKER) {
-                    in_script = true;
-                } else if in_script {
-                    output.push_str(&line);
-                } else if let Some(e) = trimmed.strip_prefix(ERROR_MARKER) {
-                    host_error.get_or_insert(e.to_string());
-                }
+    let limits = Limits {
+        timeout: scenario.timeout,
+        stall_after: scenario.stall_after,
+    };
+    // A free port may be taken between choosing it and QEMU binding it:
+    // then QEMU exits at once, and new ports are chosen.
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 1;
+    loop {
+        let forwards = ports::pick(&scenario.forward_ports)?;
+        let mut qemu_cmd = qemu_command(&qemu, scenario, &host, &initrd);
+        qemu_cmd.args(ports::qemu_args(&forwards));
+        let running = Running::nested(
+            qemu_cmd,
+            &scenario.name,
+            forwards,
+            log.clone(),
+            limits,
+            initrd.clone(),
+        )?;
+        match running.wait_started() {
+            Start::PortTaken if attempt < ATTEMPTS => {
+                eprintln!(
+                    "kiln-rig: {}: a forwarded port was taken before QEMU bound it; new ports",
+                    scenario.name
+                );
+                attempt += 1;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if start.elapsed() > scenario.timeout {
-                    break Some(RigError::TimedOut {
-                        timeout_s: scenario.timeout.as_secs(),
-                        log: log.clone(),
-                    });
-                }
-                if last_output.elapsed() > scenario.stall_after {
-                    break Some(RigError::Stalled {
-                        silent_s: scenario.stall_after.as_secs(),
-                        log: log.clone(),
-                    });
-                }
-            }
+            Start::Started | Start::PortTaken | Start::Ended => return Ok(running),
         }
-    };
-    if failure.is_some() {
-        let _ = child.kill();
     }
-    let _ = child.wait();
-    if let Some(err) = failure {
-        return Err(err);
-    }
-    let Some(exit_code) = exit_code else {
-        let reason =
-            host_error.unwrap_or_else(|| "QEMU exited without the script's exit marker".into());
-        return Err(RigError::HostFailed { reason, log });
-    };
-    // The combined initrd is large and rebuilt each time; keep it only
-    // when the scenario failed, for reproduction.
-    if exit_code == 0 {
-        let _ = std::fs::remove_file(&initrd);
-    }
-    Ok(Outcome {
-        mode: Mode::Nested,
-        exit_code,
-        output,
-        log,
-        elapsed: start.elapsed(),
-        host_ready,
-    })
-}
-
-/// The nested host with this terminal as its serial console: QEMU puts the
-/// terminal in raw mode; Ctrl-A X leaves QEMU.
-fn run_nested_interactive(
-    qemu: &Path,
-    scenario: &Scenario,
-    host: &nested::NestedHost,
-    initrd: &Path,
-    logs: &Path,
-) -> Result<Outcome, RigError> {
-    let start = Instant::now();
-    let status = qemu_command(qemu, scenario, host, initrd)
-        .status()
-        .map_err(|e| RigError::Setup(format!("starting QEMU: {e}")))?;
-    let _ = std::fs::remove_file(initrd);
-    Ok(Outcome {
-        mode: Mode::Nested,
-        exit_code: status.code().unwrap_or(-1),
-        output: String::new(),
-        log: logs.join("console.log"),
-        elapsed: start.elapsed(),
-        host_ready: None,
-    })
 }
 
 fn concat(parts: &[&Path], out: &Path) -> Result<(), RigError> {

@@ -2,9 +2,11 @@
 //! codes, output, timeouts and stalls come back as they should. Scripts here
 //! don't boot guests, so the direct path is tested on any host.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use kiln_integration_tests::{run, Mode, RigError, Scenario};
+use kiln_integration_tests::{run, start, Mode, RigError, Scenario};
 
 /// Prints the environment contract and exits 7.
 const ENV_SCRIPT: &str = r#"
@@ -216,4 +218,195 @@ fn direct_checks_share_one_host_and_fail_separately() {
         .unwrap_or_default();
     assert!(msg.starts_with("1 of 2 checks failed"), "{msg}");
     assert!(msg.contains("check first:"), "{msg}");
+}
+
+/// `start` returns while the script runs: the test sees its output as it
+/// comes, `wait_for_output` fails when the script ends without the marker,
+/// and in direct mode a forwarded port is the port itself.
+#[test]
+fn direct_running_scenario_shows_output_before_it_ends() {
+    let mut s = Scenario::new(
+        "rig_running_direct",
+        "echo READY\nsleep 3\necho LATER\nexit 3\n",
+    );
+    s.force_mode = Some(Mode::Direct);
+    s.forward_ports = vec![8080];
+    let running = start(&s).unwrap();
+    assert_eq!(running.host_port(8080).unwrap(), 8080);
+    assert!(running.host_port(8081).is_err());
+    running
+        .wait_for_output("READY", Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        !running.output().contains("LATER"),
+        "READY must be seen while the script still runs"
+    );
+    match running.wait_for_output("NEVER-PRINTED", Duration::from_secs(60)) {
+        Err(RigError::OutputNotSeen { reason, .. }) => {
+            assert!(reason.contains("exited 3"), "{reason}")
+        }
+        other => panic!("a marker the script never prints must fail, got {other:?}"),
+    }
+    let out = running.finish().unwrap();
+    out.expect_exit(3)
+        .expect_output("READY")
+        .expect_output("LATER");
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port`; the whole response.
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: rig\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+/// The way in: busybox httpd in the nested host answers on a forwarded
+/// port of 127.0.0.1 here while the scenario runs; the nested host itself
+/// reaches nothing outside (`restrict=on`), not even this host's loopback.
+#[test]
+fn nested_service_answers_on_a_forwarded_port() {
+    let outside = TcpListener::bind("127.0.0.1:0").expect("listener");
+    outside.set_nonblocking(true).expect("nonblocking");
+    let outside_port = outside.local_addr().expect("addr").port();
+    // The CGI ends the script: the test calls it when it is done.
+    let script = format!(
+        r#"
+mkdir -p www/cgi-bin
+echo KILN-RIG-WAY-IN-BODY > www/index.html
+printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho bye\ntouch /tmp/work/done\n' > www/cgi-bin/done
+chmod +x www/cgi-bin/done
+httpd -p 8080 -h "$WORKDIR/www" || exit 1
+echo "ADDR=$(ip -4 addr show dev eth0 | awk '/inet / {{print $2}}')"
+echo "REACH_OUT=$(nc -w 3 10.0.2.2 {outside_port} </dev/null >/dev/null 2>&1; echo $?)"
+echo SERVING
+n=0; while [ ! -e /tmp/work/done ]; do n=$((n+1)); [ $n -gt 3000 ] && exit 2; sleep 0.1; done
+echo FINISHED
+"#
+    );
+    let mut s = Scenario::new("rig_way_in", &script);
+    s.force_mode = Some(Mode::Nested);
+    s.forward_ports = vec![8080];
+    s.timeout = Duration::from_secs(420);
+    let running = start(&s).unwrap();
+    let port = running.host_port(8080).unwrap();
+    running
+        .wait_for_output("SERVING", Duration::from_secs(300))
+        .unwrap();
+    let page = http_get(port, "/index.html");
+    let stop = http_get(port, "/cgi-bin/done");
+    let out = running.finish().unwrap();
+    out.expect_exit(0).expect_output("FINISHED");
+    assert!(
+        page.starts_with("HTTP/1.") && page.contains(" 200 "),
+        "status: {page:?}"
+    );
+    assert!(
+        page.ends_with("\r\n\r\nKILN-RIG-WAY-IN-BODY\n"),
+        "body: {page:?}"
+    );
+    assert!(stop.ends_with("bye\n"), "the CGI: {stop:?}");
+    assert_eq!(
+        out.value("ADDR").as_deref(),
+        Some("10.0.2.15/24"),
+        "{}",
+        out.output
+    );
+    assert_ne!(
+        out.value("REACH_OUT").as_deref(),
+        Some("0"),
+        "the nested host must not reach this host: {}",
+        out.output
+    );
+    assert!(
+        outside.accept().is_err(),
+        "a connection from the nested host reached this host's loopback"
+    );
+}
+
+/// The nested host's root is a tmpfs (so `pivot_root` works, here with
+/// util-linux's `unshare` and `pivot_root`), cgroup v2 limits set in a
+/// child group hold (pids.max stops the 5th fork, memory.max OOM-kills a
+/// 128 MiB allocation, cpu.max is accepted), and `/dev/net/tun` and
+/// `/dev/vhost-net` open.
+#[test]
+fn nested_host_has_a_real_root_cgroups_and_net_devices() {
+    let script = r#"
+echo "MOUNTS=$(awk '{print $2 ":" $3}' /proc/mounts | tr '\n' ' ')"
+/usr/bin/unshare -m /bin/sh -c '
+  b=/bin/busybox
+  mkdir /tmp/pr && mount -t tmpfs pr /tmp/pr && mkdir /tmp/pr/old /tmp/pr/bin &&
+  cp $b /tmp/pr/bin/ && echo in-the-new-root > /tmp/pr/marker && cd /tmp/pr &&
+  /usr/sbin/pivot_root . old && echo "PIVOT=$($b cat /marker)" && $b umount -l /old &&
+  echo "OLD_ENTRIES=$($b ls /old | $b wc -l)"'
+echo "PIVOT_EXIT=$?"
+echo "SUBTREE=$(cat /sys/fs/cgroup/cgroup.subtree_control)"
+cg=/sys/fs/cgroup/rig-limits
+mkdir $cg && echo 5 > $cg/pids.max && echo 32M > $cg/memory.max || exit 1
+echo "50000 100000" > $cg/cpu.max && echo "CPU_MAX=$(cat $cg/cpu.max)"
+echo 'echo $$ > "$1/cgroup.procs"' > forker.sh
+echo 'n=0; while [ $n -lt 20 ]; do sleep 60 & n=$((n+1)); echo $n > "$2"; done' >> forker.sh
+sh forker.sh $cg "$WORKDIR/forked" 2>/dev/null
+echo "FORKED=$(cat forked)"
+echo "PIDS_EVENTS=$(cat $cg/pids.events)"
+kill $(cat $cg/cgroup.procs) 2>/dev/null
+sleep 1
+echo 20 > $cg/pids.max
+sh -c "echo \$\$ > $cg/cgroup.procs; exec dd if=/dev/zero of=/dev/null bs=128M count=1" 2>/dev/null
+echo "DD_EXIT=$?"
+echo "OOM_KILLS=$(awk '$1 == "oom_kill" {print $2}' $cg/memory.events)"
+( exec 3<>/dev/net/tun ) && echo TUN=open
+( exec 3<>/dev/vhost-net ) && echo VHOST_NET=open
+"#;
+    let mut s = Scenario::new("rig_root_cgroups", script);
+    s.force_mode = Some(Mode::Nested);
+    s.binaries = vec!["/usr/bin/unshare".into(), "/usr/sbin/pivot_root".into()];
+    s.timeout = Duration::from_secs(300);
+    let out = run(&s).unwrap();
+    out.expect_exit(0);
+    let value = |k: &str| out.value(k).unwrap_or_default();
+    let mounts = value("MOUNTS");
+    for m in [
+        "/:tmpfs",
+        "/tmp:tmpfs",
+        "/dev/pts:devpts",
+        "/dev/shm:tmpfs",
+        "/sys/fs/cgroup:cgroup2",
+    ] {
+        assert!(
+            mounts.split(' ').any(|x| x == m),
+            "{m} not mounted: {mounts}"
+        );
+    }
+    assert_eq!(value("PIVOT"), "in-the-new-root", "{}", out.output);
+    assert_eq!(value("OLD_ENTRIES"), "0", "{}", out.output);
+    assert_eq!(value("PIVOT_EXIT"), "0", "{}", out.output);
+    let subtree = value("SUBTREE");
+    for c in ["cpu", "memory", "pids"] {
+        assert!(
+            subtree.split(' ').any(|x| x == c),
+            "{c} not delegated: {subtree}"
+        );
+    }
+    assert_eq!(value("CPU_MAX"), "50000 100000", "{}", out.output);
+    assert_eq!(
+        value("FORKED"),
+        "4",
+        "pids.max=5: the shell and 4 children; {}",
+        out.output
+    );
+    assert_ne!(value("PIDS_EVENTS"), "max 0", "{}", out.output);
+    assert_eq!(
+        value("DD_EXIT"),
+        "137",
+        "killed by the OOM killer; {}",
+        out.output
+    );
+    assert_eq!(value("OOM_KILLS"), "1", "{}", out.output);
+    out.expect_output("TUN=open")
+        .expect_output("VHOST_NET=open");
 }

@@ -61,6 +61,87 @@ fn candidate_version(package: &str) -> Result<String, GuestError> {
     })
 }
 
+/// Checks that apt's lists carry `name` at `version` (refreshing them once
+/// on a fresh machine), so a missing version fails with a clear reason.
+fn ensure_version_known(name: &str, version: &str) -> Result<(), GuestError> {
+    for attempt in 0..2 {
+        let policy = run(Command::new("apt-cache").args(["policy", name]), name)?;
+        // Version table lines: " *** 1:7.2+dfsg-7 500" or "     1:7.2+dfsg-7 500".
+        let known = policy
+            .lines()
+            .any(|l| l.trim_start_matches([' ', '*']).split_whitespace().next() == Some(version));
+        if known {
+            return Ok(());
+        }
+        if attempt == 0 {
+            progress(&format!(
+                "apt does not list {name} {version}; running apt-get update"
+            ));
+            run(Command::new("apt-get").args(["update", "-qq"]), name)?;
+        }
+    }
+    Err(GuestError::Fetch {
+        package: name.into(),
+        detail: format!(
+            "version {version} is not in the apt sources (a backports version needs its suite in \
+             /etc/apt/sources.list.d: scripts/install-deps.sh adds bookworm-backports; a \
+             superseded version is gone from the archive and the pin must move)"
+        ),
+    })
+}
+
+/// The newest version of `name` that apt's lists carry and that starts
+/// with `prefix` (refreshing the lists once on a fresh machine). Debian
+/// replaces a stable package's revision with each security or point
+/// release, so an exact version is gone from the archive within months; a
+/// pin on the upstream version and Debian revision (`1:7.2+dfsg-7`) stays
+/// fetchable, and callers report the exact version they got.
+pub fn newest_version_with_prefix(name: &str, prefix: &str) -> Result<String, GuestError> {
+    for attempt in 0..2 {
+        let madison = run(Command::new("apt-cache").args(["madison", name]), name)?;
+        let mut newest: Option<String> = None;
+        for version in listed_versions(&madison).filter(|v| v.starts_with(prefix)) {
+            let newer = match &newest {
+                None => true,
+                Some(best) => Command::new("dpkg")
+                    .args(["--compare-versions", version, "gt", best])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false),
+            };
+            if newer {
+                newest = Some(version.to_string());
+            }
+        }
+        if let Some(v) = newest {
+            return Ok(v);
+        }
+        if attempt == 0 {
+            progress(&format!(
+                "apt lists no {name} {prefix}*; running apt-get update"
+            ));
+            run(Command::new("apt-get").args(["update", "-qq"]), name)?;
+        }
+    }
+    Err(GuestError::Fetch {
+        package: name.into(),
+        detail: format!(
+            "no version {prefix}* in the apt sources (a backports version needs its suite in \
+             /etc/apt/sources.list.d: scripts/install-deps.sh adds bookworm-backports)"
+        ),
+    })
+}
+
+/// Versions in `apt-cache madison` output:
+/// ` qemu-system-x86 | 1:7.2+dfsg-7+deb12u18+b2 | http://... Packages`.
+fn listed_versions(madison: &str) -> impl Iterator<Item = &str> {
+    madison
+        .lines()
+        .filter_map(|l| l.split('|').nth(1))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
 /// For a kernel metapackage, the versioned package it depends on.
 fn concrete_name(package: &str) -> Result<String, GuestError> {
     if !package.starts_with("linux-image-") || package.starts_with("linux-image-6") {
@@ -88,6 +169,19 @@ fn concrete_name(package: &str) -> Result<String, GuestError> {
 pub fn fetch_package(cache: &Path, package: &str) -> Result<ExtractedPackage, GuestError> {
     let name = concrete_name(package)?;
     let version = candidate_version(&name)?;
+    fetch_package_version(cache, &name, &version)
+}
+
+/// Downloads and unpacks exactly `name`=`version` (any suite in the apt
+/// sources, e.g. a pinned bookworm version or a backports one), whatever
+/// apt's candidate is. Idempotent. When the archive no longer carries that
+/// version, the error says so in apt's words.
+pub fn fetch_package_version(
+    cache: &Path,
+    name: &str,
+    version: &str,
+) -> Result<ExtractedPackage, GuestError> {
+    let (name, version) = (name.to_string(), version.to_string());
     let key = format!("{name}_{}", version.replace([':', '/'], "_"));
     let debs = cache.join("debs");
     let root = debs.join(&key);
@@ -99,6 +193,7 @@ pub fn fetch_package(cache: &Path, package: &str) -> Result<ExtractedPackage, Gu
             root,
         });
     }
+    ensure_version_known(&name, &version)?;
     let tmp = debs.join(format!("{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)
@@ -235,5 +330,12 @@ mod tests {
         assert_eq!(modinfo_depends(m), ["virtio", "virtio_ring"]);
         assert!(modinfo_depends(b"\0depends=\0").is_empty());
         assert!(modinfo_depends(b"nothing here").is_empty());
+    }
+
+    #[test]
+    fn madison_lines_give_their_versions() {
+        let m = " qemu-system-x86 | 1:7.2+dfsg-7+deb12u18+b2 | http://deb.debian.org/debian bookworm/main amd64 Packages\n qemu-system-x86 | 1:7.2+dfsg-7+deb12u15 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages\n\n";
+        let v: Vec<&str> = listed_versions(m).collect();
+        assert_eq!(v, ["1:7.2+dfsg-7+deb12u18+b2", "1:7.2+dfsg-7+deb12u15"]);
     }
 }

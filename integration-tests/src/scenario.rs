@@ -9,6 +9,7 @@ use crate::host::HostKvm;
 use crate::initrd::Tree;
 use crate::nested;
 use crate::ports::{self, Forward};
+use crate::qemu_release::UnpackedQemu;
 use crate::running::{Limits, Running, Start};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,33 @@ pub struct Scenario {
     /// itself (its direct path on a host without hardware KVM); scripts that
     /// boot guests leave it `None`.
     pub force_mode: Option<Mode>,
+    /// The QEMU that runs the nested host: `None` is this host's
+    /// `qemu-system-x86_64`; a release unpacked in the cache compares
+    /// releases side by side (`kiln-rig-soak --outer`).
+    pub outer_qemu: Option<UnpackedQemu>,
+    /// The nested host's CPU as the outer QEMU's `-cpu`, `-smp`, `-accel`.
+    pub nested_cpu: NestedCpu,
+}
+
+/// The nested host's CPU. The default is the one found stable (README.md:
+/// one vCPU, single-threaded TCG); others are for `kiln-rig-soak`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NestedCpu {
+    pub model: String,
+    /// `-smp` value, e.g. `1` or `2,sockets=1,cores=2`.
+    pub smp: String,
+    /// `-accel` value, e.g. `tcg` or `tcg,thread=single`.
+    pub accel: String,
+}
+
+impl Default for NestedCpu {
+    fn default() -> NestedCpu {
+        NestedCpu {
+            model: nested::QEMU_CPU.into(),
+            smp: "1".into(),
+            accel: "tcg".into(),
+        }
+    }
 }
 
 impl Scenario {
@@ -90,6 +118,8 @@ impl Scenario {
             nested_memory_mib: 3072,
             interactive: false,
             force_mode: None,
+            outer_qemu: None,
+            nested_cpu: NestedCpu::default(),
         }
     }
 }
@@ -323,24 +353,19 @@ fn qemu_command(
     host: &nested::NestedHost,
     initrd: &Path,
 ) -> Command {
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        nested::QEMU_CPU,
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-m",
-    ])
-    .arg(scenario.nested_memory_mib.to_string())
-    .arg("-kernel")
-    .arg(&host.kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
+    let mut cmd = match &scenario.outer_qemu {
+        Some(unpacked) => unpacked.command(),
+        None => Command::new(qemu),
+    };
+    let cpu = &scenario.nested_cpu;
+    cmd.args(["-accel", &cpu.accel, "-cpu", &cpu.model, "-smp", &cpu.smp]);
+    cmd.args(["-nographic", "-no-reboot", "-m"])
+        .arg(scenario.nested_memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"]);
     for disk in &scenario.disks {
         // QEMU's -drive splits on commas; a comma in a path is doubled.
         let path = disk.display().to_string().replace(',', ",,");
@@ -370,9 +395,25 @@ fn start_nested(
     cache: &Path,
     logs: &Path,
 ) -> Result<Running, RigError> {
-    let qemu = which("qemu-system-x86_64").ok_or_else(|| {
+    let qemu = match &scenario.outer_qemu {
+        Some(unpacked) => Some(unpacked.binary.clone()),
+        None => which("qemu-system-x86_64"),
+    };
+    let qemu = qemu.ok_or_else(|| {
         RigError::Setup("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (the test command does)".into())
     })?;
+    eprintln!(
+        "kiln-rig: {}: outer QEMU {} ({}), -accel {} -cpu {} -smp {}",
+        scenario.name,
+        qemu.display(),
+        scenario
+            .outer_qemu
+            .as_ref()
+            .map_or("this host's".to_string(), |q| q.describe()),
+        scenario.nested_cpu.accel,
+        scenario.nested_cpu.model,
+        scenario.nested_cpu.smp
+    );
     for disk in &scenario.disks {
         if !disk.is_file() {
             return Err(RigError::Setup(format!(

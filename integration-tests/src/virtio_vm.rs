@@ -13,10 +13,14 @@
 //! `balloon <MiB in the balloon>` → `ok`, `balloon-stats` → one line of
 //! `key=value`, `status`).
 //!
-//! QEMU: `-M microvm,pcie=on` (a PCIe host bridge, no legacy devices, quick
-//! to boot) with the matching `virtio-*-pci` devices; its QMP socket stands
+//! QEMU: the pinned peer ([`crate::peer`]: scripts get it from
+//! [`crate::PeerQemu::add_to`]) with `-M microvm,pcie=on` (a PCIe host
+//! bridge, no legacy devices, quick to boot) and the matching
+//! `virtio-*-pci` devices; its QMP socket stands
 //! in for the control socket and vhost-vsock (AF_VSOCK in the host) for the
 //! Unix-socket vsock.
+
+use crate::peer::PEER_COMMAND;
 
 /// The two VMMs side by side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +160,7 @@ impl VmSpec {
 
     fn qemu_command(&self) -> String {
         let mut c = format!(
-            "qemu-system-x86_64 -enable-kvm -M microvm,pcie=on,rtc=off -cpu host -smp {} -m {} -nodefaults -no-user-config -nographic -serial stdio -no-reboot -kernel \"{}\" -initrd \"{}\" -append '{}'",
+            "{PEER_COMMAND} -enable-kvm -M microvm,pcie=on,rtc=off -cpu host -smp {} -m {} -nodefaults -no-user-config -nographic -serial stdio -no-reboot -kernel \"{}\" -initrd \"{}\" -append '{}'",
             self.cpus,
             self.memory_mib,
             self.kernel,
@@ -202,14 +206,6 @@ impl VmSpec {
             c.push_str(&format!(" -qmp \"unix:{path},server=on,wait=off\""));
         }
         c
-    }
-
-    /// Host files QEMU needs inside the nested host (firmware).
-    pub fn qemu_files() -> Vec<std::path::PathBuf> {
-        ["qboot.rom", "bios-microvm.bin", "linuxboot_dma.bin"]
-            .iter()
-            .map(|f| std::path::Path::new("/usr/share/qemu").join(f))
-            .collect()
     }
 
     /// Shell: the host-side functions for `vmm` (see [`HOST_PRELUDE`])

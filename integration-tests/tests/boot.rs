@@ -1,9 +1,7 @@
 //! End-to-end tests of `kiln run` with the default guest (Debian's cloud
 //! kernel, busybox initramfs), on hardware KVM or in the nested KVM host.
 
-use std::path::PathBuf;
-
-use kiln_integration_tests::{run, Checks, HostKvm, Mode, Outcome, Scenario};
+use kiln_integration_tests::{run, Checks, HostKvm, Mode, Outcome, PeerQemu, Scenario};
 
 /// Shell snippet: run kiln with `args`, output to `out`, print its exit code.
 fn kiln(args: &str) -> String {
@@ -201,23 +199,27 @@ fn guest_boots_directly_on_hardware_kvm() {
     expect_value(&out, "KILN_EXIT", "0", "poweroff must exit 0");
 }
 
-/// The rig itself: Debian's QEMU, inside the nested host, boots the
-/// default guest with KVM. Proves nested KVM and the guest independently
-/// of Kiln.
+/// The rig itself: the pinned QEMU peer (Debian 12's 7.2, `peer.rs`),
+/// inside the nested host, boots the default guest with KVM. Proves nested
+/// KVM, the peer's libraries and firmware, and the guest independently of
+/// Kiln.
 #[test]
 fn rig_selftest_qemu_boots_default_guest_in_nested_host() {
     let script = r#"
-timeout 300 qemu-system-x86_64 -enable-kvm -M microvm -cpu host -m 256 -nodefaults -no-user-config -nographic -serial stdio \
+timeout 300 "$PEER_QEMU" -L "$PEER_QEMU_FIRMWARE" -enable-kvm -M microvm -cpu host -m 256 -nodefaults -no-user-config -nographic -serial stdio \
   -kernel "$GUEST_BZIMAGE" -initrd "$GUEST_INITRD" -append "console=ttyS0 reboot=t panic=1 kiln.poweroff" -no-reboot > out 2>&1
 echo QEMU_EXIT=$?; cat out
 "#;
     let mut s = Scenario::new("rig_selftest_qemu", script);
-    s.binaries
-        .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
-    s.files.push(PathBuf::from("/usr/share/qemu/qboot.rom"));
-    s.files
-        .push(PathBuf::from("/usr/share/qemu/bios-microvm.bin"));
+    let peer = PeerQemu::ensure_cached().unwrap();
+    peer.add_to(&mut s);
     let out = run(&s).unwrap();
+    let version = out.value("PEER_QEMU_VERSION").unwrap_or_default();
+    assert!(
+        version.contains("QEMU emulator version 7.2"),
+        "the peer must be the pinned 7.2, it says {version:?}; log {}",
+        out.log.display()
+    );
     out.expect_exit(0)
         .expect_output("KILN_INIT_OK")
         .expect_output("KILN_CPUS=1")
@@ -229,7 +231,7 @@ echo QEMU_EXIT=$?; cat out
         out.log.display()
     );
     eprintln!(
-        "rig self-test: {:?} mode, nested host ready after {:?}, whole scenario {:?}",
+        "rig self-test: {:?} mode, peer {version}, nested host ready after {:?}, whole scenario {:?}",
         out.mode, out.host_ready, out.elapsed
     );
 }

@@ -8,11 +8,10 @@
 //! Kiln. The VMM command lines live in `kiln_integration_tests::virtio_vm`.
 //! Checks are grouped so each scenario boots one nested host and one guest.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_integration_tests::guest_kit::host_tool;
-use kiln_integration_tests::{run, Disk, GuestKit, Outcome, Scenario, VmSpec, Vmm};
+use kiln_integration_tests::{run, Disk, GuestKit, Outcome, PeerQemu, Scenario, VmSpec, Vmm};
 
 /// The scenario name for `vmm`: tests of both VMMs run in parallel.
 fn name(base: &str, vmm: Vmm) -> String {
@@ -45,9 +44,7 @@ fn scenario(
     }
     s.binaries.push(host_tool("socat").unwrap());
     if vmm == Vmm::Qemu {
-        s.binaries
-            .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
-        s.files.extend(VmSpec::qemu_files());
+        PeerQemu::ensure_cached().unwrap().add_to(&mut s);
     }
     s
 }

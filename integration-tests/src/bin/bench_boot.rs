@@ -2,13 +2,13 @@
 //! memory outside guest RAM, Kiln against QEMU `-M microvm`, side by side
 //! in one (nested or direct) host, interleaved runs, medians and ratios.
 //! `--pvh` boots the uncompressed ELF vmlinux (PVH entry) instead of the
-//! bzImage, with both VMMs. `--quick` is one run of each VMM with the plain
-//! command line: the figure-printing run in `scripts/test.sh`.
+//! bzImage, with both VMMs. QEMU is the pinned peer (`peer.rs`, Debian 12's
+//! 7.2), named in the output. `--quick` is one run of each VMM with the
+//! plain command line: the figure-printing run in `scripts/test.sh`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_integration_tests::{run, Scenario};
+use kiln_integration_tests::{run, PeerQemu, Scenario};
 
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const BLACKLIST: &str = "initcall_blacklist=cmos_init";
@@ -52,18 +52,19 @@ fn main() {
             let cmdline = format!("{BASE_CMDLINE} {extra}").trim().to_string();
             script.push_str(&format!(
                 "echo \"kiln {label} $({probe_path} 256 KILN_INIT_OK -- \"$KILN\" run --kernel \"{kernel_var}\" --initrd \"$GUEST_INITRD\" --cpus 1 --memory 256M --cmdline '{cmdline}')\"\n\
-                 echo \"qemu {label} $({probe_path} 256 KILN_INIT_OK -- qemu-system-x86_64 -enable-kvm -M microvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -kernel \"{kernel_var}\" -initrd \"$GUEST_INITRD\" -append '{cmdline}')\"\n"
+                 echo \"qemu {label} $({probe_path} 256 KILN_INIT_OK -- \"$PEER_QEMU\" -L \"$PEER_QEMU_FIRMWARE\" -enable-kvm -M microvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -kernel \"{kernel_var}\" -initrd \"$GUEST_INITRD\" -append '{cmdline}')\"\n"
             ));
         }
         script.push_str(&format!("echo run {} of {runs} done >&2\n", i + 1));
     }
     let mut s = Scenario::new(if pvh { "bench_boot_pvh" } else { "bench_boot" }, &script);
     s.timeout = Duration::from_secs(3000);
-    s.binaries = vec![probe.clone(), PathBuf::from("/usr/bin/qemu-system-x86_64")];
-    s.files = vec![
-        "/usr/share/qemu/qboot.rom".into(),
-        "/usr/share/qemu/bios-microvm.bin".into(),
-    ];
+    s.binaries = vec![probe.clone()];
+    let peer = PeerQemu::ensure_cached().unwrap_or_else(|e| {
+        eprintln!("kiln-bench-boot: {e}");
+        std::process::exit(1);
+    });
+    peer.add_to(&mut s);
     eprintln!("kiln-bench-boot: {runs} interleaved runs each of Kiln and QEMU microvm, plain and with {BLACKLIST}");
     let out = match run(&s) {
         Ok(o) => o,
@@ -103,6 +104,8 @@ fn main() {
     }
     let kernel = if pvh { "PVH vmlinux" } else { "bzImage" };
     println!("Boot to KILN_INIT_OK (1 vCPU, 256 MiB, Debian cloud kernel {kernel} + busybox initramfs), {:?} mode, medians", out.mode);
+    println!();
+    println!("QEMU peer: {}", peer.describe());
     println!();
     println!("| command line | runs | Kiln boot (s) | QEMU microvm boot (s) | Kiln/QEMU | Kiln VMM RSS (MiB) | QEMU VMM RSS (MiB) |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");

@@ -9,6 +9,8 @@
 //! write in 4 KiB blocks; iperf3 TCP guest→host and host→guest against an
 //! iperf3 server in the host. Each for `--runtime` seconds (default 10).
 //!
+//! QEMU is the pinned peer (`peer.rs`, Debian 12's 7.2), named in the output.
+//!
 //! `KILN_BENCH_IO_KILN_IS_QEMU=1` runs QEMU in the Kiln column too (to check
 //! the benchmark itself before Kiln has the devices); the output says so.
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use kiln_integration_tests::guest_kit::host_tool;
 use kiln_integration_tests::virtio_vm::HOST_PRELUDE;
-use kiln_integration_tests::{run, Disk, GuestKit, Scenario, VmSpec, Vmm};
+use kiln_integration_tests::{run, Disk, GuestKit, PeerQemu, Scenario, VmSpec, Vmm};
 
 const GUEST: &str = r#"
 ip link set lo up
@@ -159,11 +161,9 @@ fn main() {
     s.timeout = Duration::from_secs(rounds as u64 * 2 * (runtime * 6 + 300) + 300);
     s.stall_after = Duration::from_secs(240);
     s.files.push(kit.clone());
-    s.files.extend(VmSpec::qemu_files());
-    s.binaries = vec![
-        host_tool("qemu-system-x86_64").unwrap_or_else(|e| fail(&e.to_string())),
-        iperf3.clone(),
-    ];
+    s.binaries = vec![iperf3.clone()];
+    let peer = PeerQemu::ensure_cached().unwrap_or_else(|e| fail(&e.to_string()));
+    peer.add_to(&mut s);
     s.host_modules.push("tun".into());
     if kiln_is_qemu {
         eprintln!("kiln-bench-io: KILN_BENCH_IO_KILN_IS_QEMU=1: the Kiln column runs QEMU (checking the benchmark, not Kiln)");
@@ -226,6 +226,8 @@ fn main() {
         "virtio-pci I/O, {} mode: 1 vCPU, {} MiB guest, raw 512 MiB image on tmpfs, tap; fio {engine} direct=1 iodepth=16, iperf3 TCP; {runtime} s each; medians of {rounds} interleaved rounds",
         mode, spec.memory_mib
     );
+    println!();
+    println!("QEMU peer: {}", peer.describe());
     println!();
     println!("| test | unit | runs | {kiln_label} | QEMU microvm | Kiln/QEMU |");
     println!("| --- | --- | --- | --- | --- | --- |");

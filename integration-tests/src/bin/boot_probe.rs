@@ -1,13 +1,15 @@
-//! `kiln-boot-probe GUEST_MIB MARKER -- CMD ARGS...`
+//! `kiln-boot-probe [--echo] GUEST_MIB MARKER -- CMD ARGS...`
 //!
 //! Starts a VMM, waits for MARKER on its stdout, and prints one line:
 //! `PROBE boot_ms=<ms from spawn to marker> vmm_rss_kib=<resident KiB outside guest RAM>`.
 //! Guest RAM is every mapping at least GUEST_MIB large (the VMM's RAM
 //! block); everything else resident counts as the VMM's own memory. The
 //! VMM is killed afterwards. A VMM that shows no marker within 180 s is
-//! killed and reported as `PROBE failed`.
+//! killed and reported as `PROBE failed`. `--echo` also copies the VMM's
+//! output to stdout as it arrives (the rig's soak campaigns want the full
+//! guest console on the nested host's console).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -32,9 +34,13 @@ fn vmm_rss_kib(pid: u32, guest_bytes: u64) -> Option<u64> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let echo = args.get(1).is_some_and(|a| a == "--echo");
+    if echo {
+        args.remove(1);
+    }
     let Some(sep) = args.iter().position(|a| a == "--") else {
-        eprintln!("usage: kiln-boot-probe GUEST_MIB MARKER -- CMD ARGS...");
+        eprintln!("usage: kiln-boot-probe [--echo] GUEST_MIB MARKER -- CMD ARGS...");
         std::process::exit(2);
     };
     let guest_mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
@@ -70,8 +76,19 @@ fn main() {
         match stdout.read(&mut buf) {
             Ok(0) | Err(_) => break false,
             Ok(n) => {
+                if echo {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+                // Only the new bytes (and a marker's length before them)
+                // can complete the marker: a long console stays cheap.
+                let from = seen.len().saturating_sub(marker.len());
                 seen.extend_from_slice(&buf[..n]);
-                if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                if seen[from..]
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_bytes())
+                {
                     break true;
                 }
             }
@@ -88,8 +105,14 @@ fn main() {
         for line in &lines[lines.len().saturating_sub(15)..] {
             eprintln!("PROBE tail: {line}");
         }
+        if echo {
+            println!();
+        }
         println!("PROBE failed: marker {marker:?} never appeared ({} bytes of output after {boot_ms} ms)", seen.len());
         std::process::exit(1);
+    }
+    if echo {
+        println!();
     }
     println!(
         "PROBE boot_ms={boot_ms} vmm_rss_kib={}",

@@ -15,6 +15,10 @@ use crate::nested::{ALIVE_MARKER, BEGIN_MARKER, ERROR_MARKER, EXIT_MARKER, HOST_
 use crate::ports::{self, Forward};
 use crate::scenario::{Mode, Outcome, RigError};
 
+/// The least silence counted as a stall before the nested host is ready
+/// (the rig's default stall limit).
+const BOOT_SILENCE_ALLOWANCE: Duration = Duration::from_secs(180);
+
 /// A scenario started with [`crate::scenario::start`]. Dropping it without
 /// [`Running::finish`] stops the nested host (or kills the direct script).
 pub struct Running {
@@ -458,9 +462,19 @@ fn watch_console(
                 log: log.to_path_buf(),
             });
         }
-        if last_output.elapsed() > limits.stall_after {
+        // The nested kernel boots with `quiet loglevel=1`: it prints
+        // nothing between the BIOS banner and init's first heartbeat, which
+        // took over 20 s at load 8. A scenario's short stall limit (for
+        // its script) starts counting once the host is ready.
+        let host_ready = shared.lock().host_ready.is_some();
+        let stall_after = if host_ready {
+            limits.stall_after
+        } else {
+            limits.stall_after.max(BOOT_SILENCE_ALLOWANCE)
+        };
+        if last_output.elapsed() > stall_after {
             break Some(RigError::Stalled {
-                silent_s: limits.stall_after.as_secs(),
+                silent_s: stall_after.as_secs(),
                 log: log.to_path_buf(),
             });
         }

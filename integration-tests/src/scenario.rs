@@ -41,6 +41,8 @@ pub struct Scenario {
     pub timeout: Duration,
     /// No console output for this long (the nested host prints a heartbeat
     /// every 15 s while the script runs) means the nested host stalled.
+    /// Until the host is ready the limit is at least 180 s: its quiet
+    /// kernel boot prints nothing for tens of seconds on a loaded machine.
     pub stall_after: Duration,
     /// Host binaries to make available (with their shared libraries), at
     /// the same path.

@@ -1,5 +1,11 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), DSDT and MADT.
 //!
+//! The FADT is hardware-reduced and marks the power button as a control
+//! method device, so the DSDT carries it: a power button `PWRB` (`PNP0C0C`)
+//! and a Generic Event Device `GED_` (`ACPI0013`) whose interrupt runs its
+//! `_EVT` method, which reads the pending events from the GED register and
+//! notifies `PWRB` (the guest's ACPI button driver then reports KEY_POWER).
+//!
 //! The tables are laid out one after another from [`RSDP_START`] inside the
 //! reserved BIOS area. Later devices (a PCI host bridge's MCFG, more DSDT
 //! devices) are added through [`AcpiTables::add_table`] and
@@ -35,8 +41,9 @@ pub struct AcpiTables {
 }
 
 impl AcpiTables {
-    /// Tables for `cpus` vCPUs with the legacy devices every Kiln VM has
-    /// (COM1 serial, CMOS RTC) already declared in the DSDT.
+    /// Tables for `cpus` vCPUs with the devices every Kiln VM has (COM1
+    /// serial, CMOS RTC, the PCI root, the GED and its power button) already
+    /// declared in the DSDT.
     pub fn new(cpus: u8) -> Self {
         let mut tables = AcpiTables {
             cpus,
@@ -47,6 +54,8 @@ impl AcpiTables {
         tables.add_dsdt_device(rtc_device());
         tables.add_dsdt_device(pci_root_device());
         tables.add_dsdt_device(ecam_reservation_device());
+        tables.add_dsdt_device(generic_event_device());
+        tables.add_dsdt_device(power_button_device());
         let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
         tables.add_table(to_bytes(&mcfg));
@@ -280,6 +289,70 @@ fn ecam_reservation_device() -> Vec<u8> {
     out
 }
 
+/// The Generic Event Device: its interrupt makes the guest run `_EVT`,
+/// which reads (and so acknowledges) the pending event bits and notifies
+/// the device each bit stands for. Edge-triggered, as the VMM pulses the
+/// line once per event.
+fn generic_event_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    let base = GED_MMIO_START as u32;
+    let len = GED_MMIO_SIZE as u32;
+    let register = aml::Memory32Fixed::new(true, base, len);
+    let edge_active_high = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&register, &edge_active_high]);
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemMemory, &base, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    // Local0 = GDAT; Local1 = Local0 & POWER_BUTTON;
+    // If (Local1 == POWER_BUTTON) { Notify (\_SB.PWRB, 0x80) }
+    let (gdat, pwrb) = (aml::Path::new("GDAT"), aml::Path::new("\\_SB_.PWRB"));
+    let (events, power_bit) = (aml::Local(0), aml::Local(1));
+    let read_events = aml::Store::new(&events, &gdat);
+    let mask_power = aml::And::new(&power_bit, &events, &GED_EVENT_POWER_BUTTON);
+    let is_power = aml::Equal::new(&power_bit, &GED_EVENT_POWER_BUTTON);
+    let notify_power = aml::Notify::new(&pwrb, &0x80u8);
+    let on_power = aml::If::new(&is_power, vec![&notify_power]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_events, &mask_power, &on_power],
+    );
+    aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// The power button as a control method device (the FADT's PWR_BUTTON
+/// flag says so); the GED notifies it.
+fn power_button_device() -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 /// Already-encoded AML spliced into a larger object.
 struct RawAml<'a>(&'a [u8]);
 
@@ -366,6 +439,82 @@ mod tests {
             u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
             PCI_ECAM_START
         );
+    }
+
+    fn dsdt(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+        let fadt = tables(mem).remove(0).1;
+        let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let hdr = read(mem, x_dsdt, 36);
+        let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+        read(mem, x_dsdt, len)
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// The body of the AML `Device` named `name` (ExtOp 0x5b 0x82,
+    /// PkgLength, name), decoded as ACPI 6.5 section 20.2.4 defines it.
+    fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        let at = (0..aml.len() - 6)
+            .find(|&i| {
+                aml[i..i + 2] == [0x5b, 0x82] && {
+                    let extra = (aml[i + 2] >> 6) as usize;
+                    aml[i + 3 + extra..].starts_with(name)
+                }
+            })
+            .unwrap_or_else(|| panic!("no Device {:?}", std::str::from_utf8(name)));
+        let lead = aml[at + 2];
+        let extra = (lead >> 6) as usize;
+        let mut len = if extra == 0 {
+            (lead & 0x3f) as usize
+        } else {
+            (lead & 0x0f) as usize
+        };
+        for k in 0..extra {
+            len |= (aml[at + 3 + k] as usize) << (4 + 8 * k);
+        }
+        // PkgLength counts itself, not the two opcode bytes.
+        &aml[at + 2 + 1 + extra + 4..at + 2 + len]
+    }
+
+    #[test]
+    fn dsdt_has_a_generic_event_device_that_notifies_the_power_button() {
+        let mem = mem();
+        AcpiTables::new(1).write(&mem).unwrap();
+        let dsdt = dsdt(&mem);
+        let ged = device_body(&dsdt, b"GED_");
+
+        // Name (_HID, "ACPI0013")
+        assert!(find(ged, b"\x08_HID\x0dACPI0013\x00").is_some());
+        // _CRS: Memory32Fixed (ReadWrite, base, length), then an extended
+        // interrupt descriptor: consumer, edge, active high, exclusive.
+        let mut mem32 = vec![0x86, 0x09, 0x00, 0x01];
+        mem32.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        mem32.extend_from_slice(&(GED_MMIO_SIZE as u32).to_le_bytes());
+        assert!(find(ged, &mem32).is_some(), "Memory32Fixed");
+        let mut irq = vec![0x89, 0x06, 0x00, 0b0011, 0x01];
+        irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        assert!(find(ged, &irq).is_some(), "Interrupt");
+        // OperationRegion (GDST, SystemMemory, base, length) over the same
+        // register the _CRS names.
+        let mut region = b"\x5b\x80GDST\x00\x0c".to_vec();
+        region.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        region.extend_from_slice(&[0x0a, GED_MMIO_SIZE as u8]);
+        assert!(find(ged, &region).is_some(), "OperationRegion");
+        // Field (GDST, DWordAcc, NoLock, WriteAsZeros) { GDAT, 32 }
+        assert!(find(ged, b"GDST\x43GDAT\x20").is_some(), "Field");
+        // Method (_EVT, 1, Serialized) holding Notify (\_SB.PWRB, 0x80)
+        let evt = find(ged, b"_EVT\x09").expect("_EVT with 1 argument, serialized");
+        let notify = find(ged, b"\x86\\\x2e_SB_PWRB\x0a\x80").expect("Notify (PWRB, 0x80)");
+        assert!(notify > evt);
+        // The bit tested is the one the device model sets.
+        assert!(find(ged, &[0x7b, 0x60, GED_EVENT_POWER_BUTTON as u8, 0x61]).is_some());
+
+        let pwrb = device_body(&dsdt, b"PWRB");
+        let mut hid = b"\x08_HID".to_vec();
+        aml::EISAName::new("PNP0C0C").to_aml_bytes(&mut hid);
+        assert!(find(pwrb, &hid).is_some(), "PWRB is a PNP0C0C power button");
     }
 
     #[test]

@@ -53,7 +53,7 @@ impl AcpiTables {
         tables.add_dsdt_device(com1_device());
         tables.add_dsdt_device(rtc_device());
         tables.add_dsdt_device(pci_root_device());
-        tables.add_dsdt_device(ecam_reservation_device());
+        tables.add_dsdt_device(motherboard_resources_device());
         tables.add_dsdt_device(generic_event_device());
         tables.add_dsdt_device(power_button_device());
         let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -266,40 +266,37 @@ fn pci_root_device() -> Vec<u8> {
     out
 }
 
-/// A motherboard resource covering the ECAM window: Linux only uses an
-/// MCFG region that firmware reserved.
-fn ecam_reservation_device() -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
+/// Motherboard resources: the ECAM window (Linux only uses an MCFG region
+/// that firmware reserved) and the GED register, which the GED's own
+/// `_CRS` cannot name (see [`generic_event_device`]).
+fn motherboard_resources_device() -> Vec<u8> {
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let ged = aml::Memory32Fixed::new(true, GED_MMIO_START as u32, GED_MMIO_SIZE as u32);
+    to_bytes(&aml::Device::new(
         "MRES".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
             &aml::Name::new("_UID".into(), &aml::ONE),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
-                    false,
-                    PCI_ECAM_START as u32,
-                    PCI_ECAM_SIZE as u32,
-                )]),
+                &aml::ResourceTemplate::new(vec![&ecam, &ged]),
             ),
         ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    ))
 }
 
 /// The Generic Event Device: its interrupt makes the guest run `_EVT`,
 /// which reads (and so acknowledges) the pending event bits and notifies
 /// the device each bit stands for. Edge-triggered, as the VMM pulses the
-/// line once per event.
+/// line once per event. Its `_CRS` holds interrupts only: Linux's GED
+/// driver fails the whole device on any other resource ("unable to parse
+/// IRQ resource"), so the register is an OperationRegion here and reserved
+/// under `MRES`.
 fn generic_event_device() -> Vec<u8> {
-    let mut out = Vec::new();
     let base = GED_MMIO_START as u32;
     let len = GED_MMIO_SIZE as u32;
-    let register = aml::Memory32Fixed::new(true, base, len);
     let edge_active_high = aml::Interrupt::new(true, true, false, false, GED_IRQ);
-    let crs = aml::ResourceTemplate::new(vec![&register, &edge_active_high]);
+    let crs = aml::ResourceTemplate::new(vec![&edge_active_high]);
     let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemMemory, &base, &len);
     let field = aml::Field::new(
         "GDST".into(),
@@ -323,7 +320,7 @@ fn generic_event_device() -> Vec<u8> {
         true,
         vec![&read_events, &mask_power, &on_power],
     );
-    aml::Device::new(
+    to_bytes(&aml::Device::new(
         "GED_".into(),
         vec![
             &aml::Name::new("_HID".into(), &"ACPI0013"),
@@ -333,24 +330,19 @@ fn generic_event_device() -> Vec<u8> {
             &field,
             &evt,
         ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    ))
 }
 
 /// The power button as a control method device (the FADT's PWR_BUTTON
 /// flag says so); the GED notifies it.
 fn power_button_device() -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
+    to_bytes(&aml::Device::new(
         "PWRB".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    ))
 }
 
 /// Already-encoded AML spliced into a larger object.
@@ -478,6 +470,37 @@ mod tests {
         &aml[at + 2 + 1 + extra + 4..at + 2 + len]
     }
 
+    /// The bytes of the resource template named `name` (`Name (name,
+    /// Buffer (size) {...})`, a buffer small enough for a 1-byte PkgLength).
+    fn resource_template<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        let mut pattern = vec![0x08];
+        pattern.extend_from_slice(name);
+        pattern.push(0x11);
+        let at = find(aml, &pattern).expect("named buffer") + pattern.len();
+        let pkg_len = aml[at] as usize;
+        assert!(pkg_len < 0x40, "one-byte PkgLength");
+        // PkgLength, then the size as BytePrefix n.
+        assert_eq!(aml[at + 1], 0x0a);
+        &aml[at + 3..at + pkg_len]
+    }
+
+    /// The descriptor types (large: their tag byte; small: 0x79 for the
+    /// end tag, else the tag's type) in a resource template, walked by
+    /// their lengths (ACPI 6.5 section 6.4).
+    fn descriptors(mut bytes: &[u8]) -> Vec<u8> {
+        let mut types = Vec::new();
+        while let Some(&tag) = bytes.first() {
+            let len = if tag & 0x80 != 0 {
+                3 + u16::from_le_bytes([bytes[1], bytes[2]]) as usize
+            } else {
+                1 + (tag & 0x07) as usize
+            };
+            types.push(tag);
+            bytes = &bytes[len..];
+        }
+        types
+    }
+
     #[test]
     fn dsdt_has_a_generic_event_device_that_notifies_the_power_button() {
         let mem = mem();
@@ -487,17 +510,18 @@ mod tests {
 
         // Name (_HID, "ACPI0013")
         assert!(find(ged, b"\x08_HID\x0dACPI0013\x00").is_some());
-        // _CRS: Memory32Fixed (ReadWrite, base, length), then an extended
-        // interrupt descriptor: consumer, edge, active high, exclusive.
-        let mut mem32 = vec![0x86, 0x09, 0x00, 0x01];
-        mem32.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
-        mem32.extend_from_slice(&(GED_MMIO_SIZE as u32).to_le_bytes());
-        assert!(find(ged, &mem32).is_some(), "Memory32Fixed");
+        // _CRS: one extended interrupt descriptor (consumer, edge, active
+        // high, exclusive) and the end tag, nothing else.
         let mut irq = vec![0x89, 0x06, 0x00, 0b0011, 0x01];
         irq.extend_from_slice(&GED_IRQ.to_le_bytes());
-        assert!(find(ged, &irq).is_some(), "Interrupt");
-        // OperationRegion (GDST, SystemMemory, base, length) over the same
-        // register the _CRS names.
+        let crs = resource_template(ged, b"_CRS");
+        assert_eq!(
+            descriptors(crs),
+            [0x89, 0x79],
+            "_CRS holds the interrupt only"
+        );
+        assert!(find(crs, &irq).is_some(), "Interrupt");
+        // OperationRegion (GDST, SystemMemory, base, length): the register.
         let mut region = b"\x5b\x80GDST\x00\x0c".to_vec();
         region.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
         region.extend_from_slice(&[0x0a, GED_MMIO_SIZE as u8]);
@@ -510,6 +534,13 @@ mod tests {
         assert!(notify > evt);
         // The bit tested is the one the device model sets.
         assert!(find(ged, &[0x7b, 0x60, GED_EVENT_POWER_BUTTON as u8, 0x61]).is_some());
+
+        // The register is reserved as a motherboard resource.
+        let mut mem32 = vec![0x86, 0x09, 0x00, 0x01];
+        mem32.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        mem32.extend_from_slice(&(GED_MMIO_SIZE as u32).to_le_bytes());
+        let reserved = resource_template(device_body(&dsdt, b"MRES"), b"_CRS");
+        assert!(find(reserved, &mem32).is_some(), "GED register under MRES");
 
         let pwrb = device_body(&dsdt, b"PWRB");
         let mut hid = b"\x08_HID".to_vec();

@@ -1,5 +1,11 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), DSDT and MADT.
 //!
+//! The FADT is hardware-reduced and marks the power button as a control
+//! method device, so the DSDT carries it: a power button `PWRB` (`PNP0C0C`)
+//! and a Generic Event Device `GED_` (`ACPI0013`) whose interrupt runs its
+//! `_EVT` method, which reads the pending events from the GED register and
+//! notifies `PWRB` (the guest's ACPI button driver then reports KEY_POWER).
+//!
 //! The tables are laid out one after another from [`RSDP_START`] inside the
 //! reserved BIOS area. Later devices (a PCI host bridge's MCFG, more DSDT
 //! devices) are added through [`AcpiTables::add_table`] and
@@ -35,8 +41,9 @@ pub struct AcpiTables {
 }
 
 impl AcpiTables {
-    /// Tables for `cpus` vCPUs with the legacy devices every Kiln VM has
-    /// (COM1 serial, CMOS RTC) already declared in the DSDT.
+    /// Tables for `cpus` vCPUs with the devices every Kiln VM has (COM1
+    /// serial, CMOS RTC, the PCI root, the GED and its power button) already
+    /// declared in the DSDT.
     pub fn new(cpus: u8) -> Self {
         let mut tables = AcpiTables {
             cpus,
@@ -46,7 +53,9 @@ impl AcpiTables {
         tables.add_dsdt_device(com1_device());
         tables.add_dsdt_device(rtc_device());
         tables.add_dsdt_device(pci_root_device());
-        tables.add_dsdt_device(ecam_reservation_device());
+        tables.add_dsdt_device(motherboard_resources_device());
+        tables.add_dsdt_device(generic_event_device());
+        tables.add_dsdt_device(power_button_device());
         let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
         tables.add_table(to_bytes(&mcfg));
@@ -257,27 +266,83 @@ fn pci_root_device() -> Vec<u8> {
     out
 }
 
-/// A motherboard resource covering the ECAM window: Linux only uses an
-/// MCFG region that firmware reserved.
-fn ecam_reservation_device() -> Vec<u8> {
-    let mut out = Vec::new();
-    aml::Device::new(
+/// Motherboard resources: the ECAM window (Linux only uses an MCFG region
+/// that firmware reserved) and the GED register, which the GED's own
+/// `_CRS` cannot name (see [`generic_event_device`]).
+fn motherboard_resources_device() -> Vec<u8> {
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let ged = aml::Memory32Fixed::new(true, GED_MMIO_START as u32, GED_MMIO_SIZE as u32);
+    to_bytes(&aml::Device::new(
         "MRES".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
             &aml::Name::new("_UID".into(), &aml::ONE),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
-                    false,
-                    PCI_ECAM_START as u32,
-                    PCI_ECAM_SIZE as u32,
-                )]),
+                &aml::ResourceTemplate::new(vec![&ecam, &ged]),
             ),
         ],
-    )
-    .to_aml_bytes(&mut out);
-    out
+    ))
+}
+
+/// The Generic Event Device: its interrupt makes the guest run `_EVT`,
+/// which reads (and so acknowledges) the pending event bits and notifies
+/// the device each bit stands for. Edge-triggered, as the VMM pulses the
+/// line once per event. Its `_CRS` holds interrupts only: Linux's GED
+/// driver fails the whole device on any other resource ("unable to parse
+/// IRQ resource"), so the register is an OperationRegion here and reserved
+/// under `MRES`.
+fn generic_event_device() -> Vec<u8> {
+    let base = GED_MMIO_START as u32;
+    let len = GED_MMIO_SIZE as u32;
+    let edge_active_high = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&edge_active_high]);
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemMemory, &base, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    // Local0 = GDAT; Local1 = Local0 & POWER_BUTTON;
+    // If (Local1 == POWER_BUTTON) { Notify (\_SB.PWRB, 0x80) }
+    let (gdat, pwrb) = (aml::Path::new("GDAT"), aml::Path::new("\\_SB_.PWRB"));
+    let (events, power_bit) = (aml::Local(0), aml::Local(1));
+    let read_events = aml::Store::new(&events, &gdat);
+    let mask_power = aml::And::new(&power_bit, &events, &GED_EVENT_POWER_BUTTON);
+    let is_power = aml::Equal::new(&power_bit, &GED_EVENT_POWER_BUTTON);
+    let notify_power = aml::Notify::new(&pwrb, &0x80u8);
+    let on_power = aml::If::new(&is_power, vec![&notify_power]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_events, &mask_power, &on_power],
+    );
+    to_bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
+        ],
+    ))
+}
+
+/// The power button as a control method device (the FADT's PWR_BUTTON
+/// flag says so); the GED notifies it.
+fn power_button_device() -> Vec<u8> {
+    to_bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    ))
 }
 
 /// Already-encoded AML spliced into a larger object.
@@ -366,6 +431,121 @@ mod tests {
             u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
             PCI_ECAM_START
         );
+    }
+
+    fn dsdt(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+        let fadt = tables(mem).remove(0).1;
+        let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let hdr = read(mem, x_dsdt, 36);
+        let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+        read(mem, x_dsdt, len)
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// The body of the AML `Device` named `name` (ExtOp 0x5b 0x82,
+    /// PkgLength, name), decoded as ACPI 6.5 section 20.2.4 defines it.
+    fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        let at = (0..aml.len() - 6)
+            .find(|&i| {
+                aml[i..i + 2] == [0x5b, 0x82] && {
+                    let extra = (aml[i + 2] >> 6) as usize;
+                    aml[i + 3 + extra..].starts_with(name)
+                }
+            })
+            .unwrap_or_else(|| panic!("no Device {:?}", std::str::from_utf8(name)));
+        let lead = aml[at + 2];
+        let extra = (lead >> 6) as usize;
+        let mut len = if extra == 0 {
+            (lead & 0x3f) as usize
+        } else {
+            (lead & 0x0f) as usize
+        };
+        for k in 0..extra {
+            len |= (aml[at + 3 + k] as usize) << (4 + 8 * k);
+        }
+        // PkgLength counts itself, not the two opcode bytes.
+        &aml[at + 2 + 1 + extra + 4..at + 2 + len]
+    }
+
+    /// The bytes of the resource template named `name` (`Name (name,
+    /// Buffer (size) {...})`, a buffer small enough for a 1-byte PkgLength).
+    fn resource_template<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        let mut pattern = vec![0x08];
+        pattern.extend_from_slice(name);
+        pattern.push(0x11);
+        let at = find(aml, &pattern).expect("named buffer") + pattern.len();
+        let pkg_len = aml[at] as usize;
+        assert!(pkg_len < 0x40, "one-byte PkgLength");
+        // PkgLength, then the size as BytePrefix n.
+        assert_eq!(aml[at + 1], 0x0a);
+        &aml[at + 3..at + pkg_len]
+    }
+
+    /// The descriptor types (large: their tag byte; small: 0x79 for the
+    /// end tag, else the tag's type) in a resource template, walked by
+    /// their lengths (ACPI 6.5 section 6.4).
+    fn descriptors(mut bytes: &[u8]) -> Vec<u8> {
+        let mut types = Vec::new();
+        while let Some(&tag) = bytes.first() {
+            let len = if tag & 0x80 != 0 {
+                3 + u16::from_le_bytes([bytes[1], bytes[2]]) as usize
+            } else {
+                1 + (tag & 0x07) as usize
+            };
+            types.push(tag);
+            bytes = &bytes[len..];
+        }
+        types
+    }
+
+    #[test]
+    fn dsdt_has_a_generic_event_device_that_notifies_the_power_button() {
+        let mem = mem();
+        AcpiTables::new(1).write(&mem).unwrap();
+        let dsdt = dsdt(&mem);
+        let ged = device_body(&dsdt, b"GED_");
+
+        // Name (_HID, "ACPI0013")
+        assert!(find(ged, b"\x08_HID\x0dACPI0013\x00").is_some());
+        // _CRS: one extended interrupt descriptor (consumer, edge, active
+        // high, exclusive) and the end tag, nothing else.
+        let mut irq = vec![0x89, 0x06, 0x00, 0b0011, 0x01];
+        irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        let crs = resource_template(ged, b"_CRS");
+        assert_eq!(
+            descriptors(crs),
+            [0x89, 0x79],
+            "_CRS holds the interrupt only"
+        );
+        assert!(find(crs, &irq).is_some(), "Interrupt");
+        // OperationRegion (GDST, SystemMemory, base, length): the register.
+        let mut region = b"\x5b\x80GDST\x00\x0c".to_vec();
+        region.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        region.extend_from_slice(&[0x0a, GED_MMIO_SIZE as u8]);
+        assert!(find(ged, &region).is_some(), "OperationRegion");
+        // Field (GDST, DWordAcc, NoLock, WriteAsZeros) { GDAT, 32 }
+        assert!(find(ged, b"GDST\x43GDAT\x20").is_some(), "Field");
+        // Method (_EVT, 1, Serialized) holding Notify (\_SB.PWRB, 0x80)
+        let evt = find(ged, b"_EVT\x09").expect("_EVT with 1 argument, serialized");
+        let notify = find(ged, b"\x86\\\x2e_SB_PWRB\x0a\x80").expect("Notify (PWRB, 0x80)");
+        assert!(notify > evt);
+        // The bit tested is the one the device model sets.
+        assert!(find(ged, &[0x7b, 0x60, GED_EVENT_POWER_BUTTON as u8, 0x61]).is_some());
+
+        // The register is reserved as a motherboard resource.
+        let mut mem32 = vec![0x86, 0x09, 0x00, 0x01];
+        mem32.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        mem32.extend_from_slice(&(GED_MMIO_SIZE as u32).to_le_bytes());
+        let reserved = resource_template(device_body(&dsdt, b"MRES"), b"_CRS");
+        assert!(find(reserved, &mem32).is_some(), "GED register under MRES");
+
+        let pwrb = device_body(&dsdt, b"PWRB");
+        let mut hid = b"\x08_HID".to_vec();
+        aml::EISAName::new("PNP0C0C").to_aml_bytes(&mut hid);
+        assert!(find(pwrb, &hid).is_some(), "PWRB is a PNP0C0C power button");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! 0x0002_0000  kernel command line       0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  RSDP and ACPI tables      0x0010_0000  kernel (high memory)
 //! 0xc000_0000 .. 0xe000_0000  PCI BARs     0xe000_0000  PCI ECAM (bus 0)
+//! 0xfeb0_0000 ACPI GED event register
 //! 0xfec0_0000 IOAPIC, 0xfee0_0000 LAPIC (in the MMIO hole up to 4 GiB)
 //! 0x1_0000_0000 ..              RAM beyond the hole
 //! ```
@@ -55,6 +56,20 @@ pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORT_LEN: u16 = 8;
 
+/// The ACPI Generic Event Device (`ACPI0013`, see `acpi.rs`): a hardware-
+/// reduced platform has no fixed power button, so a press reaches the guest
+/// as this device's interrupt, and its `_EVT` method reads which events are
+/// pending from one 32-bit register at [`GED_MMIO_START`] (reading clears
+/// it). Our own choice: a free spot between the PCI ECAM and the IOAPIC, and
+/// an ISA line nothing else uses (0 PIT, 1 i8042, 4 COM1, 8 RTC; PCI
+/// devices use MSI-X only).
+pub const GED_MMIO_START: u64 = 0xfeb0_0000;
+pub const GED_MMIO_SIZE: u64 = 4;
+pub const GED_IRQ: u32 = 5;
+/// Bit of the GED event register for "the power button was pressed"; the
+/// `_EVT` method answers it with `Notify (\_SB.PWRB, 0x80)`.
+pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+
 /// IOAPIC and local APIC default addresses (fixed by the x86 platform).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -91,7 +106,9 @@ const _: () = {
     assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= PCI_ECAM_START);
-    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= GED_MMIO_START);
+    assert!(GED_MMIO_START + GED_MMIO_SIZE <= IOAPIC_START);
+    assert!(GED_IRQ != COM1_IRQ && GED_IRQ != I8042_IRQ && GED_IRQ != CMOS_IRQ && GED_IRQ != 0);
 };
 
 /// Guest RAM ranges (start, length) for a guest of `mem_size` bytes: RAM

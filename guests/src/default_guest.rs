@@ -4,7 +4,10 @@
 //!
 //! The `/init` contract (tests and the boot benchmark rely on it):
 //! 1. prints `KILN_INIT_OK` first thing;
-//! 2. mounts proc/sys/devtmpfs and loads the virtio modules;
+//! 2. mounts proc/sys/devtmpfs, loads the virtio modules and the ACPI
+//!    power button's (`button`, `evdev`), and starts busybox `acpid` on
+//!    the input devices: a power button press (the VMM's GED, see
+//!    `kiln_firmware::acpi`) prints `KILN_POWER_BUTTON` and powers off;
 //! 3. prints `KILN_CPUS=<online CPUs>` and `KILN_MEM_KB=<MemTotal>`;
 //! 4. if `/kiln/run` exists (a guest kit appended to the initramfs, see
 //!    `kiln_integration_tests::guest_kit`), runs it with `sh`, its output
@@ -37,6 +40,18 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 
+/// The ACPI power button driver (it turns the GED's `Notify (PWRB, 0x80)`
+/// into a KEY_POWER input event) and the input event device acpid reads.
+pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
+
+/// What busybox acpid runs on KEY_POWER: it maps that key to the action
+/// `PWRF/00000080` under its config directory (`/etc/acpi`). Its own output
+/// goes to acpid's log, so the marker is written to the console.
+const POWER_BUTTON_HANDLER: &str = "#!/bin/sh
+echo KILN_POWER_BUTTON > /dev/console
+poweroff -f
+";
+
 #[derive(Clone, Debug)]
 pub struct DefaultGuest {
     pub bzimage: PathBuf,
@@ -52,6 +67,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /etc/kiln-modules); do insmod "/lib/modules/$m" 2>/dev/null; done
+acpid -l /dev/null
 echo "KILN_CPUS=$(grep -c ^processor /proc/cpuinfo)"
 echo "KILN_MEM_KB=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 if [ -e /kiln/run ]; then
@@ -86,7 +102,9 @@ pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
     // The key covers the packages and this file's recipe (/init and the
     // module list), so editing either rebuilds instead of reusing a stale
     // initramfs.
-    let recipe = crate::stable_hash(format!("{INIT}\0{}", VIRTIO_MODULES.join(",")).as_bytes());
+    let recipe = crate::stable_hash(
+        format!("{INIT}\0{POWER_BUTTON_HANDLER}\0{}", modules().join(",")).as_bytes(),
+    );
     let key =
         format!("{}_{}_{recipe:016x}", kernel.version, busybox.version).replace([':', '/'], "_");
     let dir = cache.join("default-guest").join(&key);
@@ -129,6 +147,11 @@ pub fn ensure_default_guest(cache: &Path) -> Result<DefaultGuest, GuestError> {
     Ok(guest)
 }
 
+/// Every module the initramfs loads, by name.
+fn modules() -> Vec<&'static str> {
+    [VIRTIO_MODULES, POWER_BUTTON_MODULES].concat()
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, GuestError> {
     std::fs::read(path).map_err(|e| GuestError::io(format!("reading {}", path.display()), e))
 }
@@ -136,7 +159,7 @@ fn read(path: &Path) -> Result<Vec<u8>, GuestError> {
 fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Vec<u8>, GuestError> {
     let dep = String::from_utf8_lossy(&read(&modules_dir.join("modules.dep"))?).into_owned();
     let builtin = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
-    let order = ModuleIndex::parse(&dep, &builtin).load_order(VIRTIO_MODULES)?;
+    let order = ModuleIndex::parse(&dep, &builtin).load_order(&modules())?;
 
     let dir = |path: &str| Entry::Dir {
         path: path.into(),
@@ -166,6 +189,13 @@ fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Vec<u8>, GuestError> 
             path: "init".into(),
             mode: 0o755,
             data: INIT.as_bytes().to_vec(),
+        },
+        dir("etc/acpi"),
+        dir("etc/acpi/PWRF"),
+        Entry::File {
+            path: "etc/acpi/PWRF/00000080".into(),
+            mode: 0o755,
+            data: POWER_BUTTON_HANDLER.as_bytes().to_vec(),
         },
         Entry::File {
             path: "etc/kiln-modules".into(),
@@ -227,6 +257,25 @@ mod tests {
         ] {
             assert!(INIT.contains(needle), "{needle}");
         }
+    }
+
+    /// acpid must be listening before the init reports it is ready (the
+    /// control socket's `power-button` is pressed after that), and after
+    /// the modules that create its input device are loaded.
+    #[test]
+    fn acpid_starts_after_the_modules_and_before_the_guest_is_ready() {
+        let line = |needle: &str| {
+            INIT.lines()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} not in /init"))
+        };
+        assert!(line("kiln-modules") < line("acpid"));
+        assert!(line("acpid") < line("/kiln/run"));
+        assert!(line("acpid") < line("echo KILN_SHELL_READY"));
+        assert!(POWER_BUTTON_HANDLER.starts_with("#!/bin/sh\n"));
+        assert!(POWER_BUTTON_HANDLER.contains("KILN_POWER_BUTTON"));
+        assert!(POWER_BUTTON_HANDLER.contains("poweroff -f"));
+        assert!(modules().contains(&"button") && modules().contains(&"evdev"));
     }
 
     /// Fetches real packages (needs apt and the Debian mirror): the whole

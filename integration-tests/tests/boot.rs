@@ -1,6 +1,7 @@
 //! End-to-end tests of `kiln run` with the default guest (Debian's cloud
 //! kernel, busybox initramfs), on hardware KVM or in the nested KVM host.
 
+use kiln_integration_tests::guest_kit::host_tool;
 use kiln_integration_tests::{run, Checks, HostKvm, Mode, Outcome, PeerQemu, Scenario};
 
 /// Shell snippet: run kiln with `args`, output to `out`, print its exit code.
@@ -50,6 +51,23 @@ kill -TERM $pid; wait $pid; echo SIGTERM_EXIT=$?
 cat r1 r2
 "#;
 
+/// The ACPI power button: the guest waits at its shell (its console is a
+/// file, so nothing types into it and it cannot exit on its own), the
+/// control socket's `power-button` presses the button, and the guest's
+/// acpid powers it off: exit 0 and `KILN_POWER_BUTTON` on the console.
+const POWER_BUTTON: &str = r#"
+"$KILN" run --kernel "$GUEST_BZIMAGE" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 panic=1 quiet" --console file:$WORKDIR/con --control $WORKDIR/ctl.sock > err 2>&1 &
+pid=$!
+i=0; while ! grep -q KILN_SHELL_READY con 2>/dev/null; do i=$((i+1)); [ $i -gt 240 ] && break; sleep 1; done
+kill -0 $pid 2>/dev/null && echo RUNNING_BEFORE_PRESS=yes
+echo "CTL_REPLY=$(printf 'power-button\n' | socat -t 5 - UNIX-CONNECT:$WORKDIR/ctl.sock)"
+t0=$(date +%s)
+i=0; while kill -0 $pid 2>/dev/null; do i=$((i+1)); [ $i -gt 90 ] && { echo POWER_BUTTON_TIMEOUT; kill -KILL $pid; break; }; sleep 1; done
+wait $pid; echo KILN_EXIT=$?
+echo "POWER_BUTTON_S=$(( $(date +%s) - t0 ))"
+cat con err
+"#;
+
 /// Each bad input: non-zero exit, exactly one line on stderr, no panic,
 /// no hang.
 const BAD_INPUTS: [(&str, &str); 6] = [
@@ -89,10 +107,10 @@ fn expect_value(out: &Outcome, key: &str, want: &str, why: &str) {
 /// `kiln run`'s boot paths and lifecycle, in one nested-host boot: bzImage
 /// and PVH boots that power off with exit 0; 2 vCPUs and 512 MiB seen
 /// through a typed shell session; reboot, restart and SIGTERM; six bad
-/// inputs each with a one-line error.
+/// inputs each with a one-line error; the ACPI power button powering off.
 #[test]
 fn kiln_run_boots_lifecycle_and_bad_inputs() {
-    let mut results = Checks::new("kiln_run_boot")
+    let mut checks = Checks::new("kiln_run_boot")
         .check("bzimage", &kiln(BZIMAGE_POWEROFF))
         .check(
             "pvh",
@@ -101,8 +119,9 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
         .check("interactive", INTERACTIVE)
         .check("reboot_restart_sigterm", REBOOT_RESTART_SIGTERM)
         .check("bad_inputs", &bad_inputs_script())
-        .run()
-        .unwrap();
+        .check("power_button", POWER_BUTTON);
+    checks.scenario.binaries.push(host_tool("socat").unwrap());
+    let mut results = checks.run().unwrap();
     for kernel in ["bzimage", "pvh"] {
         results.verify(kernel, |out| {
             out.expect_exit(0)
@@ -167,6 +186,26 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
                 out.output
             );
         }
+    });
+    results.verify("power_button", |out| {
+        expect_value(
+            out,
+            "RUNNING_BEFORE_PRESS",
+            "yes",
+            "guest must wait at its shell",
+        );
+        expect_value(out, "CTL_REPLY", "ok", "power-button answers ok");
+        assert!(
+            !out.output.contains("POWER_BUTTON_TIMEOUT"),
+            "the guest did not power off within 90 s of the press\n{}",
+            out.output
+        );
+        out.expect_output("KILN_POWER_BUTTON");
+        expect_value(out, "KILN_EXIT", "0", "a power-button power-off exits 0");
+        eprintln!(
+            "power button: press to kiln exit {} s",
+            out.value("POWER_BUTTON_S").unwrap_or_default()
+        );
     });
     eprintln!(
         "kiln run checks: {:?} mode, nested host ready after {:?}, all checks {:?}",

@@ -1,7 +1,7 @@
 //! The VMM's control socket: line commands on a Unix socket, answered with
 //! one line starting `ok` or `error:`. The daemon (and tests) use it to
 //! change a running guest's balloon target and its devices' I/O worker
-//! placement.
+//! placement, and to press its ACPI power button.
 //!
 //! ```text
 //! status                         ok running devices=net0,balloon0,rng0
@@ -10,6 +10,7 @@
 //! workers                        ok net0:tid=123,cpus=any,wait=notify blk0:...
 //! worker blk0 cpus=0,1 wait=poll:50   ok
 //! worker blk0 cpus=any wait=notify    ok
+//! power-button                   ok   (the guest decides what to do)
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -227,8 +228,20 @@ pub fn execute(line: &str, handles: &DeviceHandles) -> Result<String> {
                 None => Ok(String::new()),
             }
         }
+        Some("power-button") => {
+            if let Some(extra) = words.next() {
+                anyhow::bail!("power-button takes no arguments, got {extra:?}");
+            }
+            handles
+                .power_button
+                .as_ref()
+                .context("this VM has no power button")?
+                .press_power_button()
+                .context("raising the power button interrupt")?;
+            Ok(String::new())
+        }
         Some(other) => anyhow::bail!(
-            "unknown command {other:?} (status, balloon, balloon-stats, workers, worker)"
+            "unknown command {other:?} (status, balloon, balloon-stats, workers, worker, power-button)"
         ),
         None => anyhow::bail!("empty command"),
     }
@@ -313,6 +326,23 @@ mod tests {
         assert!(err("worker net9 cpus=0", &h).contains("no device"));
         assert!(err("worker disk0 cpus=x", &h).contains("CPU numbers"));
         assert!(err("worker disk0 speed=11", &h).contains("unknown setting"));
+    }
+
+    #[test]
+    fn power_button_presses_the_ged() {
+        use kiln_devices::legacy::GenericEventDevice;
+        use kiln_devices::MmioDevice;
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ged = GenericEventDevice::new(0x1000, irq.try_clone().unwrap(), 1);
+        let mut h = handles(false);
+        h.power_button = Some(ged.control());
+        assert_eq!(execute("power-button", &h).unwrap(), "");
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut reg = [0u8; 4];
+        ged.read(0x1000, &mut reg);
+        assert_eq!(reg, [1, 0, 0, 0]);
+        assert!(err("power-button now", &h).contains("no arguments"));
+        assert!(err("power-button", &handles(false)).contains("no power button"));
     }
 
     #[test]

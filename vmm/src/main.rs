@@ -6,6 +6,7 @@ mod control;
 mod cpu;
 mod devices;
 mod loader;
+mod power_button;
 mod run;
 mod terminal;
 mod vm;

@@ -125,7 +125,8 @@ pub fn start(
     )?;
     let vm = Arc::new(vm);
     let mut mmio = MmioBus::new();
-    let (pci, handles) = crate::devices::build_pci(&vm, &memory, config)?;
+    let (pci, mut handles) = crate::devices::build_pci(&vm, &memory, config)?;
+    handles.power_button = Some(crate::power_button::add_power_button(&vm, &mut mmio)?);
     bus.insert(
         layout::PCI_CONFIG_PORT,
         layout::PCI_CONFIG_PORT_LEN,

@@ -6,6 +6,7 @@ mod kvm_irq;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use kiln_devices::legacy::GedControl;
 use kiln_devices::pci::PciRoot;
 use kiln_devices::virtio::balloon::{BalloonControl, VirtioBalloon};
 use kiln_devices::virtio::block::VirtioBlock;
@@ -31,6 +32,9 @@ pub struct DeviceHandles {
     /// Each device's I/O worker, by device name.
     pub workers: Vec<(String, WorkerControl)>,
     pub balloon: Option<BalloonControl>,
+    /// Presses the ACPI power button (every VM has one; `None` only in
+    /// tests that build handles by hand).
+    pub power_button: Option<GedControl>,
 }
 
 /// The PCI root bus with every configured device on it.

@@ -9,6 +9,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kiln_vmm::{config::flags::RunArgs, exit};
 
+mod vmm_ctl;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -30,6 +32,9 @@ enum Command {
     /// The policy engine: simulate, evaluate and train placement policies.
     #[command(subcommand)]
     Policy(kiln_policy::cli::PolicyCommand),
+    /// One request to a VMM's control socket (`kiln run --control`,
+    /// `kiln-vmm --control`); prints the JSON result.
+    VmmCtl(vmm_ctl::VmmCtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Command::Guest(GuestCommand::Fetch) => guest_fetch().map(|_| 0),
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
         Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
+        Command::VmmCtl(args) => vmm_ctl::run(args).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -90,7 +90,7 @@ mod tests {
                 spin_us: Some(200),
             }
         );
-        assert_eq!(request("status", &[]).unwrap(), Request::Status);
+        assert_eq!(request("status", &[]).unwrap(), Request::Status {});
         for (kind, fields) in [
             ("reboot_host", vec![]),
             ("set_balloon_target", vec!["mib=lots"]),

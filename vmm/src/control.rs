@@ -219,16 +219,16 @@ pub fn execute(vm: &Vm, request: Request) -> Result<serde_json::Value, ErrorBody
     }
     let vm_error = |e: crate::vm::VmError| e.to_error_body();
     match request {
-        Request::Status => json(vm.status()),
-        Request::Pause => json(vm.pause().map_err(vm_error)?),
-        Request::Resume => json(vm.resume().map_err(vm_error)?),
-        Request::Stop => {
+        Request::Status {} => json(vm.status()),
+        Request::Pause {} => json(vm.pause().map_err(vm_error)?),
+        Request::Resume {} => json(vm.resume().map_err(vm_error)?),
+        Request::Stop {} => {
             vm.stop();
             Ok(serde_json::json!({}))
         }
         Request::SetBalloonTarget { mib } => json(vm.set_balloon_target(mib).map_err(vm_error)?),
-        Request::BalloonStats => json(vm.balloon_stats().map_err(vm_error)?),
-        Request::Workers => json(vm.workers()),
+        Request::BalloonStats {} => json(vm.balloon_stats().map_err(vm_error)?),
+        Request::Workers {} => json(vm.workers()),
         Request::SetWorkerPlacement {
             device,
             cpus,
@@ -245,6 +245,6 @@ pub fn execute(vm: &Vm, request: Request) -> Result<serde_json::Value, ErrorBody
             )
             .map_err(vm_error)?,
         ),
-        Request::Counters => json(vm.counters()),
+        Request::Counters {} => json(vm.counters()),
     }
 }

@@ -17,10 +17,12 @@ use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 
 pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitReason> {
+    // Bad input is reported as such even where KVM is missing.
+    let mut host = crate::HostLimits::of_this_host();
+    config.validate(&host)?;
     let kvm =
         Kvm::new().context("cannot open /dev/kvm (is KVM available and do you have access?)")?;
-    let mut host = crate::HostLimits::of_this_host();
-    host.max_vcpus = Some(kvm.get_max_vcpus() as u32);
+    host.max_vcpus = u32::try_from(kvm.get_max_vcpus()).ok();
     config.validate(&host)?;
     cpu::vcpu::install_kick_handler()?;
     let signals = stop_signals_fd().context("setting up signal handling")?;

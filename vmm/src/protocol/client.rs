@@ -133,19 +133,19 @@ impl Client {
     }
 
     pub fn status(&mut self) -> Result<Status, ClientError> {
-        self.typed(&Request::Status)
+        self.typed(&Request::Status {})
     }
 
     pub fn pause(&mut self) -> Result<Status, ClientError> {
-        self.typed(&Request::Pause)
+        self.typed(&Request::Pause {})
     }
 
     pub fn resume(&mut self) -> Result<Status, ClientError> {
-        self.typed(&Request::Resume)
+        self.typed(&Request::Resume {})
     }
 
     pub fn stop(&mut self) -> Result<(), ClientError> {
-        self.call(&Request::Stop).map(|_| ())
+        self.call(&Request::Stop {}).map(|_| ())
     }
 
     pub fn set_balloon_target(&mut self, mib: u64) -> Result<BalloonInfo, ClientError> {
@@ -153,11 +153,11 @@ impl Client {
     }
 
     pub fn balloon_stats(&mut self) -> Result<BalloonInfo, ClientError> {
-        self.typed(&Request::BalloonStats)
+        self.typed(&Request::BalloonStats {})
     }
 
     pub fn workers(&mut self) -> Result<Vec<WorkerInfo>, ClientError> {
-        self.typed(&Request::Workers)
+        self.typed(&Request::Workers {})
     }
 
     pub fn set_worker_placement(
@@ -176,6 +176,6 @@ impl Client {
     }
 
     pub fn counters(&mut self) -> Result<Counters, ClientError> {
-        self.typed(&Request::Counters)
+        self.typed(&Request::Counters {})
     }
 }

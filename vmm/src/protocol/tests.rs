@@ -54,13 +54,13 @@ fn requests_round_trip_in_their_documented_shape() {
     );
     assert_eq!(encode_line(&parsed), format!("{line}\n"));
     for request in [
-        Request::Status,
-        Request::Pause,
-        Request::Resume,
-        Request::Stop,
-        Request::BalloonStats,
-        Request::Workers,
-        Request::Counters,
+        Request::Status {},
+        Request::Pause {},
+        Request::Resume {},
+        Request::Stop {},
+        Request::BalloonStats {},
+        Request::Workers {},
+        Request::Counters {},
         Request::SetWorkerPlacement {
             device: "net0".into(),
             cpus: Some(vec![0, 1]),
@@ -185,6 +185,10 @@ fn garbage_gets_an_error_under_the_readable_id() {
             Some(9),
         ),
         (r#"{"id":9,"request":{"kind":"status"},"extra":1}"#, Some(9)),
+        (
+            r#"{"id":9,"request":{"kind":"status","verbose":1}}"#,
+            Some(9),
+        ),
         (r#"{"id":"x","request":{"kind":"status"}}"#, None),
         ("[1,2,3]", None),
     ] {

@@ -9,19 +9,19 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// → [`Status`]
-    Status,
+    Status {},
     /// Parks every vCPU; → [`Status`].
-    Pause,
+    Pause {},
     /// Releases the vCPUs; → [`Status`].
-    Resume,
+    Resume {},
     /// Stops the VM; the VMM exits (code 5). → `{}`
-    Stop,
+    Stop {},
     /// MiB the balloon takes from the guest (0 deflates); → [`BalloonInfo`].
     SetBalloonTarget { mib: u64 },
     /// → [`BalloonInfo`]
-    BalloonStats,
+    BalloonStats {},
     /// → `[`[`WorkerInfo`]`]`
-    Workers,
+    Workers {},
     /// → [`WorkerInfo`]. Flat, so `kiln vmm-ctl` can say
     /// `device=net0 cpus=[0] wait=poll spin_us=200`.
     SetWorkerPlacement {
@@ -36,7 +36,7 @@ pub enum Request {
         spin_us: Option<u64>,
     },
     /// → [`Counters`]
-    Counters,
+    Counters {},
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -260,7 +260,7 @@ mod tests {
     }
 
     /// acpid must be listening before the init reports it is ready (the
-    /// control socket's `power-button` is pressed after that), and after
+    /// control protocol's `power_button` is pressed after that), and after
     /// the modules that create its input device are loaded.
     #[test]
     fn acpid_starts_after_the_modules_and_before_the_guest_is_ready() {

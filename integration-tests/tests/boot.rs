@@ -1,7 +1,8 @@
 //! End-to-end tests of `kiln run` with the default guest (Debian's cloud
 //! kernel, busybox initramfs), on hardware KVM or in the nested KVM host.
 
-use kiln_integration_tests::guest_kit::host_tool;
+use std::time::Duration;
+
 use kiln_integration_tests::{run, Checks, HostKvm, Mode, Outcome, PeerQemu, Scenario};
 
 /// Shell snippet: run kiln with `args`, output to `out`, print its exit code.
@@ -53,19 +54,53 @@ cat r1 r2
 
 /// The ACPI power button: the guest waits at its shell (its console is a
 /// file, so nothing types into it and it cannot exit on its own), the
-/// control socket's `power-button` presses the button, and the guest's
+/// control protocol's `power_button` presses the button, and the guest's
 /// acpid powers it off: exit 0 and `KILN_POWER_BUTTON` on the console.
 const POWER_BUTTON: &str = r#"
 "$KILN" run --kernel "$GUEST_BZIMAGE" --initrd "$GUEST_INITRD" --memory 256M --cmdline "console=ttyS0 panic=1 quiet" --console file:$WORKDIR/con --control $WORKDIR/ctl.sock > err 2>&1 &
 pid=$!
 i=0; while ! grep -q KILN_SHELL_READY con 2>/dev/null; do i=$((i+1)); [ $i -gt 240 ] && break; sleep 1; done
 kill -0 $pid 2>/dev/null && echo RUNNING_BEFORE_PRESS=yes
-echo "CTL_REPLY=$(printf 'power-button\n' | socat -t 5 - UNIX-CONNECT:$WORKDIR/ctl.sock)"
+echo "CTL_REPLY=$("$KILN" vmm-ctl --socket $WORKDIR/ctl.sock power_button 2>&1)"
 t0=$(date +%s)
 i=0; while kill -0 $pid 2>/dev/null; do i=$((i+1)); [ $i -gt 90 ] && { echo POWER_BUTTON_TIMEOUT; kill -KILL $pid; break; }; sleep 1; done
 wait $pid; echo KILN_EXIT=$?
 echo "POWER_BUTTON_S=$(( $(date +%s) - t0 ))"
 cat con err
+"#;
+
+/// `kiln-vmm` with a JSON spec, headless (serial console to a file), and
+/// its control protocol through `kiln vmm-ctl` while the guest boots:
+/// hello, status, pause (vCPU run time stops growing), resume (it grows
+/// again), counters, a balloon target above guest memory (an error, the VM
+/// keeps running); the guest then powers off by itself (`kiln.poweroff`).
+const KILN_VMM_PROTOCOL: &str = r#"
+[ -x "$KILN_VMM" ] || { echo "VMM_MISSING=$KILN_VMM (cargo build --release -p kiln-vmm)"; exit 1; }
+cat > vm.json <<EOF
+{"kernel": "$GUEST_BZIMAGE", "initrd": "$GUEST_INITRD", "memory_mib": 256,
+ "cmdline": "console=ttyS0 reboot=k panic=1 kiln.poweroff",
+ "serial": {"file": "$WORKDIR/vmm.out"}, "balloon": {}}
+EOF
+"$KILN_VMM" --config vm.json --control ctl.sock 2> vmm.err &
+pid=$!
+i=0; while [ ! -S ctl.sock ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+ctl() { "$KILN" vmm-ctl --socket ctl.sock "$@" 2>&1; }
+run_ns() { ctl counters | sed 's/.*"vcpus":\[{[^}]*"run_ns":\([0-9]*\).*/\1/'; }
+echo "VMM_HELLO=$(ctl hello)"
+echo "VMM_STATUS=$(ctl status)"
+echo "VMM_PAUSE=$(ctl pause)"
+p1=$(run_ns); sleep 2; p2=$(run_ns)
+echo "VMM_PAUSED_RUN_NS=$p1 $p2"
+echo "VMM_RESUME=$(ctl resume)"
+sleep 2; r1=$(run_ns)
+echo "VMM_RESUMED_RUN_NS=$r1"
+echo "VMM_COUNTERS=$(ctl counters)"
+echo "VMM_BALLOON_BIG=$(ctl set_balloon_target mib=4096)"
+echo "VMM_BOGUS=$(ctl reboot_host)"
+i=0; while kill -0 $pid 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && { kill -9 $pid; break; }; sleep 1; done
+wait $pid; echo VMM_EXIT=$?
+echo VMM_INIT_OK=$(grep -c KILN_INIT_OK vmm.out)
+sed 's/^/VMM_ERR: /' vmm.err
 "#;
 
 /// Each bad input: non-zero exit, exactly one line on stderr, no panic,
@@ -107,7 +142,8 @@ fn expect_value(out: &Outcome, key: &str, want: &str, why: &str) {
 /// `kiln run`'s boot paths and lifecycle, in one nested-host boot: bzImage
 /// and PVH boots that power off with exit 0; 2 vCPUs and 512 MiB seen
 /// through a typed shell session; reboot, restart and SIGTERM; six bad
-/// inputs each with a one-line error; the ACPI power button powering off.
+/// inputs each with a one-line error; the ACPI power button powering off;
+/// `kiln-vmm` and its control protocol.
 #[test]
 fn kiln_run_boots_lifecycle_and_bad_inputs() {
     let mut checks = Checks::new("kiln_run_boot")
@@ -119,8 +155,10 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
         .check("interactive", INTERACTIVE)
         .check("reboot_restart_sigterm", REBOOT_RESTART_SIGTERM)
         .check("bad_inputs", &bad_inputs_script())
-        .check("power_button", POWER_BUTTON);
-    checks.scenario.binaries.push(host_tool("socat").unwrap());
+        .check("power_button", POWER_BUTTON)
+        .check("kiln_vmm_protocol", KILN_VMM_PROTOCOL);
+    // Seven checks in one nested host: ~6 min on a quiet machine.
+    checks.scenario.timeout = Duration::from_secs(1200);
     let mut results = checks.run().unwrap();
     for kernel in ["bzimage", "pvh"] {
         results.verify(kernel, |out| {
@@ -194,7 +232,7 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
             "yes",
             "guest must wait at its shell",
         );
-        expect_value(out, "CTL_REPLY", "ok", "power-button answers ok");
+        expect_value(out, "CTL_REPLY", "{}", "power_button answers {}");
         assert!(
             !out.output.contains("POWER_BUTTON_TIMEOUT"),
             "the guest did not power off within 90 s of the press\n{}",
@@ -207,11 +245,69 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
             out.value("POWER_BUTTON_S").unwrap_or_default()
         );
     });
+    results.verify("kiln_vmm_protocol", verify_kiln_vmm_protocol);
     eprintln!(
         "kiln run checks: {:?} mode, nested host ready after {:?}, all checks {:?}",
         results.outcome.mode, results.outcome.host_ready, results.outcome.elapsed
     );
     results.finish();
+}
+
+fn verify_kiln_vmm_protocol(out: &Outcome) {
+    let value = |key: &str| out.value(key).unwrap_or_default();
+    let hello = value("VMM_HELLO");
+    assert!(
+        hello.contains(r#""build_id":"0.1.0"#) && hello.contains(r#""protocol":1"#),
+        "hello: {hello:?}\n{}",
+        out.output
+    );
+    let status = value("VMM_STATUS");
+    assert!(
+        status.contains(r#""state":"running""#) && status.contains(r#""id":"balloon0""#),
+        "status: {status:?}\n{}",
+        out.output
+    );
+    let pause = value("VMM_PAUSE");
+    assert!(pause.contains(r#""state":"paused""#), "pause: {pause:?}");
+    let paused: Vec<u64> = value("VMM_PAUSED_RUN_NS")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert!(
+        paused.len() == 2 && paused[0] > 0 && paused[0] == paused[1],
+        "a paused vCPU must not run: run_ns {paused:?} 2 s apart\n{}",
+        out.output
+    );
+    assert!(value("VMM_RESUME").contains(r#""state":"running""#));
+    let resumed: u64 = value("VMM_RESUMED_RUN_NS").parse().unwrap_or(0);
+    assert!(
+        resumed > paused[1],
+        "a resumed vCPU runs again: run_ns {} then {resumed}\n{}",
+        paused[1],
+        out.output
+    );
+    let counters = value("VMM_COUNTERS");
+    assert!(
+        counters.contains(r#""wait_ns":"#) && counters.contains(r#""id":"balloon0""#),
+        "counters: {counters:?}"
+    );
+    let big = value("VMM_BALLOON_BIG");
+    assert!(
+        big.starts_with("kiln: error: invalid_request: balloon target 4096 MiB must be below the guest's memory (256 MiB)"),
+        "balloon above memory: {big:?}"
+    );
+    let bogus = value("VMM_BOGUS");
+    assert!(
+        bogus.starts_with("kiln: error: invalid request"),
+        "unknown kind: {bogus:?}"
+    );
+    expect_value(
+        out,
+        "VMM_EXIT",
+        "0",
+        "kiln-vmm exits 0 when the guest powers off",
+    );
+    expect_value(out, "VMM_INIT_OK", "1", "the guest booted (console file)");
 }
 
 /// The direct path with a real guest: on hardware KVM the rig runs Kiln on

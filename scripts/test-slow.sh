@@ -20,7 +20,7 @@ parts=("$@")
 [ "${#parts[@]}" -gt 0 ] || parts=(images bench)
 
 scripts/install-deps.sh
-cargo build --release --locked -p kiln -p kiln-agent -p clay-shell -p kiln-integration-tests
+cargo build --release --locked -p kiln -p kiln-vmm -p kiln-agent -p clay-shell -p kiln-integration-tests
 "$KILN_BIN" guest fetch >/dev/null
 
 failed=()

@@ -15,7 +15,7 @@ ORT_DYLIB_PATH="$(policy/training/setup.sh | tail -1)"
 export ORT_DYLIB_PATH
 
 echo "test.sh: building Kiln, the guest agent and the Clay shell (release; used inside the nested host and the guest images)" >&2
-cargo build --release --locked -p kiln -p kiln-agent -p clay-shell -p kiln-integration-tests
+cargo build --release --locked -p kiln -p kiln-vmm -p kiln-agent -p clay-shell -p kiln-integration-tests
 echo "test.sh: fetching the default guest" >&2
 "$KILN_BIN" guest fetch
 

@@ -25,7 +25,7 @@ use kiln_integration_tests::scenario::target_dir;
 use kiln_integration_tests::{run, Disk, HostKvm, Outcome, Scenario, VmSpec, Vmm};
 
 /// The release binary `name` from the workspace (the test command builds
-/// them: `cargo build --release -p kiln -p kiln-agent [-p clay-shell]`).
+/// them: `cargo build --release -p kiln -p kiln-vmm -p kiln-agent [-p clay-shell]`).
 fn release_binary(name: &str, package: &str) -> PathBuf {
     let path = target_dir().join("release").join(name);
     assert!(

@@ -10,31 +10,27 @@ use kiln_devices::legacy::SerialOutput;
 use kiln_devices::ExitReason;
 use kvm_ioctls::Kvm;
 
-use crate::config::{ConsoleMode, OnReboot, VmConfig};
+use crate::config::{OnReboot, SerialConsole as ConsoleMode, VmConfig};
 use crate::console::{stop_signals_fd, ConsoleInput, ConsoleOutputFlush, VmControl};
 use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 
-pub fn run(config: &VmConfig) -> Result<ExitReason> {
+pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitReason> {
     let kvm =
         Kvm::new().context("cannot open /dev/kvm (is KVM available and do you have access?)")?;
-    let max = kvm.get_max_vcpus();
-    if usize::from(config.cpus) > max {
-        anyhow::bail!(
-            "--cpus {} is more than this host's KVM allows ({max})",
-            config.cpus
-        );
-    }
+    let mut host = crate::HostLimits::of_this_host();
+    host.max_vcpus = Some(kvm.get_max_vcpus() as u32);
+    config.validate(&host)?;
     cpu::vcpu::install_kick_handler()?;
     let signals = stop_signals_fd().context("setting up signal handling")?;
-    let _terminal = match config.console {
+    let _terminal = match config.serial {
         ConsoleMode::Stdio => RawTerminal::enable(),
         _ => None,
     };
     let mut signals = Some(signals);
     loop {
-        let vm = vm::start(&kvm, config, serial_output(&config.console)?)?;
-        let _control = match &config.control {
+        let vm = vm::start(&kvm, config, serial_output(&config.serial)?)?;
+        let _control = match control {
             Some(path) => Some(crate::control::ControlSocket::start(
                 path,
                 vm.handles.clone(),
@@ -43,7 +39,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         };
         let mut events: EventManager<Box<dyn MutEventSubscriber>> =
             EventManager::new().context("creating the event loop")?;
-        if config.console == ConsoleMode::Stdio {
+        if config.serial == ConsoleMode::Stdio {
             if let Some(input) = console_input()? {
                 events.add_subscriber(Box::new(ConsoleInput::new(
                     input,

@@ -68,7 +68,7 @@ pub fn start(
     };
     vm.create_pit2(pit).context("KVM_CREATE_PIT2")?;
 
-    let memory = Arc::new(create_memory(&vm, config.memory)?);
+    let memory = Arc::new(create_memory(&vm, config.memory_bytes())?);
 
     let kernel = loader::load_kernel(&memory, &config.kernel)?;
     tracing::info!("kernel {}: {}", config.kernel.display(), kernel.format);
@@ -81,8 +81,8 @@ pub fn start(
         &kernel,
         &config.cmdline,
         initrd,
-        config.cpus,
-        config.memory,
+        config.cpus as u8,
+        config.memory_bytes(),
     )?;
     regs::write_boot_tables(&memory)?;
 
@@ -143,13 +143,14 @@ pub fn start(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
     cpuid::fill_brand_string(&mut supported, cpuid::host_brand_string());
-    let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for index in 0..config.cpus {
+    let cpus = config.cpus as u8;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for index in 0..cpus {
         let fd = vm
             .create_vcpu(u64::from(index))
             .with_context(|| format!("cannot create vCPU {index}"))?;
         let mut cpuid = supported.clone();
-        cpuid::apply_topology(&mut cpuid, index, config.cpus);
+        cpuid::apply_topology(&mut cpuid, index, cpus);
         fd.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
         regs::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;

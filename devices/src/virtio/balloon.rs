@@ -48,7 +48,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::options::{Options, OptionsError};
+use super::options::{from_options, OptionsError};
 use super::queue::{drain_queue, Served};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
 use super::{
@@ -103,8 +103,6 @@ const ACTUAL_OFFSET: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonError {
-    #[error(transparent)]
-    Options(#[from] OptionsError),
     #[error("balloon target {mib} MiB is larger than {max_mib} MiB (guest memory)")]
     TargetTooLarge { mib: u64, max_mib: u64 },
     #[error("cannot set up the balloon: {0}")]
@@ -120,37 +118,22 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
     /// Seconds between statistics requests; 0 turns statistics off (the
     /// stats queue is not offered).
+    #[serde(alias = "stats")]
     pub stats_interval_s: u32,
     /// Offer free page reporting: the guest hands back its free pages.
     pub free_page_reporting: bool,
     /// The target at boot, in MiB taken from the guest.
+    #[serde(alias = "target_mib")]
     pub initial_target_mib: u64,
 }
 
 impl FromStr for BalloonConfig {
-    type Err = BalloonError;
+    type Err = OptionsError;
 
     /// Keys: `deflate_on_oom`, `stats` (seconds), `free_page_reporting`,
     /// `target_mib`. An empty string is the default configuration.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim().is_empty() {
-            return Ok(BalloonConfig::default());
-        }
-        let mut o = Options::parse(
-            s,
-            &[
-                "deflate_on_oom",
-                "stats",
-                "free_page_reporting",
-                "target_mib",
-            ],
-        )?;
-        Ok(BalloonConfig {
-            deflate_on_oom: o.flag("deflate_on_oom", false)?,
-            stats_interval_s: o.number("stats")?.unwrap_or(0),
-            free_page_reporting: o.flag("free_page_reporting", false)?,
-            initial_target_mib: o.number("target_mib")?.unwrap_or(0),
-        })
+        from_options(s)
     }
 }
 

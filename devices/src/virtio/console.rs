@@ -25,7 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::options::{Options, OptionsError};
+use super::options::{from_options, OptionsError};
 use super::queue::{drain_queue, Served};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
 use super::{
@@ -46,8 +46,6 @@ const CONFIG_SIZE: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error(transparent)]
-    Options(#[from] OptionsError),
     #[error("cannot open console output {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("cannot set up virtio-console: {0}")]
@@ -59,24 +57,23 @@ pub enum ConsoleError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
+    /// Where the guest's output is appended; discarded when absent.
+    #[serde(alias = "file", deserialize_with = "some_non_empty_path")]
     pub output_path: Option<PathBuf>,
 }
 
-impl FromStr for ConsoleConfig {
-    type Err = ConsoleError;
+fn some_non_empty_path<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    super::options::non_empty_path(d).map(Some)
+}
 
+impl FromStr for ConsoleConfig {
+    type Err = OptionsError;
+
+    /// `file=PATH`, or empty (output discarded).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if matches!(s.trim(), "" | "none") {
-            return Ok(ConsoleConfig::default());
-        }
-        let mut o = Options::parse(s, &["file"])?;
-        let path = o.required("file")?;
-        if path.is_empty() || path == "on" {
-            return Err(super::options::invalid("file", &path, "expected a path").into());
-        }
-        Ok(ConsoleConfig {
-            output_path: Some(PathBuf::from(path)),
-        })
+        from_options(s)
     }
 }
 
@@ -638,13 +635,12 @@ mod tests {
     }
 
     #[test]
-    fn config_parses_file_and_none() {
+    fn config_parses_file_or_nothing() {
         let c: ConsoleConfig = "file=/tmp/guest.log".parse().unwrap();
         assert_eq!(c.output_path, Some(PathBuf::from("/tmp/guest.log")));
-        assert_eq!(
-            "none".parse::<ConsoleConfig>().unwrap(),
-            ConsoleConfig::default()
-        );
+        // `none` is the flag's spelling (kiln run), not a device option.
+        assert!("none".parse::<ConsoleConfig>().is_err());
+        assert!("file=".parse::<ConsoleConfig>().is_err());
         assert_eq!(
             "".parse::<ConsoleConfig>().unwrap(),
             ConsoleConfig::default()

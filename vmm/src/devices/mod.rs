@@ -83,7 +83,7 @@ impl DeviceSet {
 
 /// Creates the device models the configuration asks for.
 fn create_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceHandles)> {
-    let cfg = &config.devices;
+    let cfg = config;
     let mut set = DeviceSet::default();
     for disk in &cfg.disks {
         let dev = VirtioBlock::new(disk.clone(), Placement::default())

@@ -4,9 +4,9 @@ use std::io;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::virtio::options::{invalid, Options, OptionsError};
+use crate::virtio::options::{from_options, OptionsError};
 
 /// Longest `serial` the guest can read back (`VIRTIO_BLK_T_GET_ID` answers
 /// with a 20-byte field, NUL-padded).
@@ -14,8 +14,10 @@ pub const SERIAL_LEN: usize = 20;
 
 /// One virtio-blk disk backed by a raw image file or a block device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     /// The raw image (a regular file or a host block device).
+    #[serde(deserialize_with = "crate::virtio::options::non_empty_path")]
     pub path: PathBuf,
     /// Open the image read-only and offer `VIRTIO_BLK_F_RO`; the guest's
     /// writes fail and never reach the file.
@@ -23,15 +25,30 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// The disk's serial number (at most 20 bytes), e.g. for
     /// `/dev/disk/by-id/virtio-<serial>` in the guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "short_serial"
+    )]
     pub serial: Option<String>,
     /// Device name for logs and the worker thread: `disk0`, `disk1`, ...
-    #[serde(default = "default_id")]
+    /// Empty until the VMM assigns one (the VM config does, in one place).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
 }
 
 fn default_id() -> String {
     "disk0".to_string()
+}
+
+fn short_serial<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let serial = Option::<String>::deserialize(d)?;
+    match &serial {
+        Some(s) if s.len() > SERIAL_LEN => Err(serde::de::Error::custom(format!(
+            "longer than {SERIAL_LEN} bytes"
+        ))),
+        _ => Ok(serial),
+    }
 }
 
 impl BlockConfig {
@@ -72,23 +89,11 @@ impl BlockConfig {
 }
 
 impl FromStr for BlockConfig {
-    type Err = BlockError;
+    type Err = OptionsError;
 
     /// `path=disk.img[,readonly=on][,serial=abc][,id=disk1]`.
-    fn from_str(text: &str) -> Result<Self, BlockError> {
-        let mut o = Options::parse(text, &["path", "readonly", "serial", "id"])?;
-        let path = o.required("path")?;
-        if path.is_empty() {
-            return Err(invalid("path", &path, "must not be empty").into());
-        }
-        let config = BlockConfig {
-            path: PathBuf::from(path),
-            read_only: o.flag("readonly", false)?,
-            serial: o.take("serial"),
-            id: o.take("id").unwrap_or_else(default_id),
-        };
-        config.validate()?;
-        Ok(config)
+    fn from_str(text: &str) -> Result<Self, OptionsError> {
+        from_options(text)
     }
 }
 

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::virtio::options::{invalid, Options, OptionsError};
+use crate::virtio::options::{from_options, OptionsError};
 
 /// Longest interface name Linux accepts (IFNAMSIZ minus the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -19,15 +19,35 @@ pub const MAX_IFNAME_LEN: usize = 15;
 /// the VMM exits. Kiln never configures addresses or brings the link up;
 /// the host does that with `ip` (see the module documentation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Host tap interface name (at most 15 bytes).
+    #[serde(deserialize_with = "ifname")]
     pub tap: String,
     /// The guest's MAC address; derived from the tap name when absent.
     #[serde(default, with = "mac_serde", skip_serializing_if = "Option::is_none")]
     pub mac: Option<[u8; 6]>,
     /// Device name for logs and the worker thread; the tap name when empty.
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "device_id"
+    )]
     pub id: String,
+}
+
+fn ifname<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    check_ifname(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
+fn device_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let id = String::deserialize(d)?;
+    if id.contains(char::is_whitespace) {
+        return Err(serde::de::Error::custom("must not contain whitespace"));
+    }
+    Ok(id)
 }
 
 impl NetConfig {
@@ -58,19 +78,9 @@ impl NetConfig {
 impl FromStr for NetConfig {
     type Err = OptionsError;
 
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,id=net0]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut o = Options::parse(s, &["tap", "mac", "id"])?;
-        let tap = o.required("tap")?;
-        check_ifname(&tap).map_err(|why| invalid("tap", &tap, &why))?;
-        let mac = match o.take("mac") {
-            None => None,
-            Some(v) => Some(parse_mac(&v).map_err(|why| invalid("mac", &v, &why))?),
-        };
-        let id = o.take("id").unwrap_or_default();
-        if id.contains(char::is_whitespace) {
-            return Err(invalid("id", &id, "must not contain whitespace"));
-        }
-        Ok(NetConfig { tap, mac, id })
+        from_options(s)
     }
 }
 

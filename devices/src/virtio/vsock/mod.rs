@@ -43,7 +43,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::options::{invalid, Options, OptionsError};
+use super::options::{from_options, OptionsError};
 use super::worker::{Placement, Worker, WorkerControl};
 use super::{device_type, features, ActivateError, DeviceContext, VirtioDevice};
 pub use muxer::{FIRST_LOCAL_PORT, MAX_CONNECTIONS};
@@ -54,18 +54,31 @@ pub const QUEUE_SIZE: u16 = 256;
 
 /// `--vsock cid=3,uds=/tmp/kiln.vsock[,id=vsock0]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// The guest's CID: 3 or more (0-2 are reserved), below 2^32 - 1.
+    #[serde(alias = "cid", deserialize_with = "guest_cid")]
     pub guest_cid: u64,
     /// The host Unix socket host programs connect to; guest connections to
     /// host port P go to `<uds_path>_P`.
+    #[serde(alias = "uds", deserialize_with = "super::options::non_empty_path")]
     pub uds_path: PathBuf,
-    #[serde(default = "default_id")]
+    /// The device name; `vsock0` when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
 }
 
-fn default_id() -> String {
-    "vsock0".into()
+/// The device name when the config leaves `id` empty.
+pub const DEFAULT_ID: &str = "vsock0";
+
+fn guest_cid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let cid = u64::deserialize(d)?;
+    if !(3..u64::from(u32::MAX)).contains(&cid) {
+        return Err(serde::de::Error::custom(
+            "must be at least 3 and below 4294967295",
+        ));
+    }
+    Ok(cid)
 }
 
 impl VsockConfig {
@@ -83,28 +96,9 @@ impl VsockConfig {
 impl FromStr for VsockConfig {
     type Err = OptionsError;
 
+    /// `cid=3,uds=/tmp/kiln.vsock[,id=vsock0]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut o = Options::parse(s, &["cid", "uds", "id"])?;
-        let cid_text = o.required("cid")?;
-        let guest_cid: u64 = cid_text
-            .parse()
-            .map_err(|e: std::num::ParseIntError| invalid("cid", &cid_text, &e.to_string()))?;
-        let uds = o.required("uds")?;
-        let id = o.take("id").unwrap_or_else(default_id);
-        let config = VsockConfig {
-            guest_cid,
-            uds_path: PathBuf::from(&uds),
-            id,
-        };
-        match config.validate() {
-            Ok(()) => Ok(config),
-            Err(VsockError::InvalidCid(_)) => Err(invalid(
-                "cid",
-                &cid_text,
-                "must be at least 3 and below 4294967295",
-            )),
-            Err(e) => Err(invalid("uds", &uds, &e.to_string())),
-        }
+        from_options(s)
     }
 }
 
@@ -142,8 +136,11 @@ pub struct Vsock {
 impl Vsock {
     /// Validates `config` and listens on `config.uds_path`, replacing a
     /// stale socket file there (one nothing listens on).
-    pub fn new(config: VsockConfig) -> Result<Vsock, VsockError> {
+    pub fn new(mut config: VsockConfig) -> Result<Vsock, VsockError> {
         config.validate()?;
+        if config.id.is_empty() {
+            config.id = DEFAULT_ID.into();
+        }
         let path = config.uds_path.clone();
         remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path).map_err(|e| VsockError::Bind(path.clone(), e))?;

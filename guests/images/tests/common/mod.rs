@@ -32,6 +32,8 @@ pub fn guest_binaries() -> (PathBuf, PathBuf) {
             "-p",
             "kiln",
             "-p",
+            "kiln-vmm",
+            "-p",
             "kiln-agent",
             "-p",
             "clay-shell",

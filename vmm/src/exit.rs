@@ -1,0 +1,48 @@
+//! How a VM's end becomes the process's exit code, the same for `kiln run`
+//! and `kiln-vmm` (documented in the README).
+
+use kiln_devices::ExitReason;
+
+pub const POWER_OFF: u8 = 0;
+pub const ERROR: u8 = 1;
+pub const REBOOT: u8 = 3;
+pub const GUEST_CRASH: u8 = 4;
+
+/// The exit code for `reason`, after one line on stderr (prefixed with
+/// `program`) for anything but a power-off or a signal.
+pub fn report(program: &str, reason: &ExitReason) -> u8 {
+    match reason {
+        ExitReason::PowerOff => POWER_OFF,
+        ExitReason::Reset => {
+            eprintln!("{program}: guest rebooted");
+            REBOOT
+        }
+        ExitReason::Crash(report) => {
+            eprintln!("{program}: guest crashed: {report}");
+            GUEST_CRASH
+        }
+        ExitReason::HostSignal(signo) => 128u8.saturating_add(*signo as u8),
+        ExitReason::VmmError(text) => {
+            eprintln!("{program}: error: {text}");
+            ERROR
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once (device errors
+/// often repeat their source's text).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !last.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+        last = msg;
+    }
+    out
+}

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -201,25 +201,25 @@ impl EventLog {
     }
 }
 
-fn open_append(path: &PathBuf) -> Result<File, EventLogError> {
+fn open_append(path: &Path) -> Result<File, EventLogError> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|source| EventLogError::Io {
             op: "open",
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         })
 }
 
-fn write_line(file: &mut File, path: &PathBuf, line: &[u8]) -> Result<(), EventLogError> {
+fn write_line(file: &mut File, path: &Path, line: &[u8]) -> Result<(), EventLogError> {
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line);
     buf.push(b'\n');
     file.write_all(&buf).map_err(|source| EventLogError::Io {
         op: "append to",
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }

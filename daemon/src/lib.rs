@@ -5,6 +5,13 @@
 pub mod events;
 pub mod host;
 pub mod http;
+pub mod metrics;
 pub mod process;
+pub mod rundir;
+pub mod serve;
+pub mod server;
 pub mod state;
 pub mod store;
+pub mod vms;
+
+pub use serve::{serve, ServeArgs};

@@ -1,0 +1,515 @@
+//! The CLI over the daemon's REST API: `kiln vm ...` and `kiln host info`.
+//! Human tables by default, the API's JSON with `--json`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use kiln_api::{
+    Client, Endpoint, Event, EventQuery, EventType, Host, RestartAction, RestartPolicy, VmInfo,
+    VmSpec,
+};
+use kiln_vmm::config::flags::RunArgs;
+
+/// How to reach the daemon, and how to print.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The daemon's Unix socket.
+    #[arg(
+        long,
+        env = "KILN_SOCKET",
+        default_value = "/run/kiln/kiln.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    /// Reach the daemon over TCP instead: HOST:PORT (needs --token).
+    #[arg(long, env = "KILN_URL", value_name = "HOST:PORT", global = true)]
+    pub url: Option<String>,
+    /// The bearer token for --url.
+    #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Client {
+        match &self.url {
+            Some(url) => {
+                let addr = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned();
+                Client::new(Endpoint::Tcp {
+                    addr,
+                    token: self.token.clone(),
+                })
+            }
+            None => Client::new(Endpoint::Unix(self.socket.clone())),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Define a VM (and start it with --start).
+    Create(CreateArgs),
+    /// Every VM with its state.
+    List,
+    /// One VM's spec and status.
+    Show { name: String },
+    /// Start a VM's VMM.
+    Start { name: String },
+    /// Hard stop: kill the VMM.
+    Stop { name: String },
+    /// Delete a VM (a running one only with --force, which stops it).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// The VM's serial console log.
+    Console { name: String },
+    /// The daemon's events (state changes, crashes, restarts, decisions).
+    Events(EventsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// The VM's name: lowercase letters, digits and dashes, at most 63.
+    pub name: String,
+    #[command(flatten)]
+    pub machine: RunArgs,
+    /// Start it once defined.
+    #[arg(long)]
+    pub start: bool,
+    /// Start it when the daemon starts (first start after boot).
+    #[arg(long)]
+    pub autostart: bool,
+    /// A label KEY=VALUE. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// The restart policy: on_poweroff=restart|stop,on_reboot=...,on_crash=...
+    /// [default: on_poweroff=stop,on_reboot=restart,on_crash=stop].
+    #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
+    pub restart: Option<RestartPolicy>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EventsArgs {
+    /// Only events after this sequence number.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Only this VM's events.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only events of this type (state_changed, crashed, ...).
+    #[arg(long = "type", value_parser = parse_event_type)]
+    pub kind: Option<EventType>,
+    /// Keep printing new events as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// CPUs, caches, NUMA nodes, memory, KVM mode and capacity left.
+    Info,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: want KEY=VALUE"))
+}
+
+fn parse_policy(s: &str) -> Result<RestartPolicy, String> {
+    let mut policy = RestartPolicy::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: want KEY=restart|stop"))?;
+        let action = match value {
+            "restart" => RestartAction::Restart,
+            "stop" => RestartAction::Stop,
+            other => return Err(format!("{key}={other}: want restart or stop")),
+        };
+        match key {
+            "on_poweroff" => policy.on_poweroff = action,
+            "on_reboot" => policy.on_reboot = action,
+            "on_crash" => policy.on_crash = action,
+            other => {
+                return Err(format!(
+                    "{other:?}: want on_poweroff, on_reboot or on_crash"
+                ))
+            }
+        }
+    }
+    Ok(policy)
+}
+
+fn parse_event_type(s: &str) -> Result<EventType, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        let names: Vec<String> = EventType::ALL
+            .iter()
+            .map(|t| {
+                serde_json::to_value(t)
+                    .expect("serializes")
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        format!("{s:?}: one of {}", names.join(", "))
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
+    let client = api.client();
+    runtime()?.block_on(async move {
+        match cmd {
+            VmCommand::Create(args) => {
+                let start = args.start;
+                let spec = args.into_spec()?;
+                let info = client.create(&spec, start).await?;
+                if api.json {
+                    return print_json(&info);
+                }
+                println!("{} {}", info.spec.name, info.status.state.as_str());
+                if let Some(reason) = &info.status.reason {
+                    println!("  {reason}");
+                }
+                Ok(())
+            }
+            VmCommand::List => {
+                let vms = client.list().await?;
+                if api.json {
+                    return print_json(&vms);
+                }
+                print!("{}", vm_table(&vms));
+                Ok(())
+            }
+            VmCommand::Show { name } => {
+                let info = client.get(&name).await?;
+                if api.json {
+                    return print_json(&info);
+                }
+                print!("{}", vm_details(&info));
+                Ok(())
+            }
+            VmCommand::Start { name } => action(&client, api, &name, "start").await,
+            VmCommand::Stop { name } => action(&client, api, &name, "stop").await,
+            VmCommand::Delete { name, force } => {
+                client.delete(&name, force).await?;
+                if api.json {
+                    return print_json(&serde_json::json!({"deleted": name}));
+                }
+                println!("{name} deleted");
+                Ok(())
+            }
+            VmCommand::Console { name } => {
+                let log = client.console(&name).await?;
+                if api.json {
+                    return print_json(&serde_json::json!({"vm": name, "console": log}));
+                }
+                print!("{log}");
+                Ok(())
+            }
+            VmCommand::Events(args) => events(&client, api, args).await,
+        }
+    })
+}
+
+async fn action(client: &Client, api: &ApiArgs, name: &str, action: &str) -> Result<()> {
+    let result = client.action(name, action).await?;
+    if api.json {
+        return print_json(&result);
+    }
+    let info = client.get(name).await?;
+    println!("{name} {}", result.state.as_str());
+    if let Some(reason) = info
+        .status
+        .reason
+        .filter(|_| result.state == kiln_api::VmState::Crashed)
+    {
+        println!("  {reason}");
+    }
+    Ok(())
+}
+
+async fn events(client: &Client, api: &ApiArgs, args: EventsArgs) -> Result<()> {
+    let query = EventQuery {
+        since: args.since,
+        vm: args.vm,
+        kind: args.kind,
+    };
+    let print = |e: &Event| -> Result<()> {
+        if api.json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!("{}", event_line(e));
+        }
+        Ok(())
+    };
+    if !args.follow {
+        for e in client.events(&query).await? {
+            print(&e)?;
+        }
+        return Ok(());
+    }
+    let mut stream = client.follow_events(&query).await?;
+    while let Some(e) = stream.next().await? {
+        print(&e)?;
+    }
+    bail!("the daemon ended the event stream (resume with --since the last sequence number)")
+}
+
+pub fn host(api: &ApiArgs, cmd: HostCommand) -> Result<()> {
+    let client = api.client();
+    runtime()?.block_on(async move {
+        match cmd {
+            HostCommand::Info => {
+                let host = client.host().await?;
+                if api.json {
+                    return print_json(&host);
+                }
+                print!("{}", host_details(&host));
+                Ok(())
+            }
+        }
+    })
+}
+
+impl CreateArgs {
+    fn into_spec(self) -> Result<VmSpec> {
+        if self.machine.console.is_some() {
+            bail!("--console: the daemon owns a VM's serial console (see `kiln vm console`)");
+        }
+        if self.machine.on_reboot.is_some() {
+            bail!("--on-reboot: under the daemon, reboots follow --restart on_reboot=...");
+        }
+        let machine = self.machine.into_config()?;
+        Ok(VmSpec {
+            name: self.name,
+            machine,
+            restart: self.restart.unwrap_or_default(),
+            autostart: self.autostart,
+            labels: self.labels.into_iter().collect(),
+        })
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    kiln_vmm::config::human_size(bytes)
+}
+
+/// `NAME  STATE  CPUS  MEMORY  PID  LABELS`, one line per VM.
+pub fn vm_table(vms: &[VmInfo]) -> String {
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "STATE".into(),
+        "CPUS".into(),
+        "MEMORY".into(),
+        "PID".into(),
+        "LABELS".into(),
+    ]];
+    for vm in vms {
+        let labels: Vec<String> = vm
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        rows.push([
+            vm.spec.name.clone(),
+            vm.status.state.as_str().into(),
+            vm.spec.machine.cpus.to_string(),
+            mib(vm.spec.machine.memory_bytes()),
+            vm.status.pid.map_or("-".into(), |p| p.to_string()),
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn vm_details(vm: &VmInfo) -> String {
+    let m = &vm.spec.machine;
+    let s = &vm.status;
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
+    line("name", vm.spec.name.clone());
+    line("state", s.state.as_str().into());
+    if let Some(pid) = s.pid {
+        line("pid", pid.to_string());
+    }
+    if let Some(exit) = s.last_exit {
+        line("last exit", format!("{exit:?}").to_lowercase());
+    }
+    if let Some(reason) = &s.reason {
+        line("reason", reason.clone());
+    }
+    line("cpus", m.cpus.to_string());
+    line("memory", mib(m.memory_bytes()));
+    line("kernel", m.kernel.display().to_string());
+    if let Some(initrd) = &m.initrd {
+        line("initrd", initrd.display().to_string());
+    }
+    line("cmdline", m.cmdline.clone());
+    let devices = m.device_ids();
+    line(
+        "devices",
+        if devices.is_empty() {
+            "-".into()
+        } else {
+            devices.join(", ")
+        },
+    );
+    let r = &vm.spec.restart;
+    line(
+        "restart",
+        format!(
+            "on_poweroff={:?} on_reboot={:?} on_crash={:?}",
+            r.on_poweroff, r.on_reboot, r.on_crash
+        )
+        .to_lowercase(),
+    );
+    line("autostart", vm.spec.autostart.to_string());
+    for (k, v) in &vm.spec.labels {
+        line("label", format!("{k}={v}"));
+    }
+    line("restarts", s.restarts.len().to_string());
+    out
+}
+
+fn event_line(e: &Event) -> String {
+    let kind = serde_json::to_value(e.kind).expect("serializes");
+    format!(
+        "{:>6}  {}  {:<16} {:<12} {}",
+        e.seq,
+        e.time_ms,
+        kind.as_str().unwrap_or_default(),
+        e.vm.as_deref().unwrap_or("-"),
+        e.message
+    )
+}
+
+fn host_details(h: &Host) -> String {
+    let mut out = String::new();
+    let kvm = serde_json::to_value(h.kvm).expect("serializes");
+    out.push_str(&format!(
+        "kvm          {}\n",
+        kvm.as_str().unwrap_or_default()
+    ));
+    out.push_str(&format!(
+        "memory       {} ({} available)\n",
+        mib(h.memory_bytes),
+        mib(h.memory_available_bytes)
+    ));
+    out.push_str(&format!(
+        "capacity     {} left; {} of {} VMs running with {} vCPUs\n",
+        mib(h.capacity.memory_bytes_left),
+        h.capacity.vms_running,
+        h.capacity.vms_defined,
+        h.capacity.vcpus_running
+    ));
+    let nodes: Vec<String> = h.numa_nodes.iter().map(u32::to_string).collect();
+    out.push_str(&format!(
+        "numa nodes   {}\n",
+        if nodes.is_empty() {
+            "-".into()
+        } else {
+            nodes.join(", ")
+        }
+    ));
+    let mut rows = vec![[
+        "CPU".to_owned(),
+        "CORE".into(),
+        "PACKAGE".into(),
+        "NODE".into(),
+        "CACHES".into(),
+    ]];
+    for c in &h.cpus {
+        let caches: Vec<String> = c
+            .caches
+            .iter()
+            .map(|k| format!("L{} {} {}K", k.level, k.kind, k.size_kib))
+            .collect();
+        rows.push([
+            c.id.to_string(),
+            c.core.to_string(),
+            c.package.to_string(),
+            c.numa_node.map_or("-".into(), |n| n.to_string()),
+            caches.join(", "),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policy_flag_sets_only_what_it_names() {
+        let p = parse_policy("on_crash=restart").unwrap();
+        assert_eq!(p.on_crash, RestartAction::Restart);
+        assert_eq!(p.on_poweroff, RestartPolicy::default().on_poweroff);
+        assert!(parse_policy("on_crash=maybe").is_err());
+        assert!(parse_policy("on_halt=stop").is_err());
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = [
+            ["A".to_owned(), "BB".to_owned()],
+            ["ccc".to_owned(), "d".to_owned()],
+        ];
+        assert_eq!(table(&rows), "A    BB\nccc  d\n");
+    }
+
+    #[test]
+    fn event_types_parse_by_their_wire_names() {
+        assert_eq!(parse_event_type("crashed").unwrap(), EventType::Crashed);
+        assert!(parse_event_type("exploded")
+            .unwrap_err()
+            .contains("state_changed"));
+    }
+}

@@ -54,7 +54,7 @@ impl ApiArgs {
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Define a VM (and start it with --start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Every VM with its state.
     List,
     /// One VM's spec and status.
@@ -312,8 +312,37 @@ impl CreateArgs {
     }
 }
 
+/// `512 MiB`, `23.5 GiB`.
 fn mib(bytes: u64) -> String {
-    kiln_vmm::config::human_size(bytes)
+    const GIB: u64 = 1 << 30;
+    if bytes >= GIB && !bytes.is_multiple_of(GIB) {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        kiln_vmm::config::human_size(bytes)
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm` UTC.
+fn utc(time_ms: u64) -> String {
+    let secs = time_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        time_ms % 1000
+    )
 }
 
 /// `NAME  STATE  CPUS  MEMORY  PID  LABELS`, one line per VM.
@@ -423,7 +452,7 @@ fn event_line(e: &Event) -> String {
     format!(
         "{:>6}  {}  {:<16} {:<12} {}",
         e.seq,
-        e.time_ms,
+        utc(e.time_ms),
         kind.as_str().unwrap_or_default(),
         e.vm.as_deref().unwrap_or("-"),
         e.message
@@ -494,6 +523,15 @@ mod tests {
         assert_eq!(p.on_poweroff, RestartPolicy::default().on_poweroff);
         assert!(parse_policy("on_crash=maybe").is_err());
         assert!(parse_policy("on_halt=stop").is_err());
+    }
+
+    #[test]
+    fn times_and_sizes_read_as_people_write_them() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(1_796_228_842_103), "2026-12-02 16:27:22.103");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000");
+        assert_eq!(mib(256 << 20), "256 MiB");
+        assert_eq!(mib(3 << 29), "1.5 GiB");
     }
 
     #[test]

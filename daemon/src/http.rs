@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 
 /// Largest request body accepted (a VM spec is a few KiB).
 pub const BODY_LIMIT: usize = 256 * 1024;
+/// How much of a too-large body is read and dropped before the 413, so a
+/// client that sends it whole can still read the answer; past this the
+/// connection is cut.
+const DRAIN_LIMIT: usize = 16 << 20;
 
 /// An error answered in the API's error shape.
 #[derive(Debug)]
@@ -61,15 +65,34 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = Failure;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Failure> {
-        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
-            .await
-            .map_err(|_| {
+        use http_body_util::BodyExt;
+        let mut body = req.into_body();
+        let mut bytes = Vec::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
                 Failure::new(
-                    ErrorCode::BodyTooLarge,
-                    format!("the request body is larger than {BODY_LIMIT} bytes"),
+                    ErrorCode::MalformedJson,
+                    format!("reading the request body: {e}"),
                 )
             })?;
-        parse_json(&bytes).map(JsonBody)
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen <= BODY_LIMIT {
+                bytes.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+        if seen > BODY_LIMIT {
+            return Err(Failure::new(
+                ErrorCode::BodyTooLarge,
+                format!("the request body is larger than {BODY_LIMIT} bytes"),
+            ));
+        }
+        parse_json(&Bytes::from(bytes)).map(JsonBody)
     }
 }
 

@@ -12,6 +12,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kiln_vmm::{config::flags::RunArgs, exit};
 
+mod vmm_ctl;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -49,6 +51,9 @@ enum Command {
         #[command(subcommand)]
         command: api_cli::HostCommand,
     },
+    /// One request to a VMM's control socket (`kiln run --control`,
+    /// `kiln-vmm --control`); prints the JSON result.
+    VmmCtl(vmm_ctl::VmmCtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -104,6 +109,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args).map(|_| 0),
         Command::Vm { api, command } => api_cli::vm(&api, command).map(|_| 0),
         Command::Host { api, command } => api_cli::host(&api, command).map(|_| 0),
+        Command::VmmCtl(args) => vmm_ctl::run(args).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

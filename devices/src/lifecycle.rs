@@ -17,6 +17,8 @@ pub enum ExitReason {
     HostSignal(i32),
     /// The VMM itself failed while the guest ran.
     VmmError(String),
+    /// The VMM's controller asked for a hard stop (`Vm::stop`).
+    Stopped,
 }
 
 /// Shared between devices, vCPU threads and the event loop: the first

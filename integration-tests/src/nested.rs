@@ -104,7 +104,7 @@ if [ -e /rig/network ]; then
 fi
 echo KILN_RIG_HOST_READY
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
-export KILN=/usr/bin/kiln GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio
+export KILN=/usr/bin/kiln KILN_VMM=/usr/bin/kiln-vmm GUEST_BZIMAGE=/guest/bzImage GUEST_VMLINUX=/guest/vmlinux GUEST_INITRD=/guest/initramfs.cpio
 export WORKDIR=/tmp/work KILN_RIG_MODE=nested HOME=/root
 mkdir -p "$WORKDIR" /root && cd "$WORKDIR"
 if [ -e /rig/interactive ]; then

@@ -188,6 +188,12 @@ pub fn target_dir() -> PathBuf {
     dir.canonicalize().unwrap_or(dir)
 }
 
+/// The per-VM `kiln-vmm` binary built next to `kiln` (it may be absent:
+/// scripts that need `$KILN_VMM` check for it).
+pub fn kiln_vmm_binary(kiln: &Path) -> PathBuf {
+    kiln.with_file_name("kiln-vmm")
+}
+
 /// The kiln binary under test: `$KILN_BIN`, else `target/release/kiln`.
 pub fn kiln_binary() -> Result<PathBuf, RigError> {
     let path = std::env::var_os("KILN_BIN")
@@ -338,6 +344,7 @@ fn direct_command(
         .arg(&scenario.script)
         .current_dir(work)
         .env("KILN", kiln)
+        .env("KILN_VMM", kiln_vmm_binary(kiln))
         .env("GUEST_BZIMAGE", &guest.bzimage)
         .env("GUEST_VMLINUX", &guest.vmlinux)
         .env("GUEST_INITRD", &guest.initramfs)
@@ -433,6 +440,13 @@ fn start_nested(
     tree.file("usr/bin/kiln", 0o755, kiln_data);
     for lib in crate::initrd::shared_libraries(kiln)? {
         tree.host_file(Path::new(&lib), 0o755)?;
+    }
+    // The per-VM process, when it was built next to kiln ($KILN_VMM).
+    let kiln_vmm = kiln_vmm_binary(kiln);
+    if kiln_vmm.is_file() {
+        let data = std::fs::read(&kiln_vmm)
+            .map_err(|e| RigError::Setup(format!("reading {}: {e}", kiln_vmm.display())))?;
+        tree.file("usr/bin/kiln-vmm", 0o755, data);
     }
     for bin in &scenario.binaries {
         tree.host_binary(bin)?;

@@ -9,9 +9,10 @@
 //! convention: a host client connects to PATH and writes `CONNECT <port>\n`,
 //! gets `OK <port>\n`; a guest connecting to CID 2 port P reaches the Unix
 //! listener at `PATH_P`), `--balloon deflate_on_oom=on,stats=1[,free_page_reporting=on]`,
-//! `--rng`, `--virtio-console file=PATH`, `--control PATH` (line commands
-//! `balloon <MiB in the balloon>` → `ok`, `balloon-stats` → one line of
-//! `key=value`, `status`).
+//! `--rng`, `--virtio-console file=PATH`, `--control PATH` (the VMM control
+//! protocol, spoken by `kiln vmm-ctl`: `set_balloon_target mib=<MiB in the
+//! balloon>` → `{"target_mib":N,...}`, `balloon_stats` → `{...,"stats":{"free_memory":N,...}}`,
+//! `status`, `workers`, `set_worker_placement ...`).
 //!
 //! QEMU: the pinned peer ([`crate::peer`]: scripts get it from
 //! [`crate::PeerQemu::add_to`]) with `-M microvm,pcie=on` (a PCIe host
@@ -260,10 +261,10 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 tap_up() { _n=300; while ! ip link show "$1" >/dev/null 2>&1; do _n=$((_n-1)); [ $_n -le 0 ] && { echo "HOST_NO_TAP=$1"; return 1; }; [ -n "$vm" ] && ! kill -0 "$vm" 2>/dev/null && { echo "HOST_VM_GONE_NO_TAP=$1"; return 1; }; sleep 0.2; done; ip addr add "${NET:-10.0.2}.1/24" dev "$1" && ip link set "$1" up; }
 "#;
 
-/// Kiln: control socket lines, vsock over its Unix socket.
+/// Kiln: the control protocol through `kiln vmm-ctl`, vsock over its Unix socket.
 const KILN_HOST_FUNCTIONS: &str = r#"
-# vm_ctl COMMAND...: one line to the control socket, its answer on stdout.
-vm_ctl() { printf '%s\n' "$*" | socat -t 5 - "UNIX-CONNECT:$VM_CTL"; }
+# vm_ctl KIND [key=value...]: one control request, its JSON result (or `kiln: error: ...`) on stdout.
+vm_ctl() { "$KILN" vmm-ctl --socket "$VM_CTL" "$@" 2>&1; }
 # vsock_connect PORT: stdin to the guest's vsock PORT, its answer on stdout (handshake checked and stripped).
 vsock_connect() { { printf 'CONNECT %s\n' "$1"; cat; } | socat -t 20 -T 60 - "UNIX-CONNECT:$VM_VSOCK" | { read -r _ok; case "$_ok" in "OK "*) cat ;; *) echo "VSOCK_BAD_HANDSHAKE=$_ok"; cat ;; esac; }; }
 # vsock_listen_addr PORT: the socat address where guest connections to CID 2 PORT arrive.
@@ -272,15 +273,15 @@ vsock_listen_addr() { echo "UNIX-LISTEN:${VM_VSOCK}_$1,fork,backlog=256"; }
 vsock_echo_many() { "$VSOCK_ECHO" --uds "$VM_VSOCK" "$1" "$2"; }
 "#;
 
-/// QEMU: QMP stands in for the control socket (same answers), vhost-vsock
-/// for the Unix socket.
+/// QEMU: QMP stands in for the control socket (answers shaped like Kiln's
+/// for the fields the tests read), vhost-vsock for the Unix socket.
 const QEMU_HOST_FUNCTIONS: &str = r#"
 qmp() { printf '{"execute":"qmp_capabilities"}\n%s\n' "$1" | socat -t 2 - "UNIX-CONNECT:$VM_CTL"; }
 vm_ctl() {
   case "$1" in
-    balloon) qmp "{\"execute\":\"balloon\",\"arguments\":{\"value\":$(( (VM_MEM_MIB - $2) * 1048576 ))}}" | grep -c '"return": {}' | grep -qx 2 && echo ok ;;
-    balloon-stats) qmp '{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}' \
-        | tr '{},' '\n\n\n' | sed -n 's/^ *"stat-\([a-z-]*\)": \([0-9]*\)$/\1=\2/p' | sed 's/-/_/g' | tr '\n' ' '; echo ;;
+    set_balloon_target) _mib=${2#mib=}; qmp "{\"execute\":\"balloon\",\"arguments\":{\"value\":$(( (VM_MEM_MIB - _mib) * 1048576 ))}}" | grep -c '"return": {}' | grep -qx 2 && echo "{\"target_mib\":$_mib}" ;;
+    balloon_stats) printf '{"stats":{%s}}\n' "$(qmp '{"execute":"qom-get","arguments":{"path":"/machine/peripheral/balloon0","property":"guest-stats"}}' \
+        | tr '{},' '\n\n\n' | sed -n 's/^ *"stat-\([a-z-]*\)": \([0-9]*\)$/"\1":\2/p' | sed 's/-/_/g' | tr '\n' ',' | sed 's/,$//')" ;;
     status) qmp '{"execute":"query-status"}' | grep -o '"status": "[a-z-]*"' ;;
   esac
 }

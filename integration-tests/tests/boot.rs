@@ -50,6 +50,40 @@ kill -TERM $pid; wait $pid; echo SIGTERM_EXIT=$?
 cat r1 r2
 "#;
 
+/// `kiln-vmm` with a JSON spec, headless (serial console to a file), and
+/// its control protocol through `kiln vmm-ctl` while the guest boots:
+/// hello, status, pause (vCPU run time stops growing), resume (it grows
+/// again), counters, a balloon target above guest memory (an error, the VM
+/// keeps running); the guest then powers off by itself (`kiln.poweroff`).
+const KILN_VMM_PROTOCOL: &str = r#"
+[ -x "$KILN_VMM" ] || { echo "VMM_MISSING=$KILN_VMM (cargo build --release -p kiln-vmm)"; exit 1; }
+cat > vm.json <<EOF
+{"kernel": "$GUEST_BZIMAGE", "initrd": "$GUEST_INITRD", "memory_mib": 256,
+ "cmdline": "console=ttyS0 reboot=k panic=1 kiln.poweroff",
+ "serial": {"file": "$WORKDIR/vmm.out"}, "balloon": {}}
+EOF
+"$KILN_VMM" --config vm.json --control ctl.sock 2> vmm.err &
+pid=$!
+i=0; while [ ! -S ctl.sock ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+ctl() { "$KILN" vmm-ctl --socket ctl.sock "$@" 2>&1; }
+run_ns() { ctl counters | sed 's/.*"vcpus":\[{[^}]*"run_ns":\([0-9]*\).*/\1/'; }
+echo "VMM_HELLO=$(ctl hello)"
+echo "VMM_STATUS=$(ctl status)"
+echo "VMM_PAUSE=$(ctl pause)"
+p1=$(run_ns); sleep 2; p2=$(run_ns)
+echo "VMM_PAUSED_RUN_NS=$p1 $p2"
+echo "VMM_RESUME=$(ctl resume)"
+sleep 2; r1=$(run_ns)
+echo "VMM_RESUMED_RUN_NS=$r1"
+echo "VMM_COUNTERS=$(ctl counters)"
+echo "VMM_BALLOON_BIG=$(ctl set_balloon_target mib=4096)"
+echo "VMM_BOGUS=$(ctl reboot_host)"
+i=0; while kill -0 $pid 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && { kill -9 $pid; break; }; sleep 1; done
+wait $pid; echo VMM_EXIT=$?
+echo VMM_INIT_OK=$(grep -c KILN_INIT_OK vmm.out)
+sed 's/^/VMM_ERR: /' vmm.err
+"#;
+
 /// Each bad input: non-zero exit, exactly one line on stderr, no panic,
 /// no hang.
 const BAD_INPUTS: [(&str, &str); 6] = [
@@ -89,7 +123,7 @@ fn expect_value(out: &Outcome, key: &str, want: &str, why: &str) {
 /// `kiln run`'s boot paths and lifecycle, in one nested-host boot: bzImage
 /// and PVH boots that power off with exit 0; 2 vCPUs and 512 MiB seen
 /// through a typed shell session; reboot, restart and SIGTERM; six bad
-/// inputs each with a one-line error.
+/// inputs each with a one-line error; `kiln-vmm` and its control protocol.
 #[test]
 fn kiln_run_boots_lifecycle_and_bad_inputs() {
     let mut results = Checks::new("kiln_run_boot")
@@ -101,6 +135,7 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
         .check("interactive", INTERACTIVE)
         .check("reboot_restart_sigterm", REBOOT_RESTART_SIGTERM)
         .check("bad_inputs", &bad_inputs_script())
+        .check("kiln_vmm_protocol", KILN_VMM_PROTOCOL)
         .run()
         .unwrap();
     for kernel in ["bzimage", "pvh"] {
@@ -168,11 +203,69 @@ fn kiln_run_boots_lifecycle_and_bad_inputs() {
             );
         }
     });
+    results.verify("kiln_vmm_protocol", verify_kiln_vmm_protocol);
     eprintln!(
         "kiln run checks: {:?} mode, nested host ready after {:?}, all checks {:?}",
         results.outcome.mode, results.outcome.host_ready, results.outcome.elapsed
     );
     results.finish();
+}
+
+fn verify_kiln_vmm_protocol(out: &Outcome) {
+    let value = |key: &str| out.value(key).unwrap_or_default();
+    let hello = value("VMM_HELLO");
+    assert!(
+        hello.contains(r#""build_id":"0.1.0"#) && hello.contains(r#""protocol":1"#),
+        "hello: {hello:?}\n{}",
+        out.output
+    );
+    let status = value("VMM_STATUS");
+    assert!(
+        status.contains(r#""state":"running""#) && status.contains(r#""id":"balloon0""#),
+        "status: {status:?}\n{}",
+        out.output
+    );
+    let pause = value("VMM_PAUSE");
+    assert!(pause.contains(r#""state":"paused""#), "pause: {pause:?}");
+    let paused: Vec<u64> = value("VMM_PAUSED_RUN_NS")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert!(
+        paused.len() == 2 && paused[0] > 0 && paused[0] == paused[1],
+        "a paused vCPU must not run: run_ns {paused:?} 2 s apart\n{}",
+        out.output
+    );
+    assert!(value("VMM_RESUME").contains(r#""state":"running""#));
+    let resumed: u64 = value("VMM_RESUMED_RUN_NS").parse().unwrap_or(0);
+    assert!(
+        resumed > paused[1],
+        "a resumed vCPU runs again: run_ns {} then {resumed}\n{}",
+        paused[1],
+        out.output
+    );
+    let counters = value("VMM_COUNTERS");
+    assert!(
+        counters.contains(r#""wait_ns":"#) && counters.contains(r#""id":"balloon0""#),
+        "counters: {counters:?}"
+    );
+    let big = value("VMM_BALLOON_BIG");
+    assert!(
+        big.starts_with("kiln: error: invalid_request: balloon target 4096 MiB must be below the guest's memory (256 MiB)"),
+        "balloon above memory: {big:?}"
+    );
+    let bogus = value("VMM_BOGUS");
+    assert!(
+        bogus.starts_with("kiln: error: invalid request"),
+        "unknown kind: {bogus:?}"
+    );
+    expect_value(
+        out,
+        "VMM_EXIT",
+        "0",
+        "kiln-vmm exits 0 when the guest powers off",
+    );
+    expect_value(out, "VMM_INIT_OK", "1", "the guest booted (console file)");
 }
 
 /// The direct path with a real guest: on hardware KVM the rig runs Kiln on

@@ -229,11 +229,13 @@ echo "HOST_TO_GUEST_S=$(( $(date +%s) - t0 ))"
 /// Kiln only: the host-to-guest transfer runs with net0's I/O worker moved
 /// at run time to CPU 0 in poll mode, through the control socket.
 const KILN_NET_PLACEMENT: &str = r#"
-echo "CTL_PLACE=$(vm_ctl worker net0 cpus=0 wait=poll:200)"
-net0=$(vm_ctl workers | tr ' ' '\n' | grep '^net0:')
-tid=$(echo "$net0" | sed 's/.*tid=\([0-9]*\).*/\1/')
+echo "CTL_PLACE=$(vm_ctl set_worker_placement device=net0 'cpus=[0]' wait=poll spin_us=200)"
+echo "CTL_BAD_CPU=$(vm_ctl set_worker_placement device=net0 'cpus=[4096]' wait=notify)"
+net0=$(vm_ctl workers | tr '{' '\n' | grep '"device":"net0"')
+tid=$(echo "$net0" | sed 's/.*"tid":\([0-9]*\).*/\1/')
 echo "WORKER_CPUS=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/$vm/task/$tid/status)"
-echo "WORKER_WAIT=$(echo "$net0" | sed 's/.*wait=\([^,]*\).*/\1/')"
+echo "WORKER_WAIT=$(echo "$net0" | sed 's/.*"wait":"\([a-z]*\)".*/\1/')"
+echo "WORKER_SPIN_US=$(echo "$net0" | sed 's/.*"spin_us":\([0-9]*\).*/\1/')"
 "#;
 
 fn net(vmm: Vmm) {
@@ -276,9 +278,20 @@ fn net(vmm: Vmm) {
     expect_value(&out, "GUEST_RECV_SHA", &down);
     expect_value(&out, "VM_EXIT", "0");
     if vmm == Vmm::Kiln {
-        expect_value(&out, "CTL_PLACE", "ok");
+        let place = out.value("CTL_PLACE").unwrap_or_default();
+        assert!(
+            place.contains(r#""device":"net0""#) && place.contains(r#""cpus":[0]"#),
+            "set_worker_placement answered {place:?}\n{}",
+            out.output
+        );
+        let bad = out.value("CTL_BAD_CPU").unwrap_or_default();
+        assert!(
+            bad.starts_with("kiln: error: invalid_request: CPU 4096 is not available"),
+            "a CPU the host lacks must be refused: {bad:?}"
+        );
         expect_value(&out, "WORKER_CPUS", "0");
-        expect_value(&out, "WORKER_WAIT", "poll:200");
+        expect_value(&out, "WORKER_WAIT", "poll");
+        expect_value(&out, "WORKER_SPIN_US", "200");
     }
     eprintln!(
         "net ({}): {:?}; 100 MiB guest->host {} s, host->guest {} s",
@@ -421,18 +434,18 @@ echo "RSS_TOUCHED_KB=$(rss_kib $vm)"
 say free
 wait_for BALLOON_FREED g.out 60 || bail "wait_for BALLOON_FREED"
 echo "RSS_FREED_KB=$(rss_kib $vm)"
-echo "CTL_INFLATE=$(vm_ctl balloon 256)"
+echo "CTL_INFLATE=$(vm_ctl set_balloon_target mib=256)"
 wait_for BALLOON_INFLATED g.out 180 || bail "wait_for BALLOON_INFLATED"
 sleep 2
 echo "RSS_INFLATED_KB=$(rss_kib $vm)"
-echo "CTL_STATS=$(vm_ctl balloon-stats)"
+echo "CTL_STATS=$(vm_ctl balloon_stats)"
 say meminfo
 wait_for GUEST_STATS_MEMFREE_KB g.out 30 || bail "wait_for GUEST_STATS_MEMFREE_KB"
 echo "CTL_STATUS=$(vm_ctl status | head -1)"
-echo "CTL_DEFLATE=$(vm_ctl balloon 0)"
+echo "CTL_DEFLATE=$(vm_ctl set_balloon_target mib=0)"
 say deflating
 wait_for BALLOON_DEFLATED g.out 180 || bail "wait_for BALLOON_DEFLATED"
-echo "CTL_REINFLATE=$(vm_ctl balloon 256)"
+echo "CTL_REINFLATE=$(vm_ctl set_balloon_target mib=256)"
 say inflating-again
 "#;
 
@@ -444,7 +457,7 @@ say free
 wait_for BALLOON_FREED r.out 60 || bail "wait_for BALLOON_FREED (second guest)"
 sleep 3
 echo "RSS2_FREED_KB=$(rss_kib $vm)"
-echo "CTL2_INFLATE=$(vm_ctl balloon 256)"
+echo "CTL2_INFLATE=$(vm_ctl set_balloon_target mib=256)"
 wait_for BALLOON_INFLATED r.out 180 || bail "wait_for BALLOON_INFLATED (second guest)"
 echo "RSS2_INFLATED_KB=$(rss_kib $vm)"
 say measured
@@ -452,6 +465,26 @@ vm_wait $vm 120; echo VM2_EXIT=$?
 exec 3>&-
 grep -E '^(GUEST_INFLATE_TIMEOUT|KILN_RUN_EXIT)' r.out | sed 's/^/VM2_/'; sed 's/^/VMM2_ERR: /' r.err
 "#;
+
+/// The number after `"key":` in a line of JSON.
+fn json_number(json: &str, key: &str) -> Option<i64> {
+    let rest = &json[json.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// `key` holds a set_balloon_target answer for `mib`.
+fn expect_target(out: &Outcome, key: &str, mib: i64) {
+    let answer = out.value(key).unwrap_or_default();
+    assert_eq!(
+        json_number(&answer, "target_mib"),
+        Some(mib),
+        "{key}: set_balloon_target answered {answer:?}\n{}",
+        out.output
+    );
+}
 
 fn balloon(vmm: Vmm) {
     let kit = GuestKit::new(BALLOON_GUEST)
@@ -474,9 +507,9 @@ fn balloon(vmm: Vmm) {
     out.expect_exit(0);
     let log = out.log.display().to_string();
     expect_value(&out, "TOUCH_DD", "0");
-    expect_value(&out, "CTL_INFLATE", "ok");
-    expect_value(&out, "CTL_DEFLATE", "ok");
-    expect_value(&out, "CTL_REINFLATE", "ok");
+    expect_target(&out, "CTL_INFLATE", 256);
+    expect_target(&out, "CTL_DEFLATE", 0);
+    expect_target(&out, "CTL_REINFLATE", 256);
     for timeout in [
         "GUEST_INFLATE_TIMEOUT",
         "GUEST_DEFLATE_TIMEOUT",
@@ -496,7 +529,7 @@ fn balloon(vmm: Vmm) {
         "VMM RSS went from {touched} kB (guest memory touched) to {inflated} kB (balloon at 256 MiB): less than 230 MiB given back\n{}\nlog {log}",
         out.output
     );
-    expect_value(&out, "CTL2_INFLATE", "ok");
+    expect_target(&out, "CTL2_INFLATE", 256);
     expect_value(&out, "VM2_KILN_RUN_EXIT", "0");
     expect_value(&out, "VM2_EXIT", "0");
     assert!(
@@ -526,11 +559,8 @@ fn balloon(vmm: Vmm) {
     );
     // The balloon's stats (bytes) agree with the guest's MemFree.
     let stats = out.value("CTL_STATS").unwrap_or_default();
-    let free_bytes: i64 = stats
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("free_memory="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("balloon-stats without free_memory=: {stats:?}\nlog {log}"));
+    let free_bytes: i64 = json_number(&stats, "free_memory")
+        .unwrap_or_else(|| panic!("balloon_stats without free_memory: {stats:?}\nlog {log}"));
     let guest_free = kib(&out, "GUEST_STATS_MEMFREE_KB");
     assert!(
         (free_bytes / 1024 - guest_free).abs() <= 32 * 1024,

@@ -7,6 +7,8 @@ pub const POWER_OFF: u8 = 0;
 pub const ERROR: u8 = 1;
 pub const REBOOT: u8 = 3;
 pub const GUEST_CRASH: u8 = 4;
+/// Stopped by a `stop` request on the control socket.
+pub const STOPPED: u8 = 5;
 
 /// The exit code for `reason`, after one line on stderr (prefixed with
 /// `program`) for anything but a power-off or a signal.
@@ -22,6 +24,10 @@ pub fn report(program: &str, reason: &ExitReason) -> u8 {
             GUEST_CRASH
         }
         ExitReason::HostSignal(signo) => 128u8.saturating_add(*signo as u8),
+        ExitReason::Stopped => {
+            eprintln!("{program}: stopped by a control request");
+            STOPPED
+        }
         ExitReason::VmmError(text) => {
             eprintln!("{program}: error: {text}");
             ERROR

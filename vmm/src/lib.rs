@@ -9,12 +9,14 @@ mod cpu;
 mod devices;
 pub mod exit;
 mod loader;
+pub mod protocol;
 pub mod run;
 mod terminal;
-mod vm;
+pub mod vm;
 
 pub use config::{HostLimits, OnReboot, SerialConsole, VmConfig};
 pub use kiln_devices::ExitReason;
+pub use vm::{RunningVm, Vm, VmError};
 
 /// Logs to stderr, filtered by `KILN_LOG` (default `warn`).
 pub fn init_logging() {

@@ -1,5 +1,6 @@
-//! `kiln run`: one VM in the foreground until it powers off, reboots,
-//! crashes, or the host stops it.
+//! One VM until it powers off, reboots, crashes, is stopped through its
+//! control socket, or the host stops it: `kiln run` in the foreground and
+//! the `kiln-vmm` process alike.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -16,10 +17,12 @@ use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 
 pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitReason> {
+    // Bad input is reported as such even where KVM is missing.
+    let mut host = crate::HostLimits::of_this_host();
+    config.validate(&host)?;
     let kvm =
         Kvm::new().context("cannot open /dev/kvm (is KVM available and do you have access?)")?;
-    let mut host = crate::HostLimits::of_this_host();
-    host.max_vcpus = Some(kvm.get_max_vcpus() as u32);
+    host.max_vcpus = u32::try_from(kvm.get_max_vcpus()).ok();
     config.validate(&host)?;
     cpu::vcpu::install_kick_handler()?;
     let signals = stop_signals_fd().context("setting up signal handling")?;
@@ -29,12 +32,9 @@ pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitR
     };
     let mut signals = Some(signals);
     loop {
-        let vm = vm::start(&kvm, config, serial_output(&config.serial)?)?;
+        let vm = vm::build(&kvm, config, serial_output(&config.serial)?)?;
         let _control = match control {
-            Some(path) => Some(crate::control::ControlSocket::start(
-                path,
-                vm.handles.clone(),
-            )?),
+            Some(path) => Some(crate::control::ControlSocket::start(path, vm.handle())?),
             None => None,
         };
         let mut events: EventManager<Box<dyn MutEventSubscriber>> =
@@ -43,21 +43,21 @@ pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitR
             if let Some(input) = console_input()? {
                 events.add_subscriber(Box::new(ConsoleInput::new(
                     input,
-                    vm.serial.clone(),
-                    vm.serial_rx_room.try_clone()?,
+                    vm.serial.console.clone(),
+                    vm.serial.rx_room.try_clone()?,
                 )));
             }
         }
         events.add_subscriber(Box::new(ConsoleOutputFlush::new(
-            vm.serial.clone(),
-            vm.serial_flush.try_clone()?,
+            vm.serial.console.clone(),
+            vm.serial.flush.try_clone()?,
         )));
-        let control = VmControl::new(vm.lifecycle.clone(), signals.take());
+        let control = VmControl::new(vm.lifecycle().clone(), signals.take());
         let control_id = events.add_subscriber(Box::new(control));
-        while !vm.lifecycle.is_stopping() {
+        while !vm.lifecycle().is_stopping() {
             events.run().context("event loop failed")?;
         }
-        let reason = vm.lifecycle.exit_reason().unwrap_or(ExitReason::PowerOff);
+        let reason = vm.lifecycle().exit_reason().unwrap_or(ExitReason::PowerOff);
         // Hand the signalfd to the next VM if we restart.
         if let Ok(control) = events.remove_subscriber(control_id) {
             drop(control);

@@ -4,9 +4,11 @@
 //! Stopping: the VMM sets the shared stop flag and sends `SIGRTMIN` to each
 //! thread until it exits; the signal makes KVM_RUN return `EINTR`. A kick
 //! that lands just before KVM_RUN is entered is covered by the next one.
+//! Pausing works the same way: the [`PauseGate`] is closed and threads are
+//! kicked until each one is parked on it, outside KVM_RUN.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,6 +34,83 @@ pub fn install_kick_handler() -> Result<()> {
 
 pub struct VcpuThread {
     handle: JoinHandle<()>,
+    /// The thread's Linux thread id, 0 until it has started.
+    tid: Arc<AtomicI32>,
+}
+
+impl VcpuThread {
+    pub fn tid(&self) -> Option<i32> {
+        Some(self.tid.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    fn kick(&self) {
+        let _ = self.handle.kill(kick_signal());
+    }
+}
+
+/// Where vCPU threads park while the VM is paused.
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    parked: usize,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: waits while the gate is
+    /// closed (and the VM not stopping).
+    fn wait_open(&self, stop: &AtomicBool) {
+        let mut state = self.lock();
+        if !state.closed {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.closed && !stop.load(Ordering::SeqCst) {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Closes the gate and kicks `threads` until every one is parked.
+    pub fn pause(&self, threads: &[VcpuThread]) {
+        self.lock().closed = true;
+        loop {
+            let parked = self.lock().parked;
+            let running = threads.iter().filter(|t| !t.handle.is_finished()).count();
+            if parked >= running {
+                return;
+            }
+            threads.iter().for_each(VcpuThread::kick);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Opens the gate: parked threads go back into KVM_RUN.
+    pub fn resume(&self) {
+        self.lock().closed = false;
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Wakes parked threads so they see the stop flag.
+    fn wake(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
 }
 
 /// Starts vCPU `index` on its own thread.
@@ -42,20 +121,29 @@ pub fn spawn(
     mmio: Arc<MmioBus>,
     lifecycle: Arc<VmLifecycle>,
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
 ) -> Result<VcpuThread> {
+    let tid = Arc::new(AtomicI32::new(0));
+    let own_tid = tid.clone();
     let handle = std::thread::Builder::new()
         .name(format!("kiln-vcpu-{index}"))
-        .spawn(move || run_loop(index, vcpu, &bus, &mmio, &lifecycle, &stop))
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            own_tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+            run_loop(index, vcpu, &bus, &mmio, &lifecycle, &stop, &gate)
+        })
         .with_context(|| format!("cannot start thread for vCPU {index}"))?;
-    Ok(VcpuThread { handle })
+    Ok(VcpuThread { handle, tid })
 }
 
 /// Kicks every thread until all have returned.
-pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool) {
+pub fn stop_all(threads: Vec<VcpuThread>, stop: &AtomicBool, gate: &PauseGate) {
     stop.store(true, Ordering::SeqCst);
+    gate.wake();
     for t in threads {
         while !t.handle.is_finished() {
-            let _ = t.handle.kill(kick_signal());
+            t.kick();
+            gate.wake();
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = t.handle.join();
@@ -69,9 +157,14 @@ fn run_loop(
     mmio: &MmioBus,
     lifecycle: &VmLifecycle,
     stop: &AtomicBool,
+    gate: &PauseGate,
 ) {
     let mut unhandled_logged = false;
     while !stop.load(Ordering::SeqCst) {
+        gate.wait_open(stop);
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
@@ -194,4 +287,62 @@ fn crash(vcpu: &VcpuFd, index: u8, what: &str) -> ExitReason {
         (Err(e), _) | (_, Err(e)) => text.push_str(&format!(" (registers unavailable: {e})")),
     }
     ExitReason::Crash(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Threads that loop through the gate the way vCPU threads do.
+    fn fake_vcpus(
+        n: usize,
+        gate: &Arc<PauseGate>,
+        stop: &Arc<AtomicBool>,
+    ) -> (Vec<VcpuThread>, Arc<AtomicU64>) {
+        let rounds = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let (gate, stop, rounds) = (gate.clone(), stop.clone(), rounds.clone());
+                let handle = std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        gate.wait_open(&stop);
+                        rounds.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+                VcpuThread {
+                    handle,
+                    tid: Arc::new(AtomicI32::new(0)),
+                }
+            })
+            .collect();
+        (threads, rounds)
+    }
+
+    #[test]
+    fn paused_threads_make_no_progress_until_resumed_and_stop_while_paused() {
+        install_kick_handler().unwrap();
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (threads, rounds) = fake_vcpus(3, &gate, &stop);
+        std::thread::sleep(Duration::from_millis(20));
+        gate.pause(&threads);
+        assert!(gate.is_closed());
+        let parked = rounds.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        // At most one round per thread finishing as the gate closed.
+        assert!(rounds.load(Ordering::SeqCst) <= parked + 3);
+        let settled = rounds.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(rounds.load(Ordering::SeqCst), settled, "paused threads ran");
+        gate.resume();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            rounds.load(Ordering::SeqCst) > settled,
+            "resumed threads did not run"
+        );
+        gate.pause(&threads);
+        stop_all(threads, &stop, &gate);
+    }
 }

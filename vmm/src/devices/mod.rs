@@ -10,7 +10,7 @@ use kiln_devices::pci::PciRoot;
 use kiln_devices::virtio::balloon::{BalloonControl, VirtioBalloon};
 use kiln_devices::virtio::block::VirtioBlock;
 use kiln_devices::virtio::console::VirtioConsole;
-use kiln_devices::virtio::net::VirtioNet;
+use kiln_devices::virtio::net::{NetStatsReader, VirtioNet};
 use kiln_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use kiln_devices::virtio::rng::VirtioRng;
 use kiln_devices::virtio::vsock::Vsock;
@@ -31,6 +31,15 @@ pub struct DeviceHandles {
     /// Each device's I/O worker, by device name.
     pub workers: Vec<(String, WorkerControl)>,
     pub balloon: Option<BalloonControl>,
+    /// Traffic counters of each virtio-net device, by device name.
+    pub nets: Vec<(String, NetStatsReader)>,
+}
+
+impl DeviceHandles {
+    /// The I/O worker of device `name`, if it has one.
+    pub fn worker(&self, name: &str) -> Option<&WorkerControl> {
+        self.workers.iter().find(|(n, _)| n == name).map(|(_, w)| w)
+    }
 }
 
 /// The PCI root bus with every configured device on it.
@@ -94,6 +103,9 @@ fn create_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, Devi
     for net in &cfg.nets {
         let dev = VirtioNet::new(net.clone()).with_context(|| format!("--net tap={}", net.tap))?;
         let worker = dev.worker_control();
+        set.handles
+            .nets
+            .push((dev.name().to_string(), dev.stats_reader()));
         set.add(dev, worker);
     }
     if let Some(v) = &cfg.vsock {

@@ -169,7 +169,7 @@ pub(crate) struct Counters {
 
 /// A snapshot of the device's traffic counters (frames and bytes exclude
 /// the virtio-net header).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetStats {
     pub tx_frames: u64,
     pub tx_bytes: u64,
@@ -179,6 +179,16 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Malformed descriptor chains the guest offered.
     pub bad_chains: u64,
+}
+
+/// Reads a device's [`NetStats`]; cheap to clone.
+#[derive(Clone)]
+pub struct NetStatsReader(Arc<Diag>);
+
+impl NetStatsReader {
+    pub fn stats(&self) -> NetStats {
+        self.0.stats()
+    }
 }
 
 /// Logging and counting shared by the device and its workers.
@@ -325,6 +335,12 @@ impl VirtioNet {
 
     pub fn stats(&self) -> NetStats {
         self.diag.stats()
+    }
+
+    /// A handle that reads this device's counters from any thread, after
+    /// the device itself has moved onto the PCI bus.
+    pub fn stats_reader(&self) -> NetStatsReader {
+        NetStatsReader(self.diag.clone())
     }
 
     #[cfg(test)]

@@ -293,11 +293,35 @@ impl Client {
         }
     }
 
-    /// `start`, `stop`: the action's result.
+    /// `start`, `stop`, `pause`, `resume`: the action's result.
     pub async fn action(&self, name: &str, action: &str) -> Result<ActionResult, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/vms/{}/{}", segment(name), segment(action)),
+            None,
+        )
+        .await
+    }
+
+    /// Sets the balloon target (MiB taken from the guest).
+    pub async fn set_balloon(
+        &self,
+        name: &str,
+        target_mib: u64,
+    ) -> Result<kiln_vmm::protocol::BalloonInfo, ClientError> {
+        self.call_json(
+            Method::PUT,
+            &format!("/v1/vms/{}/balloon", segment(name)),
+            &crate::models::BalloonTarget { target_mib },
+        )
+        .await
+    }
+
+    /// vCPU, device and balloon counters of a running VM.
+    pub async fn counters(&self, name: &str) -> Result<kiln_vmm::protocol::Counters, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/vms/{}/counters", segment(name)),
             None,
         )
         .await

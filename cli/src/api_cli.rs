@@ -63,6 +63,14 @@ pub enum VmCommand {
     Start { name: String },
     /// Hard stop: kill the VMM.
     Stop { name: String },
+    /// Park the VM's vCPUs.
+    Pause { name: String },
+    /// Release a paused VM's vCPUs.
+    Resume { name: String },
+    /// Set the MiB the balloon takes from the guest (0 deflates).
+    Balloon { name: String, target_mib: u64 },
+    /// vCPU run/wait time, device counters, balloon statistics.
+    Counters { name: String },
     /// Delete a VM (a running one only with --force, which stops it).
     Delete {
         name: String,
@@ -212,6 +220,27 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
             }
             VmCommand::Start { name } => action(&client, api, &name, "start").await,
             VmCommand::Stop { name } => action(&client, api, &name, "stop").await,
+            VmCommand::Pause { name } => action(&client, api, &name, "pause").await,
+            VmCommand::Resume { name } => action(&client, api, &name, "resume").await,
+            VmCommand::Balloon { name, target_mib } => {
+                let b = client.set_balloon(&name, target_mib).await?;
+                if api.json {
+                    return print_json(&b);
+                }
+                println!(
+                    "{name} balloon target {} MiB (guest reports {} MiB inflated)",
+                    b.target_mib, b.actual_mib
+                );
+                Ok(())
+            }
+            VmCommand::Counters { name } => {
+                let c = client.counters(&name).await?;
+                if api.json {
+                    return print_json(&c);
+                }
+                print!("{}", counters_table(&c));
+                Ok(())
+            }
             VmCommand::Delete { name, force } => {
                 client.delete(&name, force).await?;
                 if api.json {
@@ -444,6 +473,40 @@ fn vm_details(vm: &VmInfo) -> String {
         line("label", format!("{k}={v}"));
     }
     line("restarts", s.restarts.len().to_string());
+    out
+}
+
+fn counters_table(c: &kiln_vmm::protocol::Counters) -> String {
+    let mut rows = vec![["VCPU".to_owned(), "TID".into(), "RUN".into(), "WAIT".into()]];
+    for v in &c.vcpus {
+        rows.push([
+            v.index.to_string(),
+            v.tid.map_or("-".into(), |t| t.to_string()),
+            format!("{:.3} s", v.run_ns as f64 / 1e9),
+            format!("{:.3} s", v.wait_ns as f64 / 1e9),
+        ]);
+    }
+    let mut out = table(&rows);
+    let mut rows = vec![[
+        "DEVICE".to_owned(),
+        "BUSY ROUNDS".into(),
+        "NET TX/RX FRAMES".into(),
+    ]];
+    for d in &c.devices {
+        rows.push([
+            d.id.clone(),
+            d.busy_rounds.to_string(),
+            d.net
+                .map_or("-".into(), |n| format!("{}/{}", n.tx_frames, n.rx_frames)),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    if let Some(b) = &c.balloon {
+        out.push_str(&format!(
+            "balloon target {} MiB, inflated {} MiB\n",
+            b.target_mib, b.inflated_mib
+        ));
+    }
     out
 }
 

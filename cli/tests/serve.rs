@@ -11,11 +11,13 @@ use serde_json::{json, Value};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
-/// kiln-vmm next to the kiln binary, built if `cargo test -p kiln` did not
-/// build it (it belongs to the kiln-vmm package).
+/// kiln-vmm next to the kiln binary, (re)built here: `cargo test -p kiln`
+/// does not build other packages' binaries, and a stale one would speak
+/// an older protocol.
 fn vmm_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let path = Path::new(KILN).with_file_name("kiln-vmm");
-    if !path.is_file() {
+    BUILT.call_once(|| {
         let release = Path::new(KILN)
             .parent()
             .is_some_and(|d| d.ends_with("release"));
@@ -27,7 +29,7 @@ fn vmm_binary() -> PathBuf {
         }
         let status = cmd.status().expect("running cargo to build kiln-vmm");
         assert!(status.success(), "building kiln-vmm failed");
-    }
+    });
     assert!(path.is_file(), "{} missing after the build", path.display());
     path
 }
@@ -373,9 +375,22 @@ fn a_killed_vmm_is_crashed_with_an_event_and_on_crash_restart_brings_it_back() {
         s.machine.initrd = Some(initrd);
         // 64 MiB is too little for this kernel (it triple-faults).
         s.machine.memory_mib = 256;
-        let info = client.create(&s, true).await.unwrap();
-        assert_eq!(info.status.state, VmState::Running, "{info:?}");
+        client.create(&s, true).await.unwrap();
+        let info = wait_for_state(&client, "svc", VmState::Running).await;
         let first = info.status.pid.unwrap();
+        // Control requests reach the VMM: counters, balloon, pause, resume.
+        let counters = client.counters("svc").await.unwrap();
+        assert_eq!(counters.vcpus.len(), 1, "{counters:?}");
+        let err = client.set_balloon("svc", 4096).await.unwrap_err();
+        assert_eq!(err.api().map(|(s, _)| s), Some(422), "{err}");
+        assert_eq!(
+            client.action("svc", "pause").await.unwrap().state,
+            VmState::Paused
+        );
+        assert_eq!(
+            client.action("svc", "resume").await.unwrap().state,
+            VmState::Running
+        );
         let mut events = client
             .follow_events(&EventQuery {
                 vm: Some("svc".into()),
@@ -432,8 +447,8 @@ fn after_a_kill_9_of_the_daemon_every_acknowledged_vm_is_there_and_running_vmms_
         let mut s = spec("live", &kernel, json!({}));
         s.machine.initrd = Some(initrd.clone());
         s.machine.memory_mib = 256;
-        let info = client.create(&s, true).await.unwrap();
-        assert_eq!(info.status.state, VmState::Running, "{info:?}");
+        client.create(&s, true).await.unwrap();
+        let info = wait_for_state(&client, "live", VmState::Running).await;
         let events = client.events(&EventQuery::default()).await.unwrap();
         (info.status.pid.unwrap(), events.last().unwrap().seq)
     });

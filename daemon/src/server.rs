@@ -10,13 +10,15 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::stream::{self, StreamExt};
+use kiln_api::BalloonTarget;
 use kiln_api::{
     ActionResult, ApiError, Capacity, ErrorCode, Event, EventType, Host, Ping, VmInfo, VmList,
     VmSpec,
 };
+use kiln_vmm::protocol::{BalloonInfo, Counters};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -48,6 +50,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/vms/{id}"),
     ("POST", "/v1/vms/{id}/start"),
     ("POST", "/v1/vms/{id}/stop"),
+    ("POST", "/v1/vms/{id}/pause"),
+    ("POST", "/v1/vms/{id}/resume"),
+    ("PUT", "/v1/vms/{id}/balloon"),
+    ("GET", "/v1/vms/{id}/counters"),
     ("GET", "/v1/vms/{id}/console"),
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
@@ -61,6 +67,10 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/vms/{id}", get(get_vm).put(put_vm).delete(delete_vm))
         .route("/v1/vms/{id}/start", post(start_vm))
         .route("/v1/vms/{id}/stop", post(stop_vm))
+        .route("/v1/vms/{id}/pause", post(pause_vm))
+        .route("/v1/vms/{id}/resume", post(resume_vm))
+        .route("/v1/vms/{id}/balloon", put(set_balloon))
+        .route("/v1/vms/{id}/counters", get(counters))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -176,6 +186,31 @@ async fn start_vm(State(app): State<Shared>, VmName(name): VmName) -> Reply<Json
 async fn stop_vm(State(app): State<Shared>, VmName(name): VmName) -> Reply<Json<ActionResult>> {
     let info = app.vms.stop(&name).await?;
     Ok(action_result(&name, Action::Stop, info))
+}
+
+async fn pause_vm(State(app): State<Shared>, VmName(name): VmName) -> Reply<Json<ActionResult>> {
+    let info = app.vms.pause_or_resume(&name, Action::Pause).await?;
+    Ok(action_result(&name, Action::Pause, info))
+}
+
+async fn resume_vm(State(app): State<Shared>, VmName(name): VmName) -> Reply<Json<ActionResult>> {
+    let info = app.vms.pause_or_resume(&name, Action::Resume).await?;
+    Ok(action_result(&name, Action::Resume, info))
+}
+
+async fn set_balloon(
+    State(app): State<Shared>,
+    VmName(name): VmName,
+    JsonBody(target): JsonBody<BalloonTarget>,
+) -> Reply<Json<BalloonInfo>> {
+    app.vms
+        .set_balloon(&name, target.target_mib)
+        .await
+        .map(Json)
+}
+
+async fn counters(State(app): State<Shared>, VmName(name): VmName) -> Reply<Json<Counters>> {
+    app.vms.counters(&name).await.map(Json)
 }
 
 async fn console(State(app): State<Shared>, VmName(name): VmName) -> Reply<Response> {

@@ -14,6 +14,7 @@ use kiln_api::{
     ApiError, ErrorCode, EventType, ExitKind, RestartAction, RestartRecord, VmInfo, VmSpec,
     VmState, VmStatus,
 };
+use kiln_vmm::protocol::{self as ctl, BalloonInfo, Counters, Request};
 use kiln_vmm::{HostLimits, OnReboot, SerialConsole};
 use tokio::sync::{watch, Mutex};
 
@@ -28,6 +29,11 @@ use crate::store::Store;
 const RESTARTS_KEPT: usize = 32;
 /// How long `stop` waits for the VMM to be gone after SIGKILL.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a new VMM has to answer the protocol hello on its control
+/// socket before it is killed as crashed.
+const HELLO_WAIT: Duration = Duration::from_secs(15);
+/// Timeout of one control request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the supervisor keeps things and what it starts.
 #[derive(Debug, Clone)]
@@ -47,6 +53,8 @@ struct Run {
     stop_requested: AtomicBool,
     /// Becomes true once the exit is recorded.
     ended: watch::Sender<bool>,
+    /// Why the daemon killed it, when it did so on its own (no hello).
+    kill_reason: std::sync::Mutex<Option<String>>,
 }
 
 struct Entry {
@@ -177,16 +185,30 @@ impl Manager {
         if let Some(record) = alive {
             match PidFd::open(record.pid) {
                 Ok(pidfd) => {
+                    // The handshake confirms it is a VMM and says its build;
+                    // one that does not answer is adopted all the same
+                    // (pid and start time match), with the reason said.
+                    let hello = ctl::Client::connect(&rd.control_socket(), CONTROL_TIMEOUT)
+                        .map(|c| c.hello().clone());
+                    let (state, note) = match &hello {
+                        Ok(h) if h.pid == record.pid => (
+                            VmState::Running,
+                            format!("protocol {}, build {}", h.protocol, h.build_id),
+                        ),
+                        Ok(h) => (VmState::Running, format!("hello names pid {}", h.pid)),
+                        Err(e) => (VmState::Running, format!("no hello: {e}")),
+                    };
                     let run = self.track(name, record.pid, pidfd, false);
                     entry.run = Some(run);
-                    entry.status.state = VmState::Running;
+                    entry.status.state = state;
                     entry.status.pid = Some(record.pid);
-                    entry.status.reason = None;
+                    entry.status.reason = hello.is_err().then(|| note.clone());
+                    self.persist_status(name, &entry.status);
                     self.events.emit(
                         EventType::Adopted,
                         Some(name),
-                        Some(VmState::Running),
-                        format!("VMM pid {} still runs; adopted", record.pid),
+                        Some(state),
+                        format!("VMM pid {} still runs; adopted ({note})", record.pid),
                     );
                     return;
                 }
@@ -441,8 +463,9 @@ impl Manager {
             Ok(run) => {
                 entry.status.pid = Some(run.pid);
                 entry.status.reason = None;
-                entry.run = Some(run);
-                self.set_state(name, entry, VmState::Running, "VMM started");
+                entry.run = Some(Arc::clone(&run));
+                self.set_state(name, entry, VmState::Starting, "VMM started");
+                self.await_hello(name, run);
             }
             Err(why) => {
                 tracing::warn!("VM {name}: {why}");
@@ -497,6 +520,7 @@ impl Manager {
             child,
             stop_requested: AtomicBool::new(false),
             ended,
+            kill_reason: std::sync::Mutex::new(None),
         });
         let me = Arc::clone(self);
         let name = name.to_owned();
@@ -511,12 +535,20 @@ impl Manager {
         }
         let wait = if run.child { run.pidfd.reap() } else { None };
         let rd = RunDir::new(&self.config.run_dir, &name);
-        let (kind, why) = classify(
-            run.stop_requested.load(Ordering::SeqCst),
-            wait,
-            rd.read_exit(),
-            || last_line(&rd),
-        );
+        let killed_for = run
+            .kill_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (kind, why) = match killed_for {
+            Some(why) => (ExitKind::Crash, why),
+            None => classify(
+                run.stop_requested.load(Ordering::SeqCst),
+                wait,
+                rd.read_exit(),
+                || last_line(&rd),
+            ),
+        };
         rd.clear_record();
         self.cgroups.remove(&name);
         let mut vms = self.vms.lock().await;
@@ -616,6 +648,164 @@ impl Manager {
         });
     }
 
+    /// Waits for a new VMM's hello on its control socket, then marks the VM
+    /// running; a VMM that does not answer in time is killed as crashed.
+    fn await_hello(self: &Arc<Self>, name: &str, run: Arc<Run>) {
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let socket = RunDir::new(&me.config.run_dir, &name).control_socket();
+            let started = tokio::time::Instant::now();
+            let mut ended = run.ended.subscribe();
+            let outcome = loop {
+                if *ended.borrow_and_update() {
+                    return;
+                }
+                let path = socket.clone();
+                let attempt = tokio::task::spawn_blocking(move || {
+                    ctl::Client::connect(&path, CONTROL_TIMEOUT).map(|c| c.hello().clone())
+                })
+                .await;
+                match attempt {
+                    Ok(Ok(hello)) if hello.pid == run.pid => break Ok(hello),
+                    Ok(Ok(hello)) => {
+                        break Err(format!(
+                            "the hello on {} names pid {}, not {}",
+                            socket.display(),
+                            hello.pid,
+                            run.pid
+                        ))
+                    }
+                    Ok(Err(ctl::ClientError::Version { got })) => {
+                        break Err(format!(
+                            "the VMM speaks protocol {got}, the daemon {}",
+                            ctl::VERSION
+                        ))
+                    }
+                    _ if started.elapsed() > HELLO_WAIT => {
+                        break Err(format!(
+                            "no hello on {} within {HELLO_WAIT:?}",
+                            socket.display()
+                        ))
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = ended.changed() => {}
+                }
+            };
+            let mut vms = me.vms.lock().await;
+            let Some(entry) = vms.get_mut(&name) else {
+                return;
+            };
+            let current = entry.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, &run));
+            if !current || entry.status.state != VmState::Starting {
+                return;
+            }
+            match outcome {
+                Ok(hello) => me.set_state(
+                    &name,
+                    entry,
+                    VmState::Running,
+                    &format!(
+                        "VMM answered (protocol {}, build {})",
+                        hello.protocol, hello.build_id
+                    ),
+                ),
+                Err(why) => {
+                    tracing::warn!("VM {name}: {why}; killing its VMM");
+                    *run.kill_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    if let Err(e) = run.pidfd.signal(libc::SIGKILL) {
+                        tracing::warn!("VM {name}: SIGKILL of pid {}: {e}", run.pid);
+                    }
+                }
+            }
+        });
+    }
+
+    /// One request to a running VM's VMM. A refusal by the VMM (a balloon
+    /// target above the guest's memory, ...) is `vmm_refused`; a VMM that
+    /// does not answer is `invalid_state`.
+    async fn control(&self, name: &str, request: Request) -> Result<serde_json::Value, Failure> {
+        let socket = {
+            let vms = self.vms.lock().await;
+            let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
+            if !matches!(entry.status.state, VmState::Running | VmState::Paused) {
+                return Err(Failure::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "VM {name:?} is {}: its VMM is not running",
+                        entry.status.state.as_str()
+                    ),
+                ));
+            }
+            RunDir::new(&self.config.run_dir, name).control_socket()
+        };
+        let answer = tokio::task::spawn_blocking(move || {
+            ctl::Client::connect(&socket, CONTROL_TIMEOUT)?.call(&request)
+        })
+        .await
+        .map_err(|e| Failure::internal("the control request task failed", &e))?;
+        answer.map_err(|e| match e {
+            ctl::ClientError::Vmm(body) => {
+                Failure::new(ErrorCode::VmmRefused, format!("the VMM refused: {body}"))
+            }
+            other => Failure::new(
+                ErrorCode::InvalidState,
+                format!("the VMM of {name:?} does not answer: {other}"),
+            ),
+        })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, Failure> {
+        serde_json::from_value(value)
+            .map_err(|e| Failure::internal("unexpected answer from the VMM", &e))
+    }
+
+    /// Pauses (parks the vCPUs of) a running VM, or resumes a paused one.
+    pub async fn pause_or_resume(&self, name: &str, action: Action) -> Result<VmInfo, Failure> {
+        {
+            let mut vms = self.vms.lock().await;
+            let entry = vms
+                .get_mut(name)
+                .ok_or_else(|| ApiError::vm_not_found(name))?;
+            state::check(entry.status.state, action)
+                .map_err(|why| Failure::new(ErrorCode::InvalidState, why))?;
+            entry.epoch += 1;
+        }
+        let request = match action {
+            Action::Pause => Request::Pause {},
+            _ => Request::Resume {},
+        };
+        let status: ctl::Status = Self::decode(self.control(name, request).await?)?;
+        let mut vms = self.vms.lock().await;
+        let entry = vms
+            .get_mut(name)
+            .ok_or_else(|| ApiError::vm_not_found(name))?;
+        let state = match status.state {
+            ctl::RunState::Paused => VmState::Paused,
+            ctl::RunState::Running => VmState::Running,
+        };
+        if entry.status.state != state && entry.status.state.is_active() {
+            self.set_state(name, entry, state, action.as_str());
+        }
+        Ok(entry.info())
+    }
+
+    /// Sets the balloon target (MiB taken from the guest).
+    pub async fn set_balloon(&self, name: &str, target_mib: u64) -> Result<BalloonInfo, Failure> {
+        Self::decode(
+            self.control(name, Request::SetBalloonTarget { mib: target_mib })
+                .await?,
+        )
+    }
+
+    /// vCPU run/wait time, per-device counters and balloon statistics.
+    pub async fn counters(&self, name: &str) -> Result<Counters, Failure> {
+        Self::decode(self.control(name, Request::Counters {}).await?)
+    }
+
     /// Kills every VMM this daemon started (used by tests and for a full
     /// stop; a normal daemon exit leaves VMMs running for re-adoption).
     pub async fn stop_all(&self) {
@@ -662,7 +852,8 @@ async fn stop_run(run: &Run) -> Result<(), Failure> {
 }
 
 /// How a run ended: a requested stop; else the VMM's exit record; else
-/// its wait status (`kiln-vmm` exit codes: 0 power-off, 3 reboot); else
+/// its wait status (`kiln-vmm` exit codes: 0 power-off, 3 reboot, 5
+/// stopped); else
 /// (a re-adopted VMM without a record) a crash.
 fn classify(
     stop_requested: bool,
@@ -679,6 +870,10 @@ fn classify(
     match wait {
         Some(WaitStatus::Exited(0)) => (ExitKind::Poweroff, "the guest powered off".into()),
         Some(WaitStatus::Exited(3)) => (ExitKind::Reboot, "the guest rebooted".into()),
+        Some(WaitStatus::Exited(code)) if code == i32::from(kiln_vmm::exit::STOPPED) => (
+            ExitKind::Stopped,
+            "stopped through its control socket".into(),
+        ),
         Some(WaitStatus::Exited(code)) => (
             ExitKind::Crash,
             format!("the VMM exited with code {code}: {}", last_line()),

@@ -171,9 +171,11 @@ fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
 /// yaml.
 fn validate(doc: &Value, schema: &Value, value: &Value, what: &str) {
     let mut root = schema.clone();
+    let mut components = doc["components"].clone();
+    nullable_to_json_schema(&mut components);
     root.as_object_mut()
         .expect("schemas are objects")
-        .insert("components".into(), doc["components"].clone());
+        .insert("components".into(), components);
     let validator = jsonschema::validator_for(&root).expect("the yaml's schema compiles");
     let errors: Vec<String> = validator
         .iter_errors(value)
@@ -183,6 +185,22 @@ fn validate(doc: &Value, schema: &Value, value: &Value, what: &str) {
         errors.is_empty(),
         "{what}: {value}\ndoes not match the yaml: {errors:#?}"
     );
+}
+
+/// OpenAPI 3.0's `nullable: true` is JSON Schema's `type: [T, "null"]`.
+fn nullable_to_json_schema(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map.remove("nullable") == Some(Value::Bool(true)) {
+                if let Some(Value::String(t)) = map.get("type").cloned() {
+                    map.insert("type".into(), json!([t, "null"]));
+                }
+            }
+            map.values_mut().for_each(nullable_to_json_schema);
+        }
+        Value::Array(items) => items.iter_mut().for_each(nullable_to_json_schema),
+        _ => {}
+    }
 }
 
 fn concrete(template: &str) -> String {
@@ -319,6 +337,39 @@ async fn real_responses_match_the_yaml_schemas() {
         (s, v["error"]["code"].as_str()),
         (409, Some("invalid_state"))
     );
+    // Control requests need a running VMM.
+    for (method, template, uri, body) in [
+        ("POST", "/v1/vms/{id}/pause", "/v1/vms/web-1/pause", None),
+        ("POST", "/v1/vms/{id}/resume", "/v1/vms/web-1/resume", None),
+        (
+            "PUT",
+            "/v1/vms/{id}/balloon",
+            "/v1/vms/web-1/balloon",
+            Some(json!({"target_mib": 8})),
+        ),
+        (
+            "GET",
+            "/v1/vms/{id}/counters",
+            "/v1/vms/web-1/counters",
+            None,
+        ),
+    ] {
+        let (s, v) = f.checked(method, template, uri, body).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (409, Some("invalid_state")),
+            "{uri}"
+        );
+    }
+    let (s, _) = f
+        .checked(
+            "PUT",
+            "/v1/vms/{id}/balloon",
+            "/v1/vms/web-1/balloon",
+            Some(json!({"mib": 8})),
+        )
+        .await;
+    assert_eq!(s, 422);
     // Replace, console, events, metrics.
     let mut replaced = spec.clone();
     replaced["machine"]["cpus"] = json!(2);

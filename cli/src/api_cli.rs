@@ -185,6 +185,19 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// The API's JSON with `--json`, else the human text.
+fn output<T: serde::Serialize>(
+    api: &ApiArgs,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if api.json {
+        return print_json(value);
+    }
+    print!("{}", human(value));
+    Ok(())
+}
+
 pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
     let client = api.client();
     runtime()?.block_on(async move {
@@ -204,19 +217,11 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
             }
             VmCommand::List => {
                 let vms = client.list().await?;
-                if api.json {
-                    return print_json(&vms);
-                }
-                print!("{}", vm_table(&vms));
-                Ok(())
+                output(api, &vms, |v| vm_table(v))
             }
             VmCommand::Show { name } => {
                 let info = client.get(&name).await?;
-                if api.json {
-                    return print_json(&info);
-                }
-                print!("{}", vm_details(&info));
-                Ok(())
+                output(api, &info, vm_details)
             }
             VmCommand::Start { name } => action(&client, api, &name, "start").await,
             VmCommand::Stop { name } => action(&client, api, &name, "stop").await,
@@ -224,22 +229,16 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
             VmCommand::Resume { name } => action(&client, api, &name, "resume").await,
             VmCommand::Balloon { name, target_mib } => {
                 let b = client.set_balloon(&name, target_mib).await?;
-                if api.json {
-                    return print_json(&b);
-                }
-                println!(
-                    "{name} balloon target {} MiB (guest reports {} MiB inflated)",
-                    b.target_mib, b.actual_mib
-                );
-                Ok(())
+                output(api, &b, |b| {
+                    format!(
+                        "{name} balloon target {} MiB (guest reports {} MiB inflated)\n",
+                        b.target_mib, b.actual_mib
+                    )
+                })
             }
             VmCommand::Counters { name } => {
                 let c = client.counters(&name).await?;
-                if api.json {
-                    return print_json(&c);
-                }
-                print!("{}", counters_table(&c));
-                Ok(())
+                output(api, &c, counters_table)
             }
             VmCommand::Delete { name, force } => {
                 client.delete(&name, force).await?;
@@ -312,11 +311,7 @@ pub fn host(api: &ApiArgs, cmd: HostCommand) -> Result<()> {
         match cmd {
             HostCommand::Info => {
                 let host = client.host().await?;
-                if api.json {
-                    return print_json(&host);
-                }
-                print!("{}", host_details(&host));
-                Ok(())
+                output(api, &host, host_details)
             }
         }
     })
@@ -330,7 +325,8 @@ impl CreateArgs {
         if self.machine.on_reboot.is_some() {
             bail!("--on-reboot: under the daemon, reboots follow --restart on_reboot=...");
         }
-        let machine = self.machine.into_config()?;
+        let mut machine = self.machine.into_config()?;
+        absolute_paths(&mut machine)?;
         Ok(VmSpec {
             name: self.name,
             machine,
@@ -339,6 +335,31 @@ impl CreateArgs {
             labels: self.labels.into_iter().collect(),
         })
     }
+}
+
+/// The daemon resolves paths from its own working directory: send the
+/// ones typed here as absolute paths.
+fn absolute_paths(m: &mut kiln_vmm::VmConfig) -> Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let abs = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = cwd.join(&*p);
+        }
+    };
+    abs(&mut m.kernel);
+    if let Some(i) = &mut m.initrd {
+        abs(i);
+    }
+    for d in &mut m.disks {
+        abs(&mut d.path);
+    }
+    if let Some(v) = &mut m.vsock {
+        abs(&mut v.uds_path);
+    }
+    if let Some(path) = m.console.as_mut().and_then(|c| c.output_path.as_mut()) {
+        abs(path);
+    }
+    Ok(())
 }
 
 /// `512 MiB`, `23.5 GiB`.

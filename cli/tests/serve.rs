@@ -427,7 +427,21 @@ fn a_killed_vmm_is_crashed_with_an_event_and_on_crash_restart_brings_it_back() {
         let info = client.get("svc").await.unwrap();
         assert_eq!(info.status.state, VmState::Shutoff);
         assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
-        client.delete("svc", false).await.unwrap();
+        // Deleting a running VM needs force, which stops its VMM first.
+        client.action("svc", "start").await.unwrap();
+        let pid = wait_for_state(&client, "svc", VmState::Running)
+            .await
+            .status
+            .pid
+            .unwrap();
+        let err = client.delete("svc", false).await.unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((409, kiln_api::ErrorCode::InvalidState))
+        );
+        client.delete("svc", true).await.unwrap();
+        assert!(!pid_alive(pid), "the VMM of a force-deleted VM still runs");
+        assert!(client.list().await.unwrap().is_empty());
     });
 }
 

@@ -564,7 +564,7 @@ fn balloon(vmm: Vmm) {
     let guest_free = kib(&out, "GUEST_STATS_MEMFREE_KB");
     assert!(
         (free_bytes / 1024 - guest_free).abs() <= 32 * 1024,
-        "balloon-stats free_memory={free_bytes} B, guest MemFree {guest_free} kB\nlog {log}"
+        "balloon_stats free_memory={free_bytes} B, guest MemFree {guest_free} kB\nlog {log}"
     );
     expect_value(&out, "OOM_DD", "0");
     expect_value(&out, "OOM_FILE_MIB", "400");

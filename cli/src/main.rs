@@ -1,6 +1,9 @@
 //! `kiln`: the Kiln hypervisor's command-line entry point, thin over the
 //! `kiln_vmm` library (`kiln run`), kiln-images (`kiln guest`) and
-//! kiln-policy (`kiln policy`).
+//! kiln-policy (`kiln policy`), the daemon (`kiln serve`, kiln-daemon) and
+//! the CLI over its REST API (`kiln vm`, `kiln host`, kiln-api).
+
+mod api_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,22 @@ enum Command {
     /// The policy engine: simulate, evaluate and train placement policies.
     #[command(subcommand)]
     Policy(kiln_policy::cli::PolicyCommand),
+    /// The host daemon: the REST API on a Unix socket, one kiln-vmm per VM.
+    Serve(kiln_daemon::ServeArgs),
+    /// VMs of the daemon (through its REST API).
+    Vm {
+        #[command(flatten)]
+        api: api_cli::ApiArgs,
+        #[command(subcommand)]
+        command: api_cli::VmCommand,
+    },
+    /// The host as the daemon sees it.
+    Host {
+        #[command(flatten)]
+        api: api_cli::ApiArgs,
+        #[command(subcommand)]
+        command: api_cli::HostCommand,
+    },
     /// One request to a VMM's control socket (`kiln run --control`,
     /// `kiln-vmm --control`); prints the JSON result.
     VmmCtl(vmm_ctl::VmmCtlArgs),
@@ -87,6 +106,9 @@ fn main() -> ExitCode {
         Command::Guest(GuestCommand::Fetch) => guest_fetch().map(|_| 0),
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
         Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
+        Command::Serve(args) => serve(args).map(|_| 0),
+        Command::Vm { api, command } => api_cli::vm(&api, command).map(|_| 0),
+        Command::Host { api, command } => api_cli::host(&api, command).map(|_| 0),
         Command::VmmCtl(args) => vmm_ctl::run(args).map(|_| 0),
     };
     match result {
@@ -97,6 +119,14 @@ fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+fn serve(args: kiln_daemon::ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(kiln_daemon::serve(args))
 }
 
 fn guest_fetch() -> Result<()> {

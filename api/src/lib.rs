@@ -1,0 +1,18 @@
+//! Kiln's REST API shared by the daemon (`kiln serve`), the CLI and the
+//! tests: the typed models of `api/openapi.yaml`, the one error shape, VM
+//! spec validation and a typed client over a Unix socket or TCP.
+
+pub mod client;
+pub mod error;
+pub mod models;
+pub mod policy;
+pub mod spec;
+
+pub use client::{Client, ClientError, Endpoint, EventQuery};
+pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use models::*;
+pub use policy::{RestartAction, RestartPolicy};
+pub use spec::{VmInfo, VmList, VmSpec};
+
+/// The OpenAPI contract, as shipped (the daemon serves routes it lists).
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");

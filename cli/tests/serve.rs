@@ -1,0 +1,584 @@
+//! `kiln serve` end to end on this machine: the real daemon binary, the
+//! real `kiln-vmm` (whose guests cannot boot on this host's emulating KVM,
+//! but whose processes run), the typed client and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_api::{Client, Endpoint, EventQuery, EventType, VmSpec, VmState};
+use serde_json::{json, Value};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// kiln-vmm next to the kiln binary, (re)built here: `cargo test -p kiln`
+/// does not build other packages' binaries, and a stale one would speak
+/// an older protocol.
+fn vmm_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let path = Path::new(KILN).with_file_name("kiln-vmm");
+    BUILT.call_once(|| {
+        let release = Path::new(KILN)
+            .parent()
+            .is_some_and(|d| d.ends_with("release"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "kiln-vmm", "--bin", "kiln-vmm"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo to build kiln-vmm");
+        assert!(status.success(), "building kiln-vmm failed");
+    });
+    assert!(path.is_file(), "{} missing after the build", path.display());
+    path
+}
+
+/// A daemon in a temporary directory, killed (SIGKILL) when dropped.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    vmm: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    fn start(vmm: PathBuf, extra: &[&str]) -> Daemon {
+        let mut d = Daemon {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            vmm,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("kiln.sock")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("serve.log"))
+            .unwrap();
+        let child = Command::new(KILN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--run-dir")
+            .arg(self.dir.path().join("run"))
+            .arg("--vmm-binary")
+            .arg(&self.vmm)
+            .args(&self.extra)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.socket()))
+    }
+
+    /// `kiln ARGS --socket S`: its stdout, or the test fails with stderr.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(KILN)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The default guest (fetched into the cache by `kiln guest fetch`): on
+/// this host's emulating KVM its kernel never finishes booting, so its VMM
+/// runs until it is stopped; on hardware KVM it waits at a shell.
+fn default_guest() -> (PathBuf, PathBuf) {
+    let g = kiln_guests::ensure_default_guest(&kiln_guests::cache_dir())
+        .expect("the default guest (run `kiln guest fetch`)");
+    (g.bzimage, g.initramfs)
+}
+
+/// A kernel and initrd that exist but are no kernel: kiln-vmm refuses them.
+fn guest_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initrd");
+    std::fs::write(&kernel, vec![0u8; 4096]).unwrap();
+    std::fs::write(&initrd, vec![0u8; 4096]).unwrap();
+    (kernel, initrd)
+}
+
+fn spec(name: &str, kernel: &Path, extra: Value) -> VmSpec {
+    let mut v = json!({"name": name, "machine": {"kernel": kernel, "memory_mib": 64}});
+    if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, val) in more {
+            obj.insert(k.clone(), val.clone());
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+async fn wait_for_state(client: &Client, name: &str, want: VmState) -> kiln_api::VmInfo {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = client.get(name).await.unwrap();
+        if info.status.state == want {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became {want:?}: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) with a pid and a signal.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn create_list_show_delete_through_the_cli_and_the_client() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, initrd) = guest_files(d.dir.path());
+    let out = d.cli(&[
+        "vm",
+        "create",
+        "web-1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--label",
+        "team=kiln",
+        "--restart",
+        "on_crash=restart",
+    ]);
+    assert_eq!(out.trim(), "web-1 defined");
+    let table = d.cli(&["vm", "list"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("web-1"))
+        .expect(&table);
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["web-1", "defined", "2", "128", "MiB", "-", "team=kiln"]
+    );
+    let shown: Value = serde_json::from_str(&d.cli(&["vm", "show", "web-1", "--json"])).unwrap();
+    assert_eq!(shown["spec"]["machine"]["cpus"], 2);
+    assert_eq!(shown["spec"]["restart"]["on_crash"], "restart");
+    let rt = runtime();
+    let client = d.client();
+    rt.block_on(async {
+        assert_eq!(client.ping().await.unwrap().api, "v1");
+        let info = client.get("web-1").await.unwrap();
+        assert_eq!(info.spec.machine.memory_mib, 128);
+        assert_eq!(client.list().await.unwrap().len(), 1);
+    });
+    assert_eq!(d.cli(&["vm", "delete", "web-1"]).trim(), "web-1 deleted");
+    rt.block_on(async {
+        assert!(client.list().await.unwrap().is_empty());
+        let err = client.get("web-1").await.unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((404, kiln_api::ErrorCode::VmNotFound))
+        );
+    });
+    let host: Value = serde_json::from_str(&d.cli(&["host", "info", "--json"])).unwrap();
+    assert!(host["memory_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_specs_get_a_4xx_with_a_reason_and_leave_nothing_behind() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, _) = guest_files(d.dir.path());
+    let client = d.client();
+    runtime().block_on(async {
+        client
+            .create(&spec("taken", &kernel, json!({})), false)
+            .await
+            .unwrap();
+        let k = kernel.to_str().unwrap();
+        let host_mib = client.host().await.unwrap().memory_bytes >> 20;
+        let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+            (
+                "missing kernel",
+                json!({"name": "a", "machine": {"kernel": "/nonexistent/vmlinuz"}})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "/nonexistent/vmlinuz",
+            ),
+            (
+                "0 cpus",
+                json!({"name": "a", "machine": {"kernel": k, "cpus": 0}})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "cpus",
+            ),
+            (
+                "memory beyond the host",
+                json!({"name": "a", "machine": {"kernel": k, "memory_mib": host_mib + 1024}})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "more than this host",
+            ),
+            (
+                "duplicate name",
+                json!({"name": "taken", "machine": {"kernel": k}})
+                    .to_string()
+                    .into_bytes(),
+                409,
+                "exists already",
+            ),
+            (
+                "unknown field",
+                json!({"name": "a", "machine": {"kernel": k}, "colour": "red"})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "colour",
+            ),
+            (
+                "bad name",
+                json!({"name": "A_b", "machine": {"kernel": k}})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "lowercase",
+            ),
+            (
+                "daemon-owned field",
+                json!({"name": "a", "machine": {"kernel": k, "serial": "stdio"}})
+                    .to_string()
+                    .into_bytes(),
+                422,
+                "serial",
+            ),
+            (
+                "malformed JSON",
+                b"{\"name\": \"a\", ".to_vec(),
+                400,
+                "not valid JSON",
+            ),
+            (
+                "huge body",
+                format!("{{\"name\":\"a\",\"pad\":\"{}\"}}", "x".repeat(1 << 20)).into_bytes(),
+                413,
+                "larger than",
+            ),
+        ];
+        for (what, body, status, needle) in cases {
+            let raw = client.raw("POST", "/v1/vms", Some(body)).await.unwrap();
+            let text = String::from_utf8_lossy(&raw.body);
+            assert_eq!(raw.status, status, "{what}: {text}");
+            let v: Value =
+                serde_json::from_slice(&raw.body).unwrap_or_else(|_| panic!("{what}: {text}"));
+            assert!(text.contains(needle), "{what}: {v}");
+            assert!(v["error"]["code"].is_string(), "{what}: {v}");
+        }
+        let names: Vec<String> = client
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.spec.name)
+            .collect();
+        assert_eq!(names, ["taken"]);
+    });
+    let files: Vec<_> = std::fs::read_dir(d.state_dir().join("vms"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files, [std::ffi::OsString::from("taken.json")]);
+}
+
+#[test]
+fn a_killed_vmm_is_crashed_with_an_event_and_on_crash_restart_brings_it_back() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, initrd) = default_guest();
+    let client = d.client();
+    runtime().block_on(async {
+        let mut s = spec("svc", &kernel, json!({"restart": {"on_crash": "restart"}}));
+        s.machine.initrd = Some(initrd);
+        // 64 MiB is too little for this kernel (it triple-faults).
+        s.machine.memory_mib = 256;
+        client.create(&s, true).await.unwrap();
+        let info = wait_for_state(&client, "svc", VmState::Running).await;
+        let first = info.status.pid.unwrap();
+        // Control requests reach the VMM: counters, balloon, pause, resume.
+        let counters = client.counters("svc").await.unwrap();
+        assert_eq!(counters.vcpus.len(), 1, "{counters:?}");
+        let err = client.set_balloon("svc", 4096).await.unwrap_err();
+        assert_eq!(err.api().map(|(s, _)| s), Some(422), "{err}");
+        assert_eq!(
+            client.action("svc", "pause").await.unwrap().state,
+            VmState::Paused
+        );
+        assert_eq!(
+            client.action("svc", "resume").await.unwrap().state,
+            VmState::Running
+        );
+        let mut events = client
+            .follow_events(&EventQuery {
+                vm: Some("svc".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            pid_alive(first),
+            "the VMM ended by itself: {:?}",
+            client.get("svc").await
+        );
+        kill9(first);
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.contains(&EventType::Restarted) {
+            assert!(Instant::now() < deadline, "no restart; events {seen:?}");
+            let e = tokio::time::timeout(Duration::from_secs(30), events.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            seen.push(e.kind);
+        }
+        assert!(seen.contains(&EventType::Crashed), "{seen:?}");
+        assert!(seen.contains(&EventType::PolicyDecision), "{seen:?}");
+        let info = client.get("svc").await.unwrap();
+        assert!(!info.status.restarts.is_empty(), "{info:?}");
+        assert_eq!(info.status.restarts[0].after, kiln_api::ExitKind::Crash);
+        // A stop that was asked for is not a crash and is not restarted.
+        let stopped = client.action("svc", "stop").await.unwrap();
+        assert_eq!(stopped.state, VmState::Shutoff);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = client.get("svc").await.unwrap();
+        assert_eq!(info.status.state, VmState::Shutoff);
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        // Deleting a running VM needs force, which stops its VMM first.
+        client.action("svc", "start").await.unwrap();
+        let pid = wait_for_state(&client, "svc", VmState::Running)
+            .await
+            .status
+            .pid
+            .unwrap();
+        let err = client.delete("svc", false).await.unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((409, kiln_api::ErrorCode::InvalidState))
+        );
+        client.delete("svc", true).await.unwrap();
+        assert!(!pid_alive(pid), "the VMM of a force-deleted VM still runs");
+        assert!(client.list().await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn after_a_kill_9_of_the_daemon_every_acknowledged_vm_is_there_and_running_vmms_are_readopted() {
+    let mut d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, initrd) = default_guest();
+    let rt = runtime();
+    let (pid, last_seq) = rt.block_on(async {
+        let client = d.client();
+        for i in 0..5 {
+            client
+                .create(&spec(&format!("vm-{i}"), &kernel, json!({})), false)
+                .await
+                .unwrap();
+        }
+        let mut s = spec("live", &kernel, json!({}));
+        s.machine.initrd = Some(initrd.clone());
+        s.machine.memory_mib = 256;
+        client.create(&s, true).await.unwrap();
+        let info = wait_for_state(&client, "live", VmState::Running).await;
+        let events = client.events(&EventQuery::default()).await.unwrap();
+        (info.status.pid.unwrap(), events.last().unwrap().seq)
+    });
+    d.kill9();
+    assert!(pid_alive(pid), "the VMM died with the daemon");
+    d.spawn();
+    rt.block_on(async {
+        let client = d.client();
+        let vms = client.list().await.unwrap();
+        assert_eq!(vms.len(), 6, "{vms:?}");
+        let live = client.get("live").await.unwrap();
+        assert_eq!(
+            (live.status.state, live.status.pid),
+            (VmState::Running, Some(pid))
+        );
+        let events = client
+            .events(&EventQuery {
+                since: Some(last_seq),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            events[0].seq,
+            last_seq + 1,
+            "sequence numbers carry on: {events:?}"
+        );
+        assert_eq!(kinds[..2], [EventType::DaemonStarted, EventType::Adopted]);
+        // The adopted VMM is not the daemon's child; its death is still seen.
+        kill9(pid);
+        let info = wait_for_state(&client, "live", VmState::Crashed).await;
+        let reason = info.status.reason.unwrap();
+        assert!(reason.contains("without an exit record"), "{reason}");
+        // Too old a `since` is 410 only when events were dropped; here none were.
+        assert!(client
+            .events(&EventQuery {
+                since: Some(0),
+                ..Default::default()
+            })
+            .await
+            .is_ok());
+    });
+}
+
+#[test]
+fn tcp_needs_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "0123456789abcdef0123\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        vmm_binary(),
+        &[
+            "--listen",
+            &addr,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(Instant::now() < deadline, "no TCP listener: {}", d.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let anonymous = Client::new(Endpoint::Tcp {
+            addr: addr.clone(),
+            token: None,
+        });
+        let err = anonymous.ping().await.unwrap_err();
+        assert_eq!(err.api().map(|(s, _)| s), Some(401), "{err}");
+        let wrong = Client::new(Endpoint::Tcp {
+            addr: addr.clone(),
+            token: Some("0123456789abcdef0124".into()),
+        });
+        assert_eq!(
+            wrong.list().await.unwrap_err().api().map(|(s, _)| s),
+            Some(401)
+        );
+        let right = Client::new(Endpoint::Tcp {
+            addr: addr.clone(),
+            token: Some("0123456789abcdef0123".into()),
+        });
+        assert_eq!(right.ping().await.unwrap().api, "v1");
+    });
+}
+
+#[test]
+fn a_vmm_that_cannot_start_leaves_the_vm_crashed_not_a_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path().join("no-kiln-vmm-here"), &[]);
+    let (kernel, _) = guest_files(d.dir.path());
+    let client = d.client();
+    runtime().block_on(async {
+        client
+            .create(&spec("doomed", &kernel, json!({})), false)
+            .await
+            .unwrap();
+        let result = client.action("doomed", "start").await.unwrap();
+        assert_eq!(result.state, VmState::Crashed);
+        let info = client.get("doomed").await.unwrap();
+        assert!(info.status.reason.unwrap().contains("no-kiln-vmm-here"));
+        let crashes = client
+            .events(&EventQuery {
+                kind: Some(EventType::Crashed),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(crashes.len(), 1, "{crashes:?}");
+        assert_eq!(crashes[0].vm.as_deref(), Some("doomed"));
+    });
+}

@@ -1,0 +1,17 @@
+//! `kiln serve`: Kiln's host daemon. It serves the REST API of `kiln-api`
+//! on a Unix socket, keeps VM definitions durable under its state
+//! directory, and supervises one `kiln-vmm` process per running VM.
+
+pub mod events;
+pub mod host;
+pub mod http;
+pub mod metrics;
+pub mod process;
+pub mod rundir;
+pub mod serve;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod vms;
+
+pub use serve::{serve, ServeArgs};

@@ -1,0 +1,135 @@
+//! A VM's run directory, `<run-dir>/vms/<name>/`: the VMM's control socket,
+//! its serial console log, its stderr log, the process record, the config it
+//! was started with, and the exit record a VMM may leave.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use kiln_api::ExitKind;
+use serde::Deserialize;
+
+use crate::process::ProcessRecord;
+
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+/// The exit record a VMM writes as `exit.json` when it ends.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExitRecord {
+    pub kind: ExitKind,
+    #[serde(default)]
+    pub message: String,
+}
+
+impl RunDir {
+    pub fn new(run_root: &Path, name: &str) -> RunDir {
+        RunDir {
+            dir: run_root.join("vms").join(name),
+        }
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    fn record_path(&self) -> PathBuf {
+        self.dir.join("vmm.json")
+    }
+    fn exit_path(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+
+    /// Creates the directory (mode 0700: it holds the VMM's control socket)
+    /// and clears what a previous run left but its logs.
+    pub fn prepare(&self) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        for stale in [self.control_socket(), self.record_path(), self.exit_path()] {
+            match fs::remove_file(&stale) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_record(&self, record: &ProcessRecord) -> io::Result<()> {
+        let tmp = self.dir.join("vmm.json.tmp");
+        fs::write(&tmp, serde_json::to_vec(record).expect("records serialize"))?;
+        fs::rename(&tmp, self.record_path())
+    }
+
+    pub fn read_record(&self) -> Option<ProcessRecord> {
+        let text = fs::read(self.record_path()).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn clear_record(&self) {
+        let _ = fs::remove_file(self.record_path());
+    }
+
+    /// The exit record, if the VMM wrote one.
+    pub fn read_exit(&self) -> Option<ExitRecord> {
+        let text = fs::read(self.exit_path()).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The last `max` bytes of the console log (empty when there is none).
+    pub fn console_tail(&self, max: u64) -> io::Result<Vec<u8>> {
+        let mut f = match fs::File::open(self.console_log()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+        let mut buf = Vec::new();
+        f.take(max).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Removes the directory and everything in it (the VM was deleted).
+    pub fn remove(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_keeps_the_end_and_prepare_clears_stale_run_files() {
+        let root = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(root.path(), "a");
+        rd.prepare().unwrap();
+        assert!(rd.console_tail(10).unwrap().is_empty());
+        fs::write(rd.console_log(), b"0123456789abcdef").unwrap();
+        assert_eq!(rd.console_tail(4).unwrap(), b"cdef");
+        assert_eq!(rd.console_tail(100).unwrap().len(), 16);
+        fs::write(rd.exit_path(), br#"{"kind":"poweroff"}"#).unwrap();
+        assert_eq!(rd.read_exit().unwrap().kind, ExitKind::Poweroff);
+        rd.prepare().unwrap();
+        assert!(rd.read_exit().is_none());
+        assert!(rd.console_log().exists(), "logs survive a new run");
+        rd.remove().unwrap();
+        assert!(!rd.dir.exists());
+    }
+}

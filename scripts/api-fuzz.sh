@@ -66,8 +66,11 @@ PY
 # stream with valid queries only (a negative case may drop follow=false,
 # and a followed stream never ends).
 checks=not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance
+# Schemathesis runs in the scratch directory: it keeps a .schemathesis
+# cache where it runs.
+venv_abs="$(realpath "$venv")"
 fuzz() {
-    "$venv/bin/schemathesis" --no-color run "$work/openapi.yaml" \
+    (cd "$work" && "$venv_abs/bin/schemathesis" --no-color run "$work/openapi.yaml" \
         --url "http://127.0.0.1:$port" \
         -H "Authorization: Bearer $token" \
         --checks "$checks" \
@@ -75,7 +78,7 @@ fuzz() {
         --request-timeout 10 \
         --workers 1 \
         --suppress-health-check all \
-        "$@"
+        "$@")
 }
 status=0
 fuzz --exclude-path /v1/events 2>&1 | tee "$work/schemathesis.log" || status=$?

@@ -29,6 +29,11 @@ scripts/fuzz.sh "${KILN_FUZZ_SECONDS:-5}" || fuzz_status=$?
 test_status=0
 cargo nextest run --workspace --locked --no-fail-fast || test_status=$?
 
+# Schemathesis against a running daemon (api/openapi.yaml; docs/api.md).
+echo "test.sh: fuzzing the REST API with schemathesis" >&2
+api_fuzz_status=0
+scripts/api-fuzz.sh || api_fuzz_status=$?
+
 # One quick boot benchmark: Kiln and the QEMU peer once each, figures
 # only, no assertions (the full one: kiln-bench-boot 5, docs/benchmarks.md).
 echo "test.sh: quick boot benchmark (one run each; figures only)" >&2
@@ -40,6 +45,9 @@ scripts/test-summary.py target/nextest/default/junit.xml . || true
 if [ "$fuzz_status" -ne 0 ]; then
     echo "test.sh: fuzzing found a crash; see the 'fuzz:' lines above and fuzz/artifacts/" >&2
 fi
+if [ "$api_fuzz_status" -ne 0 ]; then
+    echo "test.sh: the REST API fuzz failed (exit $api_fuzz_status): see the 'api-fuzz:' lines above" >&2
+fi
 if [ "$bench_status" -ne 0 ]; then
     echo "test.sh: the quick boot benchmark failed (exit $bench_status): a guest did not reach its init marker; see its output above" >&2
 fi
@@ -48,4 +56,5 @@ if [ "$test_status" -ne 0 ]; then
     exit "$test_status"
 fi
 [ "$fuzz_status" -eq 0 ] || exit "$fuzz_status"
+[ "$api_fuzz_status" -eq 0 ] || exit "$api_fuzz_status"
 exit "$bench_status"

@@ -90,6 +90,7 @@ impl VmSpec {
         let mut causes = Vec::new();
         causes.extend(name_problem(&self.name));
         causes.extend(label_problems(&self.labels));
+        causes.extend(relative_paths(&self.machine));
         if let Err(e) = self.machine.validate(host) {
             causes.push(error_chain(&e));
         }
@@ -145,6 +146,39 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Host paths in a spec must be absolute: the daemon and its VMMs do not
+/// run in the client's directory, and a relative path would name a file
+/// wherever they happen to run (a fuzzed spec once created one there).
+fn relative_paths(machine: &kiln_vmm::VmConfig) -> Vec<String> {
+    let mut paths: Vec<(&str, &std::path::Path)> = vec![("machine.kernel", &machine.kernel)];
+    if let Some(initrd) = &machine.initrd {
+        paths.push(("machine.initrd", initrd));
+    }
+    for disk in &machine.disks {
+        paths.push(("machine.disks[].path", &disk.path));
+    }
+    if let Some(vsock) = &machine.vsock {
+        paths.push(("machine.vsock.uds", &vsock.uds_path));
+    }
+    if let Some(path) = machine
+        .console
+        .as_ref()
+        .and_then(|c| c.output_path.as_ref())
+    {
+        paths.push(("machine.console.file", path));
+    }
+    paths
+        .into_iter()
+        .filter(|(_, p)| !p.is_absolute())
+        .map(|(field, p)| {
+            format!(
+                "{field} {:?} is not an absolute path",
+                p.display().to_string()
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +216,26 @@ mod tests {
             assert!(value["machine"].get(field).is_none(), "{text}");
         }
         assert_eq!(serde_json::from_str::<VmSpec>(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn relative_host_paths_are_refused() {
+        let k = kernel_file();
+        let spec: VmSpec = serde_json::from_str(&spec_json(
+            k.path(),
+            r#","disks":[{"path":"data.img"}],"console":{"file":"out"}"#,
+        ))
+        .unwrap();
+        let e = spec.validate(&HOST).unwrap_err();
+        let causes = e.causes.join("\n");
+        assert!(
+            causes.contains("machine.disks[].path \"data.img\" is not an absolute path"),
+            "{causes}"
+        );
+        assert!(causes.contains("machine.console.file"), "{causes}");
+        let relative: VmSpec =
+            serde_json::from_str(&spec_json(std::path::Path::new("bzImage"), "")).unwrap();
+        assert!(relative.validate(&HOST).is_err());
     }
 
     #[test]

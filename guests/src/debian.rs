@@ -37,50 +37,50 @@ fn run(cmd: &mut Command, package: &str) -> Result<String, GuestError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The candidate version apt would install, refreshing the package lists
-/// once if apt does not know the package yet (a fresh machine).
+/// `look` at apt's lists; when it finds nothing, refresh them once (a
+/// fresh machine has none, a new suite needs them) and look again.
+fn look_in_apt_lists<T>(
+    package: &str,
+    missing: &str,
+    look: impl Fn() -> Result<Option<T>, GuestError>,
+) -> Result<Option<T>, GuestError> {
+    if let Some(found) = look()? {
+        return Ok(Some(found));
+    }
+    progress(&format!("{missing}; running apt-get update"));
+    run(Command::new("apt-get").args(["update", "-qq"]), package)?;
+    look()
+}
+
+/// The candidate version apt would install.
 fn candidate_version(package: &str) -> Result<String, GuestError> {
-    for attempt in 0..2 {
+    look_in_apt_lists(package, "apt does not know the package yet", || {
         let policy = run(Command::new("apt-cache").args(["policy", package]), package)?;
-        let candidate = policy
+        Ok(policy
             .lines()
             .find_map(|l| l.trim().strip_prefix("Candidate:"))
             .map(|v| v.trim().to_string())
-            .filter(|v| v != "(none)");
-        if let Some(v) = candidate {
-            return Ok(v);
-        }
-        if attempt == 0 {
-            progress("apt does not know the package yet; running apt-get update");
-            run(Command::new("apt-get").args(["update", "-qq"]), package)?;
-        }
-    }
-    Err(GuestError::Fetch {
+            .filter(|v| v != "(none)"))
+    })?
+    .ok_or_else(|| GuestError::Fetch {
         package: package.into(),
         detail: "no installable version in the apt sources".into(),
     })
 }
 
-/// Checks that apt's lists carry `name` at `version` (refreshing them once
-/// on a fresh machine), so a missing version fails with a clear reason.
+/// Checks that apt's lists carry `name` at `version`, so a missing
+/// version fails with a clear reason.
 fn ensure_version_known(name: &str, version: &str) -> Result<(), GuestError> {
-    for attempt in 0..2 {
+    let missing = format!("apt does not list {name} {version}");
+    look_in_apt_lists(name, &missing, || {
         let policy = run(Command::new("apt-cache").args(["policy", name]), name)?;
         // Version table lines: " *** 1:7.2+dfsg-7 500" or "     1:7.2+dfsg-7 500".
-        let known = policy
+        Ok(policy
             .lines()
-            .any(|l| l.trim_start_matches([' ', '*']).split_whitespace().next() == Some(version));
-        if known {
-            return Ok(());
-        }
-        if attempt == 0 {
-            progress(&format!(
-                "apt does not list {name} {version}; running apt-get update"
-            ));
-            run(Command::new("apt-get").args(["update", "-qq"]), name)?;
-        }
-    }
-    Err(GuestError::Fetch {
+            .any(|l| l.trim_start_matches([' ', '*']).split_whitespace().next() == Some(version))
+            .then_some(()))
+    })?
+    .ok_or_else(|| GuestError::Fetch {
         package: name.into(),
         detail: format!(
             "version {version} is not in the apt sources (a backports version needs its suite in \
@@ -97,7 +97,8 @@ fn ensure_version_known(name: &str, version: &str) -> Result<(), GuestError> {
 /// pin on the upstream version and Debian revision (`1:7.2+dfsg-7`) stays
 /// fetchable, and callers report the exact version they got.
 pub fn newest_version_with_prefix(name: &str, prefix: &str) -> Result<String, GuestError> {
-    for attempt in 0..2 {
+    let missing = format!("apt lists no {name} {prefix}*");
+    look_in_apt_lists(name, &missing, || {
         let madison = run(Command::new("apt-cache").args(["madison", name]), name)?;
         let mut newest: Option<String> = None;
         for version in listed_versions(&madison).filter(|v| v.starts_with(prefix)) {
@@ -113,17 +114,9 @@ pub fn newest_version_with_prefix(name: &str, prefix: &str) -> Result<String, Gu
                 newest = Some(version.to_string());
             }
         }
-        if let Some(v) = newest {
-            return Ok(v);
-        }
-        if attempt == 0 {
-            progress(&format!(
-                "apt lists no {name} {prefix}*; running apt-get update"
-            ));
-            run(Command::new("apt-get").args(["update", "-qq"]), name)?;
-        }
-    }
-    Err(GuestError::Fetch {
+        Ok(newest)
+    })?
+    .ok_or_else(|| GuestError::Fetch {
         package: name.into(),
         detail: format!(
             "no version {prefix}* in the apt sources (a backports version needs its suite in \

@@ -49,6 +49,9 @@ pub enum ClientError {
     Api { status: u16, error: ApiError },
     #[error("the daemon answered {status} with an unexpected body: {body}")]
     Unexpected { status: u16, body: String },
+    /// A request this client cannot send, e.g. a token with a newline.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
@@ -191,7 +194,11 @@ impl Client {
             }
             None => Full::new(Bytes::new()),
         };
-        let req = req.body(body).expect("requests are well-formed");
+        // A header value from the user (the token, the TCP address) may be
+        // one HTTP cannot carry.
+        let req = req
+            .body(body)
+            .map_err(|e| ClientError::InvalidRequest(e.to_string()))?;
         Ok(sender.send_request(req).await?)
     }
 

@@ -4,6 +4,8 @@
 
 pub mod config;
 mod console;
+pub mod console_log;
+pub mod console_socket;
 mod control;
 mod cpu;
 mod devices;
@@ -15,7 +17,7 @@ pub mod run;
 mod terminal;
 pub mod vm;
 
-pub use config::{HostLimits, OnReboot, SerialConsole, VmConfig};
+pub use config::{HostLimits, OnReboot, SerialConsole, SocketConsole, VmConfig};
 pub use kiln_devices::ExitReason;
 pub use vm::{RunningVm, Vm, VmError};
 

@@ -12,6 +12,7 @@ use kiln_devices::ExitReason;
 use kvm_ioctls::Kvm;
 
 use crate::config::{OnReboot, SerialConsole as ConsoleMode, VmConfig};
+use crate::console_socket::ConsoleSocket;
 use crate::console::{stop_signals_fd, ConsoleInput, ConsoleOutputFlush, VmControl};
 use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
@@ -31,8 +32,17 @@ pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitR
         _ => None,
     };
     let mut signals = Some(signals);
+    // Bound once: clients stay attached across a guest reboot.
+    let console_socket = match &config.serial {
+        ConsoleMode::Socket(s) => Some(ConsoleSocket::bind(s)?),
+        _ => None,
+    };
     loop {
-        let vm = vm::build(&kvm, config, serial_output(&config.serial)?)?;
+        let output = match &console_socket {
+            Some(c) => c.output(),
+            None => serial_output(&config.serial)?,
+        };
+        let vm = vm::build(&kvm, config, output)?;
         let _control = match control {
             Some(path) => Some(crate::control::ControlSocket::start(path, vm.handle())?),
             None => None,
@@ -47,6 +57,11 @@ pub fn run(config: &VmConfig, control: Option<&std::path::Path>) -> Result<ExitR
                     vm.serial.rx_room.try_clone()?,
                 )));
             }
+        }
+        if let Some(c) = &console_socket {
+            events.add_subscriber(Box::new(
+                c.subscriber(vm.serial.console.clone(), vm.serial.rx_room.try_clone()?),
+            ));
         }
         events.add_subscriber(Box::new(ConsoleOutputFlush::new(
             vm.serial.console.clone(),
@@ -84,7 +99,7 @@ fn serial_output(mode: &ConsoleMode) -> Result<SerialOutput> {
                 .open(path)
                 .with_context(|| format!("cannot open console file {}", path.display()))?,
         ),
-        ConsoleMode::None => Box::new(std::io::sink()),
+        ConsoleMode::None | ConsoleMode::Socket(_) => Box::new(std::io::sink()),
     })
 }
 

@@ -14,7 +14,7 @@ use super::{parse_memory_mib, OnReboot, SerialConsole, SizeError, VmConfig, DEFA
 pub enum FlagError {
     #[error("--memory: {0}")]
     Memory(#[from] SizeError),
-    #[error("invalid console {0:?}: use stdio, none or file:PATH")]
+    #[error("invalid console {0:?}: use stdio, none, file:PATH or socket:PATH")]
     Console(String),
     #[error("{flag} {text:?}: {source}")]
     Device {
@@ -53,7 +53,7 @@ pub struct RunArgs {
     /// Guest memory: 512M, 2G, ... (a bare number is MiB) [default: 512M].
     #[arg(long)]
     pub memory: Option<String>,
-    /// Serial console: stdio, file:PATH or none [default: stdio].
+    /// Serial console: stdio, file:PATH, socket:PATH (clients attach, e.g. socat) or none [default: stdio].
     #[arg(long)]
     pub console: Option<String>,
     /// What a guest reboot does: exit (code 3) or restart the guest [default: exit].
@@ -93,13 +93,22 @@ fn device<T: DeserializeOwned>(flag: &'static str, text: &str) -> Result<T, Flag
     })
 }
 
-/// `stdio`, `none` or `file:PATH`.
+/// `stdio`, `none`, `file:PATH` or `socket:PATH` (no log).
 pub fn parse_serial(text: &str) -> Result<SerialConsole, FlagError> {
     match text {
         "stdio" => Ok(SerialConsole::Stdio),
         "none" => Ok(SerialConsole::None),
-        _ => match text.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(SerialConsole::File(PathBuf::from(path))),
+        _ => match text.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => {
+                Ok(SerialConsole::File(PathBuf::from(path)))
+            }
+            Some(("socket", path)) if !path.is_empty() => {
+                Ok(SerialConsole::Socket(super::SocketConsole {
+                    path: PathBuf::from(path),
+                    log: None,
+                    log_limit_bytes: crate::console_log::DEFAULT_LOG_LIMIT,
+                }))
+            }
             _ => Err(FlagError::Console(text.into())),
         },
     }

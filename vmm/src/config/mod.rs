@@ -35,8 +35,29 @@ pub enum SerialConsole {
     Stdio,
     /// Appended to a file; no input.
     File(PathBuf),
+    /// Served on a Unix socket (clients read the output, the oldest one
+    /// types) and written to a size-capped log: how the daemon runs VMs.
+    Socket(SocketConsole),
     /// Discarded.
     None,
+}
+
+/// The serial console on a Unix socket, with a capped log
+/// ([`crate::console_socket`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConsole {
+    pub path: PathBuf,
+    /// The log file; at `log_limit_bytes` it is renamed to `<log>.1` and
+    /// started again, so at most twice the limit is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
+    #[serde(default = "default_log_limit")]
+    pub log_limit_bytes: u64,
+}
+
+fn default_log_limit() -> u64 {
+    crate::console_log::DEFAULT_LOG_LIMIT
 }
 
 /// What to do when the guest reboots.
@@ -141,6 +162,8 @@ pub enum ConfigError {
     MemoryOverflow(u64),
     #[error("the balloon's target_mib {target} must be below the guest's memory ({memory} MiB)")]
     BalloonTargetTooLarge { target: u64, memory: u64 },
+    #[error("the console log limit {0} bytes is below the 4096 bytes allowed")]
+    ConsoleLogLimit(u64),
     #[error("device id {0:?} is used by two devices")]
     DuplicateId(String),
     #[error("device id {0:?} must not be empty or contain whitespace")]
@@ -306,6 +329,11 @@ impl VmConfig {
                     target: b.initial_target_mib,
                     memory: self.memory_mib,
                 });
+            }
+        }
+        if let SerialConsole::Socket(s) = &self.serial {
+            if s.log_limit_bytes < crate::console_log::MIN_LOG_LIMIT {
+                return Err(ConfigError::ConsoleLogLimit(s.log_limit_bytes));
             }
         }
         let mut seen = BTreeSet::new();

@@ -37,6 +37,10 @@ impl RunDir {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The VMM's serial console socket (see `kiln_vmm::console_socket`).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
@@ -58,7 +62,12 @@ impl RunDir {
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
-        for stale in [self.control_socket(), self.record_path(), self.exit_path()] {
+        for stale in [
+            self.control_socket(),
+            self.console_socket(),
+            self.record_path(),
+            self.exit_path(),
+        ] {
             match fs::remove_file(&stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -88,17 +97,16 @@ impl RunDir {
         serde_json::from_slice(&text).ok()
     }
 
-    /// The last `max` bytes of the console log (empty when there is none).
+    /// The last `max` bytes of the console log (empty when there is none):
+    /// of `console.log`, and before it of the rotated-out `console.log.1`.
     pub fn console_tail(&self, max: u64) -> io::Result<Vec<u8>> {
-        let mut f = match fs::File::open(self.console_log()) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-        let mut buf = Vec::new();
-        f.take(max).read_to_end(&mut buf)?;
+        let current = self.console_log();
+        let mut buf = tail(&current, max)?;
+        let missing = max - buf.len() as u64;
+        if missing > 0 {
+            let older = tail(&kiln_vmm::console_log::rotated_path(&current), missing)?;
+            buf.splice(0..0, older);
+        }
         Ok(buf)
     }
 
@@ -109,6 +117,20 @@ impl RunDir {
             _ => Ok(()),
         }
     }
+}
+
+/// The last `max` bytes of a file (empty when there is none).
+fn tail(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -124,6 +146,11 @@ mod tests {
         fs::write(rd.console_log(), b"0123456789abcdef").unwrap();
         assert_eq!(rd.console_tail(4).unwrap(), b"cdef");
         assert_eq!(rd.console_tail(100).unwrap().len(), 16);
+        // After a rotation the tail reaches into the older part.
+        fs::write(rd.dir.join("console.log.1"), b"older-").unwrap();
+        fs::write(rd.console_log(), b"newer").unwrap();
+        assert_eq!(rd.console_tail(7).unwrap(), b"r-newer");
+        assert_eq!(rd.console_tail(100).unwrap(), b"older-newer");
         fs::write(rd.exit_path(), br#"{"kind":"poweroff"}"#).unwrap();
         assert_eq!(rd.read_exit().unwrap().kind, ExitKind::Poweroff);
         rd.prepare().unwrap();

@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// loopback addresses: TLS is not implemented yet.
     #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
     pub listen: Option<SocketAddr>,
+    /// Each VM's serial console log is rotated to console.log.1 at this
+    /// size (MiB), so a guest cannot fill the disk.
+    #[arg(long, value_name = "MIB", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub console_log_mib: u64,
     /// A file holding the bearer token for --listen.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -77,6 +81,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir.clone(),
         vmm_binary,
+        console_log_limit: args.console_log_mib << 20,
     })
     .await
     .context("cannot load the daemon's state")?;

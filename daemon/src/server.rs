@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -57,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/console"),
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
+    ("GET", "/v1/vms/{id}/console/attach"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -74,6 +77,7 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/v1/vms/{id}/console/attach", get(console_attach))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))
@@ -323,4 +327,21 @@ async fn metrics(State(app): State<Shared>) -> Response {
         app.metrics.render(&vms),
     )
         .into_response()
+}
+
+/// The live console: a WebSocket bridged to the VMM's console socket
+/// (guest output as binary frames; frames sent are typed into the guest).
+async fn console_attach(
+    State(app): State<Shared>,
+    VmName(name): VmName,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Reply<Response> {
+    let console = app.vms.console_connect(&name).await?;
+    let upgrade = upgrade.map_err(|e| {
+        Failure::new(
+            ErrorCode::InvalidRequest,
+            format!("the console attach is a WebSocket: send an upgrade request ({e})"),
+        )
+    })?;
+    Ok(upgrade.on_upgrade(move |ws| crate::console::bridge(ws, console)))
 }

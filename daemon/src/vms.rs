@@ -15,7 +15,7 @@ use kiln_api::{
     VmState, VmStatus,
 };
 use kiln_vmm::protocol::{self as ctl, BalloonInfo, Counters, Request};
-use kiln_vmm::{HostLimits, OnReboot, SerialConsole};
+use kiln_vmm::{HostLimits, OnReboot, SerialConsole, SocketConsole};
 use tokio::sync::{watch, Mutex};
 
 use crate::events::{now_ms, EventLog};
@@ -41,6 +41,8 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub vmm_binary: PathBuf,
+    /// Where each VMM's console log rotates (see `kiln_vmm::console_log`).
+    pub console_log_limit: u64,
 }
 
 /// One run of a VM's VMM.
@@ -456,6 +458,30 @@ impl Manager {
             .map_err(|e| Failure::internal("cannot read the console log", &e))
     }
 
+    /// Connects to a running VM's serial console socket and reads its
+    /// greeting: the stream then carries the raw console both ways. A VM
+    /// that does not run is `invalid_state`, and so is a console with
+    /// every client slot taken.
+    pub async fn console_connect(&self, name: &str) -> Result<tokio::net::UnixStream, Failure> {
+        let socket = {
+            let vms = self.vms.lock().await;
+            let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
+            if !matches!(entry.status.state, VmState::Running | VmState::Paused) {
+                return Err(Failure::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "VM {name:?} is {}: its console is attached only while it runs",
+                        entry.status.state.as_str()
+                    ),
+                ));
+            }
+            RunDir::new(&self.config.run_dir, name).console_socket()
+        };
+        crate::console::connect(&socket)
+            .await
+            .map_err(|why| Failure::new(ErrorCode::InvalidState, format!("VM {name:?}: {why}")))
+    }
+
     /// Starts the VM's VMM. A failure to start is the VM's crash (state
     /// `crashed`, an event), not an error of the request.
     fn launch(self: &Arc<Self>, name: &str, entry: &mut Entry) {
@@ -480,7 +506,11 @@ impl Manager {
         rd.prepare()
             .map_err(|e| format!("cannot prepare {}: {e}", rd.dir.display()))?;
         let mut config = entry.spec.machine.clone();
-        config.serial = SerialConsole::File(rd.console_log());
+        config.serial = SerialConsole::Socket(SocketConsole {
+            path: rd.console_socket(),
+            log: Some(rd.console_log()),
+            log_limit_bytes: self.config.console_log_limit,
+        });
         config.on_reboot = OnReboot::Exit;
         let text = serde_json::to_vec_pretty(&config).expect("configs serialize");
         std::fs::write(rd.config(), text)

@@ -54,6 +54,7 @@ async fn fixture() -> Fixture {
         run_dir: dir.path().join("run"),
         // A VMM that cannot be started: starts give `crashed`.
         vmm_binary: dir.path().join("no-such-kiln-vmm"),
+        console_log_limit: 4 << 20,
     })
     .await
     .unwrap();
@@ -351,6 +352,12 @@ async fn real_responses_match_the_yaml_schemas() {
             "GET",
             "/v1/vms/{id}/counters",
             "/v1/vms/web-1/counters",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/vms/{id}/console/attach",
+            "/v1/vms/web-1/console/attach",
             None,
         ),
     ] {

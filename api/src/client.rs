@@ -52,6 +52,9 @@ pub enum ClientError {
     /// A request this client cannot send, e.g. a token with a newline.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The console's WebSocket failed.
+    #[error("console connection: {0}")]
+    Console(String),
 }
 
 impl ClientError {
@@ -79,7 +82,7 @@ pub struct Client {
 
 /// Percent-encodes a path segment (VM names are plain, but a user may type
 /// anything).
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
@@ -409,7 +412,7 @@ where
     Ok(sender)
 }
 
-fn api_error(raw: RawResponse) -> ClientError {
+pub(crate) fn api_error(raw: RawResponse) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(&raw.body) {
         Ok(b) => ClientError::Api {
             status: raw.status,

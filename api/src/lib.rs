@@ -3,12 +3,14 @@
 //! spec validation and a typed client over a Unix socket or TCP.
 
 pub mod client;
+pub mod console;
 pub mod error;
 pub mod models;
 pub mod policy;
 pub mod spec;
 
 pub use client::{Client, ClientError, Endpoint, EventQuery};
+pub use console::{ConsoleInput, ConsoleOutput, ConsoleSession};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use models::*;
 pub use policy::{RestartAction, RestartPolicy};

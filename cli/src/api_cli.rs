@@ -77,8 +77,9 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
-    /// The VM's serial console log.
-    Console { name: String },
+    /// Attach to the VM's serial console (Ctrl-] detaches), or with --log
+    /// print its log.
+    Console(crate::console_attach::ConsoleArgs),
     /// The daemon's events (state changes, crashes, restarts, decisions).
     Events(EventsArgs),
 }
@@ -248,13 +249,19 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
                 println!("{name} deleted");
                 Ok(())
             }
-            VmCommand::Console { name } => {
-                let log = client.console(&name).await?;
+            VmCommand::Console(args) if args.log => {
+                let log = client.console(&args.name).await?;
                 if api.json {
-                    return print_json(&serde_json::json!({"vm": name, "console": log}));
+                    return print_json(&serde_json::json!({"vm": args.name, "console": log}));
                 }
                 print!("{log}");
                 Ok(())
+            }
+            VmCommand::Console(args) => {
+                if api.json {
+                    bail!("--json goes with --log: an attached console is raw bytes");
+                }
+                crate::console_attach::attach(&client, &args).await
             }
             VmCommand::Events(args) => events(&client, api, args).await,
         }

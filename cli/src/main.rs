@@ -4,6 +4,7 @@
 //! the CLI over its REST API (`kiln vm`, `kiln host`, kiln-api).
 
 mod api_cli;
+mod console_attach;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

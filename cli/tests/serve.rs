@@ -582,3 +582,119 @@ fn a_vmm_that_cannot_start_leaves_the_vm_crashed_not_a_5xx() {
         assert_eq!(crashes[0].vm.as_deref(), Some("doomed"));
     });
 }
+
+#[test]
+fn the_console_attaches_through_a_websocket_for_four_clients_and_only_while_the_vm_runs() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, initrd) = default_guest();
+    let client = d.client();
+    let rt = runtime();
+    rt.block_on(async {
+        client
+            .create(&spec("quiet", &kernel, json!({})), false)
+            .await
+            .unwrap();
+        // Not running: 409 before any upgrade.
+        let err = client
+            .attach_console("quiet")
+            .await
+            .err()
+            .expect("attached to a defined VM");
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((409, kiln_api::ErrorCode::InvalidState)),
+            "{err}"
+        );
+        let err = client.attach_console("nobody").await.err().unwrap();
+        assert_eq!(err.api().map(|(s, _)| s), Some(404), "{err}");
+        let mut s = spec("live", &kernel, json!({}));
+        s.machine.initrd = Some(initrd);
+        s.machine.memory_mib = 256;
+        client.create(&s, true).await.unwrap();
+        wait_for_state(&client, "live", VmState::Running).await;
+        let mut sessions = Vec::new();
+        for _ in 0..4 {
+            let (mut input, output) = client.attach_console("live").await.unwrap().split();
+            input.send(b"echo typed\n").await.unwrap();
+            sessions.push((input, output));
+        }
+        let err = client
+            .attach_console("live")
+            .await
+            .err()
+            .expect("a 5th client attached");
+        let (status, e) = err.api().expect("an API error");
+        assert_eq!((status, e.code), (409, kiln_api::ErrorCode::InvalidState));
+        assert!(e.message.contains("busy: 4 clients"), "{}", e.message);
+        // Detach one; its slot is free again once the VMM saw it go.
+        let (mut input, _output) = sessions.pop().unwrap();
+        input.close().await.unwrap();
+        drop(input);
+        drop(_output);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let again = loop {
+            match client.attach_console("live").await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "the slot never came back: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        drop(again);
+        drop(sessions);
+        // The log read still works while the console is attached.
+        client.console("live").await.unwrap();
+    });
+    // The CLI: piped input is typed and it detaches after it; a marker that
+    // never comes is an error after --timeout; a VM that does not run is
+    // refused.
+    let run = |args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new(KILN)
+            .args(args)
+            .arg("--socket")
+            .arg(d.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, err) = run(&["vm", "console", "live", "--timeout", "20"], b"echo hi\n");
+        if code == Some(0) {
+            break;
+        }
+        // The slots of the sessions dropped above free up shortly.
+        assert!(Instant::now() < deadline, "piped attach: {code:?} {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    let (code, err) = run(
+        &[
+            "vm",
+            "console",
+            "live",
+            "--until",
+            "NEVER_PRINTED",
+            "--timeout",
+            "2",
+        ],
+        b"",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("did not appear"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    let (code, err) = run(&["vm", "console", "quiet"], b"");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("quiet") && err.contains("defined"), "{err}");
+    assert!(d.cli(&["vm", "console", "live", "--log"]).len() <= 1 << 20);
+}

@@ -156,7 +156,11 @@ impl ConsoleSocket {
 
     /// The event-loop side for one run of the guest: accepts clients, feeds
     /// the oldest one's input into `serial`, removes clients that left.
-    pub fn subscriber(&self, serial: Arc<Mutex<SerialConsole>>, rx_room: EventFd) -> ConsoleClients {
+    pub fn subscriber(
+        &self,
+        serial: Arc<Mutex<SerialConsole>>,
+        rx_room: EventFd,
+    ) -> ConsoleClients {
         ConsoleClients {
             hub: self.hub.clone(),
             listener: self.listener.clone(),
@@ -526,7 +530,10 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(got, typed, "every typed byte, in order, none from the reader");
+        assert_eq!(
+            got, typed,
+            "every typed byte, in order, none from the reader"
+        );
     }
 
     #[test]
@@ -551,7 +558,10 @@ mod tests {
         }
         assert!(start.elapsed() < Duration::from_secs(20), "output blocked");
         let dropped = r.console.dropped();
-        assert!(dropped[0] > 0, "the slow client must lose output: {dropped:?}");
+        assert!(
+            dropped[0] > 0,
+            "the slow client must lose output: {dropped:?}"
+        );
         assert!(fast_got > 3 << 20, "the fast one kept up: {fast_got}");
         // The log is capped however much the guest prints.
         let log = std::fs::metadata(&r.log).unwrap().len();

@@ -12,8 +12,8 @@ use kiln_devices::ExitReason;
 use kvm_ioctls::Kvm;
 
 use crate::config::{OnReboot, SerialConsole as ConsoleMode, VmConfig};
-use crate::console_socket::ConsoleSocket;
 use crate::console::{stop_signals_fd, ConsoleInput, ConsoleOutputFlush, VmControl};
+use crate::console_socket::ConsoleSocket;
 use crate::terminal::RawTerminal;
 use crate::{cpu, vm};
 

@@ -134,7 +134,8 @@ fn bad_keys_and_values_name_the_flag_and_the_known_keys() {
     let e = err(&["--kernel=/k", "--rng=fast"]);
     assert!(e.contains("--rng") && e.contains("known: none"), "{e}");
     assert!(err(&["--kernel=/k", "--memory=12X"]).contains("unknown suffix"));
-    assert!(err(&["--kernel=/k", "--console=tcp:1"]).contains("use stdio, none, file:PATH or socket:PATH"));
+    assert!(err(&["--kernel=/k", "--console=tcp:1"])
+        .contains("use stdio, none, file:PATH or socket:PATH"));
     assert!(err(&["--kernel=/k", "--console=file:"]).contains("file:PATH"));
     assert!(err(&["--cpus=2"]).contains("--kernel is required"));
     assert!(err(&["--config=/x.json", "--cpus=2"]).contains("--cpus"));

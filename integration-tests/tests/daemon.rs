@@ -62,7 +62,7 @@ pa=$(pid_of vm-a); pb=$(pid_of vm-b); pc=$(pid_of vm-c)
 echo "PIDS_BEFORE=$pa $pb $pc"
 seq0=$(last_seq)
 kill -9 $pc
-i=0; while ! k vm events --vm vm-c --since $seq0 --json | grep -q '"type":"restarted"'; do i=$((i+1)); [ $i -gt 60 ] && break; sleep 1; done
+i=0; while [ "$(k vm events --vm vm-c --since $seq0 --json | grep -c '"type":"restarted"')" = 0 ]; do i=$((i+1)); [ $i -gt 60 ] && break; sleep 1; done
 k vm events --vm vm-c --since $seq0 --json | sed 's/^/EVENT: /'
 wait_console vm-c KILN_SHELL_READY 2 400 && echo RESTART_BOOTED=yes
 echo "PC_AFTER=$(pid_of vm-c)"

@@ -690,8 +690,15 @@ impl Manager {
                     }
                     _ => {}
                 }
+                // A VMM answers within ~15 ms of its start: poll briskly
+                // at first, then back off so a slow start costs little.
+                let pause = if started.elapsed() < Duration::from_millis(200) {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_millis(20)
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = ended.changed() => {}
                 }
             };

@@ -288,7 +288,7 @@ impl Client {
                 let stream = tokio_rustls::TlsConnector::from(config)
                     .connect(name, stream)
                     .await
-                    .map_err(|e| tls_err(e.to_string()))?;
+                    .map_err(|e| tls_err(crate::tls::explain(e.to_string())))?;
                 req = req.header(hyper::header::HOST, addr.as_str());
                 if let Some(t) = token {
                     req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));

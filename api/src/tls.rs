@@ -145,6 +145,23 @@ pub fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>,
         .map_err(|e| format!("{host:?} is not a host name TLS can check: {e}"))
 }
 
+/// A handshake error, with what to do about the ones a user can fix.
+pub fn explain(message: String) -> String {
+    let hint = if message.contains("CaUsedAsEndEntity") {
+        "the daemon's certificate is a CA certificate (basicConstraints CA:TRUE, \
+         openssl req -x509's default): make it with -addext basicConstraints=critical,CA:FALSE \
+         (docs/api.md)"
+    } else if message.contains("UnknownIssuer") {
+        "give the CA that signed the daemon's certificate (or that certificate, if \
+         self-signed) with --ca-cert or KILN_CA_CERT"
+    } else if message.contains("not valid for name") {
+        "reach the daemon by a name or address its certificate carries"
+    } else {
+        return message;
+    };
+    format!("{message}: {hint}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! The daemon under load on this machine: 50 concurrent clients create,
-//! show, list and delete VMs (never started) for 60 s over the Unix
-//! socket, and the daemon is killed with SIGKILL at 30 s and started again
+//! show, list and delete VMs (never started) for 60 s, 40 over the Unix
+//! socket and 10 over TCP with TLS and the bearer token, and the daemon is killed with SIGKILL at 30 s and started again
 //! at once on the same directories. Clients retry while it is down.
 //!
 //! It must hold that: no request ever gets a 5xx; every VM whose create was
@@ -18,10 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{children_of, fd_count, vmm_binary, Daemon};
+use common::{children_of, fd_count, make_pki, vmm_binary, Daemon};
 use kiln_api::{Client, ClientError, Endpoint};
 
 const CLIENTS: usize = 50;
+/// Of which over TLS.
+const TLS_CLIENTS: usize = 10;
+const TOKEN: &str = "load-test-token-0123456789";
 const RUN: Duration = Duration::from_secs(60);
 const KILL_AT: Duration = Duration::from_secs(30);
 /// VMs each client keeps defined; past this it deletes its oldest.
@@ -121,12 +124,12 @@ fn spec_body(name: &str, kernel: &Path) -> Vec<u8> {
 /// its oldest VM once it keeps more than `KEEP`.
 async fn client_loop(
     id: usize,
-    socket: PathBuf,
+    endpoint: Endpoint,
     kernel: PathBuf,
     end: Instant,
     tally: Arc<Mutex<Tally>>,
 ) -> BTreeMap<String, Fate> {
-    let client = Client::new(Endpoint::Unix(socket));
+    let client = Client::new(endpoint);
     let mut fates = BTreeMap::new();
     let mut alive: VecDeque<String> = VecDeque::new();
     let mut n = 0;
@@ -227,7 +230,29 @@ fn names_in(dir: &Path, suffix: &str) -> BTreeSet<String> {
 
 #[test]
 fn fifty_clients_for_a_minute_with_a_kill_9_of_the_daemon_lose_nothing_and_leak_nothing() {
-    let mut d = Daemon::start(vmm_binary(), &[]);
+    let keys = tempfile::tempdir().unwrap();
+    let pki = make_pki(keys.path(), "load");
+    let token = keys.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    // A fixed port, so that the restarted daemon listens where the first did.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut d = Daemon::start(
+        vmm_binary(),
+        &[
+            "--listen",
+            &addr,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+        ],
+    );
     let kernel = d.dir.path().join("vmlinuz");
     std::fs::write(&kernel, vec![0u8; 4096]).unwrap();
     let first_pid = d.pid();
@@ -242,9 +267,18 @@ fn fifty_clients_for_a_minute_with_a_kill_9_of_the_daemon_lose_nothing_and_leak_
     let end = started + RUN;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
+            let endpoint = if id < TLS_CLIENTS {
+                Endpoint::Https {
+                    addr: addr.clone(),
+                    token: Some(TOKEN.into()),
+                    ca_cert: Some(pki.ca.clone()),
+                }
+            } else {
+                Endpoint::Unix(d.socket())
+            };
             rt.spawn(client_loop(
                 id,
-                d.socket(),
+                endpoint,
                 kernel.clone(),
                 end,
                 tally.clone(),

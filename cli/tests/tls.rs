@@ -9,53 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fd_count, runtime, serve_refused, Daemon, KILN};
+use common::{fd_count, make_pki, runtime, serve_refused, Daemon, Pki, KILN};
 use kiln_api::{Client, ClientError, Endpoint};
 
 const TOKEN: &str = "0123456789abcdef0123";
-
-/// A CA, and a daemon certificate it signed for 127.0.0.1 and localhost,
-/// as PEM files in `dir`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    (params.self_signed(&key).unwrap(), key)
-}
-
-fn make_pki(dir: &Path, tag: &str) -> Pki {
-    let (ca, ca_key) = make_ca(&format!("kiln test CA {tag}"));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "kiln serve");
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let pki = Pki {
-        ca: dir.join(format!("ca-{tag}.pem")),
-        cert: dir.join(format!("cert-{tag}.pem")),
-        key: dir.join(format!("key-{tag}.pem")),
-    };
-    std::fs::write(&pki.ca, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, cert.pem()).unwrap();
-    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-    pki
-}
 
 fn token_file(dir: &Path) -> PathBuf {
     let path = dir.join("token");

@@ -234,3 +234,46 @@ pub fn children_of(pid: u32) -> Vec<(u32, String)> {
     }
     out
 }
+
+/// A CA, and a daemon certificate it signed for 127.0.0.1 and localhost,
+/// as PEM files in `dir`.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    (params.self_signed(&key).unwrap(), key)
+}
+
+pub fn make_pki(dir: &Path, tag: &str) -> Pki {
+    let (ca, ca_key) = make_ca(&format!("kiln test CA {tag}"));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kiln serve");
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let pki = Pki {
+        ca: dir.join(format!("ca-{tag}.pem")),
+        cert: dir.join(format!("cert-{tag}.pem")),
+        key: dir.join(format!("key-{tag}.pem")),
+    };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}

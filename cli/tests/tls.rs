@@ -377,3 +377,52 @@ fn starts_that_would_be_unsafe_or_cannot_work_are_refused_with_the_reason() {
         );
     });
 }
+
+#[test]
+fn on_plain_loopback_tcp_a_client_that_sends_no_headers_is_cut() {
+    let keys = tempfile::tempdir().unwrap();
+    let token = token_file(keys.path());
+    let d = Daemon::start(
+        keys.path().join("no-kiln-vmm"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let addr = d.tcp_addr();
+    assert!(d.log().contains("plain, loopback"), "{}", d.log());
+    let timeout = kiln_daemon::tcp::HEADER_TIMEOUT;
+    // One that sends nothing, one that stops in the middle of its headers,
+    // one kept alive after a request.
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    let mut partial = std::net::TcpStream::connect(&addr).unwrap();
+    partial
+        .write_all(b"GET /v1/ping HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(
+        format!("GET /v1/ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    for (what, mut conn) in [("silent", silent), ("partial", partial), ("idle", idle)] {
+        conn.set_read_timeout(Some(timeout * 2)).unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("{what}: not cut within {:?}: {e}", timeout * 2));
+        let text = String::from_utf8_lossy(&got);
+        if what == "idle" {
+            assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text}");
+        } else {
+            assert!(!text.contains(" 200 "), "{what}: {text}");
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_secs(1),
+        "cut after {waited:?}, before the header timeout"
+    );
+}

@@ -1,5 +1,5 @@
 //! The client side of the live console (`GET /v1/vms/{id}/console/attach`):
-//! a WebSocket over the daemon's Unix socket or TCP, split into the bytes
+//! a WebSocket over the daemon's Unix socket, TCP or TLS, split into the bytes
 //! typed into the guest and the guest's output.
 
 use bytes::Bytes;
@@ -76,13 +76,31 @@ impl Client {
                 let mut req = format!("ws://{addr}{path}")
                     .into_client_request()
                     .map_err(invalid)?;
-                if let Some(t) = token {
-                    let value = format!("Bearer {t}")
-                        .parse()
-                        .map_err(|e| ClientError::InvalidRequest(format!("token: {e}")))?;
-                    req.headers_mut()
-                        .insert(tungstenite::http::header::AUTHORIZATION, value);
-                }
+                bearer(&mut req, token.as_deref())?;
+                (Box::new(s), req)
+            }
+            Endpoint::Https {
+                addr,
+                token,
+                ca_cert,
+            } => {
+                let config = self.tls_config(ca_cert.as_deref())?;
+                let tls_err = |message: String| ClientError::Tls {
+                    endpoint: self.endpoint().to_string(),
+                    message,
+                };
+                let server = crate::tls::server_name(addr).map_err(tls_err)?;
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(connect_err)?;
+                let s = tokio_rustls::TlsConnector::from(config)
+                    .connect(server, s)
+                    .await
+                    .map_err(|e| tls_err(crate::tls::explain(e.to_string())))?;
+                let mut req = format!("ws://{addr}{path}")
+                    .into_client_request()
+                    .map_err(invalid)?;
+                bearer(&mut req, token.as_deref())?;
                 (Box::new(s), req)
             }
         };
@@ -92,6 +110,21 @@ impl Client {
             .map_err(ws_error)?;
         Ok(ConsoleSession { ws })
     }
+}
+
+/// `Authorization: Bearer <token>` on the upgrade request.
+fn bearer(
+    req: &mut tungstenite::handshake::client::Request,
+    token: Option<&str>,
+) -> Result<(), ClientError> {
+    if let Some(t) = token {
+        let value = format!("Bearer {t}")
+            .parse()
+            .map_err(|e| ClientError::InvalidRequest(format!("token: {e}")))?;
+        req.headers_mut()
+            .insert(tungstenite::http::header::AUTHORIZATION, value);
+    }
+    Ok(())
 }
 
 impl ConsoleSession {

@@ -1075,6 +1075,7 @@ mod tests {
             state_dir: state,
             run_dir: run.clone(),
             vmm_binary: dir.path().join("no-kiln-vmm"),
+            console_log_limit: 4 << 20,
         })
         .await
         .unwrap();

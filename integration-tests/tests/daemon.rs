@@ -149,8 +149,18 @@ fn verify_boot(out: &Outcome) {
     expect(out, "PROBE_EXIT", "0", "the typed client's create");
     expect(out, "CLI_CREATE_EXIT", "0", "kiln vm create");
     for (vm, via) in VMS {
-        expect(out, &format!("BOOTED_{vm}"), "yes", "the guest booted to its shell");
-        expect(out, &format!("INIT_OK_{vm}"), "1", "one KILN_INIT_OK in the log");
+        expect(
+            out,
+            &format!("BOOTED_{vm}"),
+            "yes",
+            "the guest booted to its shell",
+        );
+        expect(
+            out,
+            &format!("INIT_OK_{vm}"),
+            "1",
+            "one KILN_INIT_OK in the log",
+        );
         let shown: Value = serde_json::from_str(&value(out, &format!("SHOW_{vm}")))
             .unwrap_or_else(|e| panic!("show {vm}: {e}\n{}", out.output));
         assert_eq!(shown["status"]["state"], "running", "{vm}: {shown}");
@@ -166,7 +176,12 @@ fn verify_boot(out: &Outcome) {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(&cells[1..6], [vm, "running", "1", "256", "MiB"], "{row}");
     }
-    expect(out, "PROBE_LIST", "3", "the typed client lists three running VMs");
+    expect(
+        out,
+        "PROBE_LIST",
+        "3",
+        "the typed client lists three running VMs",
+    );
     eprintln!("daemon: three guests booted in {} s", value(out, "BOOT_S"));
 }
 
@@ -179,20 +194,35 @@ fn verify_crash(out: &Outcome) {
         .collect();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     for k in ["crashed", "policy_decision", "restarted"] {
-        assert!(kinds.contains(&k), "no {k} event for vm-c: {kinds:?}\n{}", out.output);
+        assert!(
+            kinds.contains(&k),
+            "no {k} event for vm-c: {kinds:?}\n{}",
+            out.output
+        );
     }
     let crash = events.iter().find(|e| e["type"] == "crashed").unwrap();
     assert!(
-        crash["message"].as_str().unwrap_or_default().contains("signal 9"),
+        crash["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signal 9"),
         "{crash}"
     );
-    expect(out, "RESTART_BOOTED", "yes", "on_crash=restart boots vm-c again");
+    expect(
+        out,
+        "RESTART_BOOTED",
+        "yes",
+        "on_crash=restart boots vm-c again",
+    );
     let before: Vec<String> = value(out, "PIDS_BEFORE")
         .split_whitespace()
         .map(str::to_owned)
         .collect();
     let after = value(out, "PC_AFTER");
-    assert!(!after.is_empty() && after != before[2], "vm-c pid {after} vs {before:?}");
+    assert!(
+        !after.is_empty() && after != before[2],
+        "vm-c pid {after} vs {before:?}"
+    );
     expect(out, "OTHERS_ALIVE", "yes", "the other VMMs keep running");
     for (vm, _) in VMS {
         expect(out, &format!("STATE_{vm}"), "running", "every VM runs");
@@ -257,7 +287,12 @@ fn verify_bad_specs(out: &Outcome) {
         "vm-a.json vm-b.json vm-c.json",
         "no definition left behind",
     );
-    expect(out, "RUN_DIRS", "vm-a vm-b vm-c", "no run directory left behind");
+    expect(
+        out,
+        "RUN_DIRS",
+        "vm-a vm-b vm-c",
+        "no run directory left behind",
+    );
 }
 
 fn verify_tcp(out: &Outcome) {

@@ -34,7 +34,7 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         match &self.url {
             Some(url) => {
                 let addr = url
@@ -81,6 +81,8 @@ pub enum VmCommand {
     Console { name: String },
     /// The daemon's events (state changes, crashes, restarts, decisions).
     Events(EventsArgs),
+    /// Run a program in the VM's guest through its agent: NAME -- CMD ARGS...
+    Exec(crate::exec_cli::ExecArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,6 +104,10 @@ pub struct CreateArgs {
     /// [default: on_poweroff=stop,on_reboot=restart,on_crash=stop].
     #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
     pub restart: Option<RestartPolicy>,
+    /// Give the VM a vsock device for its guest agent (`kiln vm exec`,
+    /// `kiln app run`), the agent on guest port PORT [default: 5252].
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "5252")]
+    pub agent: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -257,6 +263,8 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
                 Ok(())
             }
             VmCommand::Events(args) => events(&client, api, args).await,
+            // main runs exec itself: it ends with the program's exit code.
+            VmCommand::Exec(_) => bail!("kiln vm exec is run by main"),
         }
     })
 }
@@ -333,6 +341,7 @@ impl CreateArgs {
             restart: self.restart.unwrap_or_default(),
             autostart: self.autostart,
             labels: self.labels.into_iter().collect(),
+            agent: self.agent.map(|port| kiln_api::AgentSpec { port }),
         })
     }
 }

@@ -34,6 +34,10 @@ impl RunDir {
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("control.sock")
     }
+    /// The VM's vsock device socket when its spec has an agent section.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.vsock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -58,7 +62,12 @@ impl RunDir {
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
-        for stale in [self.control_socket(), self.record_path(), self.exit_path()] {
+        for stale in [
+            self.control_socket(),
+            self.agent_socket(),
+            self.record_path(),
+            self.exit_path(),
+        ] {
             match fs::remove_file(&stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -57,6 +57,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/console"),
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
+    ("POST", "/v1/vms/{id}/exec"),
+    ("POST", "/v1/vms/{id}/apps/run"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -74,6 +76,8 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/v1/vms/{id}/exec", post(crate::exec::exec))
+        .route("/v1/vms/{id}/apps/run", post(crate::exec::run_app))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))

@@ -168,7 +168,8 @@ impl OutputBuffer {
         if chunk.len() > room {
             self.truncated = true;
         }
-        self.bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        self.bytes
+            .extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
 
     pub fn finish(self) -> Output {
@@ -184,12 +185,18 @@ impl OutputBuffer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ExecLine {
-    Stdout { data: String },
-    Stderr { data: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     Exit(ExecExit),
     /// The call failed after the answer had begun (the agent's connection
     /// was lost, ...).
-    Error { error: ApiError },
+    Error {
+        error: ApiError,
+    },
 }
 
 /// UTF-8 text from a byte stream cut at arbitrary points: a character split

@@ -295,7 +295,10 @@ mod tests {
         assert!(e.causes[0].contains("machine.vsock and agent"), "{e:?}");
         let mut v: serde_json::Value = serde_json::from_str(&spec_json(k.path(), "")).unwrap();
         v["agent"] = serde_json::json!({"port": 1, "path": "/x"});
-        assert!(serde_json::from_value::<VmSpec>(v).is_err(), "unknown field");
+        assert!(
+            serde_json::from_value::<VmSpec>(v).is_err(),
+            "unknown field"
+        );
         let mut b = spec.clone();
         b.agent = None;
         assert!(spec.changed_fields(&b).contains("agent"));

@@ -103,7 +103,8 @@ pub fn exec(api: &ApiArgs, args: ExecArgs) -> Result<u8> {
 
 pub fn app(api: &ApiArgs, cmd: AppCommand) -> Result<u8> {
     let AppCommand::Run(args) = cmd;
-    let exe = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let exe =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let file_name = args
         .file
         .file_name()
@@ -172,17 +173,23 @@ mod tests {
 
     #[test]
     fn exec_takes_the_command_after_the_dashes_and_app_run_its_arguments() {
-        let T { c: C::Exec(e) } = T::parse_from(["t", "exec", "w", "--env", "A=1", "--", "sh", "-c", "exit 3"]) else {
+        let T { c: C::Exec(e) } =
+            T::parse_from(["t", "exec", "w", "--env", "A=1", "--", "sh", "-c", "exit 3"])
+        else {
             panic!()
         };
         assert_eq!(e.argv, ["sh", "-c", "exit 3"]);
         assert_eq!(e.env, [("A".to_string(), "1".to_string())]);
-        let T { c: C::App(AppCommand::Run(a)) } =
-            T::parse_from(["t", "app", "run", "w", "x.exe", "hello", "--exit", "7"])
+        let T {
+            c: C::App(AppCommand::Run(a)),
+        } = T::parse_from(["t", "app", "run", "w", "x.exe", "hello", "--exit", "7"])
         else {
             panic!()
         };
         assert_eq!(a.args, ["hello", "--exit", "7"]);
-        assert!(T::try_parse_from(["t", "exec", "w"]).is_err(), "a command is required");
+        assert!(
+            T::try_parse_from(["t", "exec", "w"]).is_err(),
+            "a command is required"
+        );
     }
 }

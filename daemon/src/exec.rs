@@ -100,7 +100,10 @@ pub async fn exec(
 ) -> Reply<Response> {
     let req = agent_request(req)?;
     let target = app.vms.agent_target(&name).await?;
-    run(target, q.stream, move |session, sink| session.exec(req, sink)).await
+    run(target, q.stream, move |session, sink| {
+        session.exec(req, sink)
+    })
+    .await
 }
 
 /// The query of `apps/run`.
@@ -157,8 +160,7 @@ fn parse_app_query(raw: Option<&str>) -> Result<AppQuery, Failure> {
         && q.file_name.to_ascii_lowercase().ends_with(".exe")
         && q.file_name.len() > 4
         && !q.file_name.starts_with('.')
-        && q
-            .file_name
+        && q.file_name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !name_ok {
@@ -329,8 +331,10 @@ mod tests {
 
     #[test]
     fn app_queries_take_repeated_args_and_refuse_the_rest() {
-        let q = parse_app_query(Some("name=hello.exe&arg=a&arg=two%20words&timeout_s=5&stream=true"))
-            .unwrap_or_else(|e| panic!("{:?}", e.0));
+        let q = parse_app_query(Some(
+            "name=hello.exe&arg=a&arg=two%20words&timeout_s=5&stream=true",
+        ))
+        .unwrap_or_else(|e| panic!("{:?}", e.0));
         assert_eq!(
             q,
             AppQuery {
@@ -354,7 +358,9 @@ mod tests {
             "name=a.exe&name=b.exe",
             "arg=%00",
         ] {
-            let e = parse_app_query(Some(bad)).err().unwrap_or_else(|| panic!("{bad}"));
+            let e = parse_app_query(Some(bad))
+                .err()
+                .unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(e.0.code, ErrorCode::InvalidQuery, "{bad}");
         }
     }

@@ -1,7 +1,8 @@
 //! The built guest images (`guests/images`: base, wincompat, clay) booted on
 //! Kiln itself, on hardware KVM or in the nested KVM host: the root disk on
 //! Kiln's virtio-blk, the agent reached through Kiln's vsock
-//! (`kiln-agent call --to vsock-uds:$WORKDIR/v.sock:5252`).
+//! (`kiln-agent call --to vsock-uds:$WORKDIR/v.sock:5252`, or through the
+//! daemon's `exec`/`apps/run` for wincompat).
 //!
 //! The images are built (or taken from the cache) with `kiln_images` first;
 //! that needs root and mmdebstrap (`scripts/install-deps.sh`). Their root
@@ -11,8 +12,11 @@
 //!
 //! Default tier (part of `scripts/test.sh`): measured on 2 cores, base takes
 //! ~1 min (image build 31 s warm / 56 s cold, 30 s in the rig), wincompat
-//! ~2.5 min (85 / 94 s, 52 s), clay ~2.5 min (119 / 91 s, 33 s); table in
-//! guests/images/README.md ("On Kiln, in the default tier").
+//! through the daemon ~9.5 min at load 6 (130 s build, 431 s in the rig, of
+//! which Wine's first start under TCG is most), clay ~2.5 min (119 / 91 s,
+//! 33 s); table in guests/images/README.md ("On Kiln, in the default
+//! tier"). The wincompat test runs `kiln serve` in the nested host and
+//! drives the guest through the REST API (curl) and the CLI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -81,6 +81,13 @@ impl Session {
         })
     }
 
+    /// A guard that cuts this session's connection when dropped (the
+    /// agent then kills the program): held by the request, so a client
+    /// that goes away ends its program even when it prints nothing.
+    pub fn cut_on_drop(&self) -> Option<CutOnDrop> {
+        self.stream.try_clone().ok().map(CutOnDrop)
+    }
+
     /// Runs `req` (its `timeout_ms` set), handing output to `sink`.
     pub fn exec(&mut self, req: ExecRequest, sink: &mut Sink) -> Result<ExitStatus, ApiError> {
         let wait = call_wait(req.timeout_ms);
@@ -175,6 +182,16 @@ impl Session {
                 format!("setting a timeout on the agent socket: {e}"),
             )
         })
+    }
+}
+
+/// Shuts the agent connection down when dropped (harmless once the call
+/// has ended).
+pub struct CutOnDrop(UnixStream);
+
+impl Drop for CutOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 

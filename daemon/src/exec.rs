@@ -247,6 +247,8 @@ where
         .await
         .map_err(|e| Failure::internal("the agent connection task failed", &e))?;
     let mut session = opened?;
+    // Dropped with this future (the client went away) or with the body.
+    let cut = session.cut_on_drop();
     if !stream {
         let (status, out, err) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -262,6 +264,7 @@ where
         })
         .await
         .map_err(|e| Failure::internal("the agent call task failed", &e))?;
+        drop(cut);
         let exit = exit_of(status?);
         return Ok(Json(ExecResult::new(out.finish(), err.finish(), exit)).into_response());
     }
@@ -295,10 +298,10 @@ where
             Err(error) => ExecLine::Error { error },
         });
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+    let body = futures_util::stream::unfold((rx, cut), |(mut rx, cut)| async move {
         rx.recv()
             .await
-            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
+            .map(|line| (Ok::<_, std::convert::Infallible>(line), (rx, cut)))
     });
     Ok((
         [(

@@ -326,7 +326,7 @@ pub fn host(api: &ApiArgs, cmd: HostCommand) -> Result<()> {
 }
 
 impl CreateArgs {
-    fn into_spec(self) -> Result<VmSpec> {
+    pub(crate) fn into_spec(self) -> Result<VmSpec> {
         if self.machine.console.is_some() {
             bail!("--console: the daemon owns a VM's serial console (see `kiln vm console`)");
         }

@@ -166,6 +166,7 @@ mod tests {
     }
     #[derive(clap::Subcommand)]
     enum C {
+        Create(crate::api_cli::CreateArgs),
         Exec(ExecArgs),
         #[command(subcommand)]
         App(AppCommand),

@@ -166,7 +166,7 @@ mod tests {
     }
     #[derive(clap::Subcommand)]
     enum C {
-        Create(crate::api_cli::CreateArgs),
+        Create(Box<crate::api_cli::CreateArgs>),
         Exec(ExecArgs),
         #[command(subcommand)]
         App(AppCommand),

@@ -12,8 +12,9 @@
 //!
 //! Default tier (part of `scripts/test.sh`): measured on 2 cores, base takes
 //! ~1 min (image build 31 s warm / 56 s cold, 30 s in the rig), wincompat
-//! through the daemon ~9.5 min at load 6 (130 s build, 431 s in the rig, of
-//! which Wine's first start under TCG is most), clay ~2.5 min (119 / 91 s,
+//! through the daemon ~1 min with the image cached (67 s in the rig: agent
+//! up 28 s after the create, apps/run 22 s; 431 s at load 6, after a 130 s
+//! build), clay ~2.5 min (119 / 91 s,
 //! 33 s); table in guests/images/README.md ("On Kiln, in the default
 //! tier"). The wincompat test runs `kiln serve` in the nested host and
 //! drives the guest through the REST API (curl) and the CLI.

@@ -92,7 +92,7 @@ pub fn exec(api: &ApiArgs, args: ExecArgs) -> Result<u8> {
         }),
         timeout_s: args.timeout,
     };
-    let client = api.client();
+    let client = api.client()?;
     runtime()?.block_on(async move {
         if api.json {
             return print_result(client.exec(&args.name, &req).await?);
@@ -116,7 +116,7 @@ pub fn app(api: &ApiArgs, cmd: AppCommand) -> Result<u8> {
         args: args.args,
         timeout_s: args.timeout,
     };
-    let client = api.client();
+    let client = api.client()?;
     runtime()?.block_on(async move {
         if api.json {
             return print_result(client.run_app(&args.name, &app).await?);

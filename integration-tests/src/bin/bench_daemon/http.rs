@@ -28,7 +28,12 @@ impl Conn {
         })
     }
 
-    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> io::Result<Response> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> io::Result<Response> {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: kiln\r\n");
         if let Some(b) = body {
             head.push_str(&format!(

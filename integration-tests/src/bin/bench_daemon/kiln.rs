@@ -43,8 +43,15 @@ impl Daemon {
             socket,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Conn::open(&d.socket).and_then(|mut c| c.request("GET", "/v1/ping", None)).is_err() {
-            assert!(Instant::now() < deadline, "kiln serve did not answer (see {})", d.dir.join("daemon.log").display());
+        while Conn::open(&d.socket)
+            .and_then(|mut c| c.request("GET", "/v1/ping", None))
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "kiln serve did not answer (see {})",
+                d.dir.join("daemon.log").display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -103,24 +110,49 @@ fn wait_running(conn: &mut Conn, name: &str) -> Result<(), String> {
         match r.json()["status"]["state"].as_str() {
             Some("running") => return Ok(()),
             Some("starting") if Instant::now() < deadline => {}
-            other => return Err(format!("VM {name} is {other:?}: {}", String::from_utf8_lossy(&r.body))),
+            other => {
+                return Err(format!(
+                    "VM {name} is {other:?}: {}",
+                    String::from_utf8_lossy(&r.body)
+                ))
+            }
         }
         std::thread::sleep(Duration::from_micros(250));
     }
 }
 
-pub fn measure(d: &Daemon, kernel: &Path, initrd: &Path, requests: usize, launches: usize) -> Outer {
+pub fn measure(
+    d: &Daemon,
+    kernel: &Path,
+    initrd: &Path,
+    requests: usize,
+    launches: usize,
+) -> Outer {
     let mut c = d.conn();
     let created = c
-        .request("POST", "/v1/vms", Some(&spec("show-me", kernel, initrd, 256)))
+        .request(
+            "POST",
+            "/v1/vms",
+            Some(&spec("show-me", kernel, initrd, 256)),
+        )
         .expect("create");
-    assert_eq!(created.status, 201, "{}", String::from_utf8_lossy(&created.body));
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
     let mut timed = |path: &str| {
         let mut lat = Latencies::default();
         for i in 0..requests + requests / 10 {
             let t = Instant::now();
             let r = c.request("GET", path, None).expect("request");
-            assert_eq!(r.status, 200, "GET {path}: {}", String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                200,
+                "GET {path}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
             // The first tenth warms up the connection and the daemon.
             if i >= requests / 10 {
                 lat.push(t.elapsed());
@@ -137,18 +169,26 @@ pub fn measure(d: &Daemon, kernel: &Path, initrd: &Path, requests: usize, launch
         let name = format!("launch-{i}");
         let body = spec(&name, kernel, initrd, 256);
         let t = Instant::now();
-        let r = c.request("POST", "/v1/vms?start=true", Some(&body)).expect("create");
+        let r = c
+            .request("POST", "/v1/vms?start=true", Some(&body))
+            .expect("create");
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
         wait_running(&mut c, &name).unwrap_or_else(|e| panic!("{e}"));
         start_to_ready.push(t.elapsed());
-        let r = c.request("DELETE", &format!("/v1/vms/{name}?force=true"), None).expect("delete");
+        let r = c
+            .request("DELETE", &format!("/v1/vms/{name}?force=true"), None)
+            .expect("delete");
         assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
     }
 
     for i in 0..10 {
         let name = format!("ten-{i}");
         let r = c
-            .request("POST", "/v1/vms?start=true", Some(&spec(&name, kernel, initrd, 256)))
+            .request(
+                "POST",
+                "/v1/vms?start=true",
+                Some(&spec(&name, kernel, initrd, 256)),
+            )
             .expect("create");
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
         wait_running(&mut c, &name).unwrap_or_else(|e| panic!("{e}"));

@@ -14,14 +14,23 @@ pub const URI: &str = "qemu:///system";
 /// A domain as libvirt's defaults make it, with what `libvirtd` 9.0 needs
 /// for Debian's newer QEMU (without `<acpi/>` it passes `-no-acpi`, which
 /// QEMU 9+ refuses). `kind` is `qemu` (TCG) or `kvm`.
-pub fn domain_xml(name: &str, kind: &str, boot: Option<(&str, &str, &str)>, serial_log: &str) -> String {
+pub fn domain_xml(
+    name: &str,
+    kind: &str,
+    boot: Option<(&str, &str, &str)>,
+    serial_log: &str,
+) -> String {
     let os_boot = match boot {
         Some((kernel, initrd, cmdline)) => format!(
             "<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline>"
         ),
         None => String::new(),
     };
-    let cpu = if kind == "kvm" { "<cpu mode='host-passthrough'/>" } else { "" };
+    let cpu = if kind == "kvm" {
+        "<cpu mode='host-passthrough'/>"
+    } else {
+        ""
+    };
     format!(
         "<domain type='{kind}'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
          <features><acpi/></features>{cpu}\
@@ -122,7 +131,12 @@ pub fn measure(dir: &Path, requests: usize, launches: usize) -> Result<Outer, St
     let rss_idle_kib = rss_kib(pid);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let template = dir.join("domain.xml");
-    let xml = domain_xml("@NAME@", "qemu", None, &dir.join("@NAME@.log").to_string_lossy());
+    let xml = domain_xml(
+        "@NAME@",
+        "qemu",
+        None,
+        &dir.join("@NAME@.log").to_string_lossy(),
+    );
     std::fs::write(&template, xml).map_err(|e| e.to_string())?;
     let mut child = Command::new("/usr/bin/python3")
         .arg("-c")
@@ -133,7 +147,9 @@ pub fn measure(dir: &Path, requests: usize, launches: usize) -> Result<Outer, St
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("/usr/bin/python3 (Debian's, which python3-libvirt installs into): {e}"))?;
+        .map_err(|e| {
+            format!("/usr/bin/python3 (Debian's, which python3-libvirt installs into): {e}")
+        })?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut next = || -> Result<String, String> {
         lines
@@ -190,7 +206,9 @@ pub fn native_argv(xml: &str, dir: &Path) -> Result<Vec<String>, String> {
     }
     let words = shell_words(&String::from_utf8_lossy(&out.stdout))?;
     let mut argv = Vec::new();
-    let mut it = words.into_iter().skip_while(|w| w.contains('=') && !w.starts_with('-'));
+    let mut it = words
+        .into_iter()
+        .skip_while(|w| w.contains('=') && !w.starts_with('-'));
     let _binary = it.next();
     while let Some(w) = it.next() {
         match w.as_str() {
@@ -262,7 +280,19 @@ fn shell_words(s: &str) -> Result<Vec<String>, String> {
 mod tests {
     #[test]
     fn shell_words_handles_virsh_quoting() {
-        let w = super::shell_words("A=1 /usr/bin/q -name guest=x \\\n -object '{\"a\":1}' -x").unwrap();
-        assert_eq!(w, ["A=1", "/usr/bin/q", "-name", "guest=x", "-object", "{\"a\":1}", "-x"]);
+        let w =
+            super::shell_words("A=1 /usr/bin/q -name guest=x \\\n -object '{\"a\":1}' -x").unwrap();
+        assert_eq!(
+            w,
+            [
+                "A=1",
+                "/usr/bin/q",
+                "-name",
+                "guest=x",
+                "-object",
+                "{\"a\":1}",
+                "-x"
+            ]
+        );
     }
 }

@@ -71,8 +71,20 @@ fn row(what: &str, kiln: f64, peer: f64, unit: &str, target: &str) {
 }
 
 fn lat_rows(what: &str, k: &Latencies, p: &Latencies, target_p99: &str) {
-    row(&format!("{what} p50"), k.quantile_ms(0.5), p.quantile_ms(0.5), "ms", "");
-    row(&format!("{what} p99"), k.quantile_ms(0.99), p.quantile_ms(0.99), "ms", target_p99);
+    row(
+        &format!("{what} p50"),
+        k.quantile_ms(0.5),
+        p.quantile_ms(0.5),
+        "ms",
+        "",
+    );
+    row(
+        &format!("{what} p99"),
+        k.quantile_ms(0.99),
+        p.quantile_ms(0.99),
+        "ms",
+        target_p99,
+    );
 }
 
 fn outer(args: &[String], scratch: &Path) {
@@ -81,7 +93,11 @@ fn outer(args: &[String], scratch: &Path) {
     let (kernel, initrd) = guest();
     eprintln!("kiln-bench-daemon: outer: {requests} requests per API call, {launches} launches, then 10 running VMs, Kiln then libvirt");
     let kiln = {
-        let d = kiln::Daemon::start(&release_binary("kiln"), &release_binary("kiln-vmm"), &scratch.join("kiln"));
+        let d = kiln::Daemon::start(
+            &release_binary("kiln"),
+            &release_binary("kiln-vmm"),
+            &scratch.join("kiln"),
+        );
         kiln::measure(&d, &kernel, &initrd, requests, launches)
     };
     let lv = libvirt::measure(&scratch.join("libvirt"), requests, launches).unwrap_or_else(|e| {
@@ -92,8 +108,18 @@ fn outer(args: &[String], scratch: &Path) {
     println!();
     println!("| measurement | Kiln | libvirt | Kiln/libvirt | target |");
     println!("| --- | --- | --- | --- | --- |");
-    lat_rows("ping (GET /v1/ping vs getLibVersion)", &kiln.ping, &lv.ping, "< 1 ms");
-    lat_rows("show (GET /v1/vms/{id} vs virDomainGetInfo)", &kiln.show, &lv.show, "");
+    lat_rows(
+        "ping (GET /v1/ping vs getLibVersion)",
+        &kiln.ping,
+        &lv.ping,
+        "< 1 ms",
+    );
+    lat_rows(
+        "show (GET /v1/vms/{id} vs virDomainGetInfo)",
+        &kiln.show,
+        &lv.show,
+        "",
+    );
     row(
         "define + start to VMM ready, p50",
         kiln.start_to_ready.quantile_ms(0.5),
@@ -109,8 +135,20 @@ fn outer(args: &[String], scratch: &Path) {
         "",
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
-    row("daemon RSS, 0 running VMs", mib(kiln.rss_idle_kib), mib(lv.rss_idle_kib), "MiB", "");
-    row("daemon RSS, 10 running VMs", mib(kiln.rss_10_kib), mib(lv.rss_10_kib), "MiB", "< 30 MiB");
+    row(
+        "daemon RSS, 0 running VMs",
+        mib(kiln.rss_idle_kib),
+        mib(lv.rss_idle_kib),
+        "MiB",
+        "",
+    );
+    row(
+        "daemon RSS, 10 running VMs",
+        mib(kiln.rss_10_kib),
+        mib(lv.rss_10_kib),
+        "MiB",
+        "< 30 MiB",
+    );
     println!();
 }
 
@@ -123,7 +161,9 @@ fn nested_run(args: &[String], scratch: &Path) {
     });
     println!("Nested KVM host: API call (or QEMU spawn) to the default guest's {} marker, 1 vCPU, 256 MiB, bzImage, `console=ttyS0 reboot=k panic=1`; QEMU peer {}", "KILN_INIT_OK", n.peer);
     println!();
-    println!("| measurement | runs | Kiln (s) | QEMU, libvirt's command line (s) | Kiln/QEMU | target |");
+    println!(
+        "| measurement | runs | Kiln (s) | QEMU, libvirt's command line (s) | Kiln/QEMU | target |"
+    );
     println!("| --- | --- | --- | --- | --- | --- |");
     println!(
         "| launch to init, median | {}/{} | {:.2} | {:.2} | {:.2}x | <= 0.5x |",
@@ -134,9 +174,12 @@ fn nested_run(args: &[String], scratch: &Path) {
         n.kiln.quantile_ms(0.5) / n.qemu.quantile_ms(0.5)
     );
     println!();
-    println!("libvirt's command line, as run (with -L for the peer's firmware): {}", n.qemu_argv.join(" "));
+    println!("libvirt's command line (from virsh domxml-to-native; /KERNEL, /INITRD and /SERIAL become the nested host's paths, and -L points at the peer's firmware): {}", n.qemu_argv.join(" "));
     if n.failures > 0 {
-        eprintln!("kiln-bench-daemon: {} launches did not reach the marker", n.failures);
+        eprintln!(
+            "kiln-bench-daemon: {} launches did not reach the marker",
+            n.failures
+        );
         std::process::exit(1);
     }
 }
@@ -147,7 +190,8 @@ fn main() {
         Some("launch-kiln") => nested::launch_kiln(&args[1..]),
         Some("launch-qemu") => nested::launch_qemu(&args[1..]),
         mode => {
-            let scratch = std::env::temp_dir().join(format!("kiln-bench-daemon-{}", std::process::id()));
+            let scratch =
+                std::env::temp_dir().join(format!("kiln-bench-daemon-{}", std::process::id()));
             match mode.unwrap_or("all") {
                 "outer" => outer(&args, &scratch),
                 "nested" => nested_run(&args, &scratch),

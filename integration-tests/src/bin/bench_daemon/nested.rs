@@ -61,10 +61,18 @@ pub fn launch_kiln(args: &[String]) -> i32 {
         "name": name,
         "machine": {"kernel": kernel, "initrd": initrd, "cpus": 1, "memory_mib": 256, "cmdline": CMDLINE},
     });
-    body["restart"] = serde_json::json!({"on_poweroff": "stop", "on_reboot": "stop", "on_crash": "stop"});
-    let log = Path::new(run_dir).join("vms").join(name).join("console.log");
+    body["restart"] =
+        serde_json::json!({"on_poweroff": "stop", "on_reboot": "stop", "on_crash": "stop"});
+    let log = Path::new(run_dir)
+        .join("vms")
+        .join(name)
+        .join("console.log");
     let t = Instant::now();
-    match c.request("POST", "/v1/vms?start=true", Some(body.to_string().as_bytes())) {
+    match c.request(
+        "POST",
+        "/v1/vms?start=true",
+        Some(body.to_string().as_bytes()),
+    ) {
         Ok(r) if r.status == 201 => {}
         Ok(r) => {
             println!("failed=status:{}", r.status);
@@ -90,11 +98,9 @@ pub fn launch_kiln(args: &[String]) -> i32 {
 
 /// `launch-qemu SERIAL_LOG -- QEMU ARGS...`
 pub fn launch_qemu(args: &[String]) -> i32 {
-    let (Some(log), Some("--"), Some(program)) = (
-        args.first(),
-        args.get(1).map(String::as_str),
-        args.get(2),
-    ) else {
+    let (Some(log), Some("--"), Some(program)) =
+        (args.first(), args.get(1).map(String::as_str), args.get(2))
+    else {
         eprintln!("usage: launch-qemu SERIAL_LOG -- QEMU ARGS...");
         return 2;
     };
@@ -167,7 +173,7 @@ pub fn measure(rounds: usize, scratch: &Path) -> Result<Nested, String> {
     for i in 0..rounds {
         script.push_str(&format!(
             "echo \"kiln $({me_q} launch-kiln $d/kiln.sock $d/run vm{i} \"$GUEST_BZIMAGE\" \"$GUEST_INITRD\")\"\n\
-             log=$d/qemu{i}.log; echo \"qemu $({me_q} launch-qemu $log -- \"$PEER_QEMU\" -L \"$PEER_QEMU_FIRMWARE\" {})\"\n\
+             log=$d/qemu{i}.log; echo \"qemu $({me_q} launch-qemu $log -- \"$PEER_QEMU\" -L \"$PEER_QEMU_FIRMWARE\" -L @SEABIOS_DIR@ {})\"\n\
              echo round {} of {rounds} done >&2\n",
             shell_argv.join(" "),
             i + 1
@@ -178,6 +184,19 @@ pub fn measure(rounds: usize, scratch: &Path) -> Result<Nested, String> {
     s.binaries = vec![me.clone()];
     let peer = PeerQemu::ensure_cached().map_err(|e| e.to_string())?;
     peer.add_to(&mut s);
+    // libvirt's `pc` machine boots through SeaBIOS and linuxboot, which the
+    // rig's microvm peer does not ship: add them, and SeaBIOS's directory
+    // as a second -L.
+    let dirs = &peer.qemu.firmware_dirs;
+    let (data, seabios) = (&dirs[0], &dirs[1]);
+    s.files.extend([
+        data.join("linuxboot_dma.bin"),
+        data.join("kvmvapic.bin"),
+        seabios.join("bios-256k.bin"),
+    ]);
+    s.script = s
+        .script
+        .replace("@SEABIOS_DIR@", &quote(&seabios.to_string_lossy()));
     let out = match run(&s) {
         Ok(o) => o,
         Err(RigError::Stalled { silent_s, log }) => {
@@ -189,8 +208,15 @@ pub fn measure(rounds: usize, scratch: &Path) -> Result<Nested, String> {
     let mut failures = 0;
     let mut pick = |who: &str| {
         let mut ms = Vec::new();
-        for line in out.output.lines().filter(|l| l.starts_with(&format!("{who} "))) {
-            match line.split_whitespace().find_map(|w| w.strip_prefix("launch_ms=")) {
+        for line in out
+            .output
+            .lines()
+            .filter(|l| l.starts_with(&format!("{who} ")))
+        {
+            match line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("launch_ms="))
+            {
                 Some(v) if v.parse::<f64>().is_ok() => ms.push(v.parse().unwrap_or(0.0)),
                 _ => {
                     eprintln!("kiln-bench-daemon: {line}");

@@ -251,6 +251,18 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        self.send_typed(method, path, body, "application/json")
+            .await
+    }
+
+    /// `send` with a body of `content_type`.
+    pub(crate) async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let connect_err = |source| ClientError::Connect {
             endpoint: self.endpoint.to_string(),
             source,
@@ -302,7 +314,7 @@ impl Client {
         let mut sender = sender;
         let body = match body {
             Some(b) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+                req = req.header(hyper::header::CONTENT_TYPE, content_type);
                 Full::new(Bytes::from(b))
             }
             None => Full::new(Bytes::new()),
@@ -535,7 +547,7 @@ pub(crate) fn api_error(raw: RawResponse) -> ClientError {
     }
 }
 
-fn decode<T: DeserializeOwned>(raw: RawResponse) -> Result<T, ClientError> {
+pub(crate) fn decode<T: DeserializeOwned>(raw: RawResponse) -> Result<T, ClientError> {
     if !(200..300).contains(&raw.status) {
         return Err(api_error(raw));
     }

@@ -2,8 +2,10 @@
 //! on a Unix socket, keeps VM definitions durable under its state
 //! directory, and supervises one `kiln-vmm` process per running VM.
 
+pub mod agent;
 pub mod console;
 pub mod events;
+pub mod exec;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -60,6 +60,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
     ("GET", "/v1/vms/{id}/console/attach"),
+    ("POST", "/v1/vms/{id}/exec"),
+    ("POST", "/v1/vms/{id}/apps/run"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -78,6 +80,8 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/vms/{id}/console/attach", get(console_attach))
+        .route("/v1/vms/{id}/exec", post(crate::exec::exec))
+        .route("/v1/vms/{id}/apps/run", post(crate::exec::run_app))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))

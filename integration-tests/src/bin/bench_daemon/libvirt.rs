@@ -81,6 +81,8 @@ pub fn ensure_running() -> Result<u32, String> {
 const SCRIPT: &str = r#"
 import json, sys, time, libvirt
 xml_template, requests, launches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# Lookups of domains that do not exist yet are expected: no error printout.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 conn = libvirt.open("qemu:///system")
 def timed(f, n):
     out = []

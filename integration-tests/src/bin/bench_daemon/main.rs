@@ -159,7 +159,7 @@ fn nested_run(args: &[String], scratch: &Path) {
         eprintln!("kiln-bench-daemon: nested: {e}");
         std::process::exit(1);
     });
-    println!("Nested KVM host: API call (or QEMU spawn) to the default guest's {} marker, 1 vCPU, 256 MiB, bzImage, `console=ttyS0 reboot=k panic=1`; QEMU peer {}", "KILN_INIT_OK", n.peer);
+    println!("Nested KVM host: API call (or QEMU spawn) to the default guest's KILN_INIT_OK marker, 1 vCPU, 256 MiB, bzImage, `console=ttyS0 reboot=k panic=1`; QEMU peer {}", n.peer);
     println!();
     println!(
         "| measurement | runs | Kiln (s) | QEMU, libvirt's command line (s) | Kiln/QEMU | target |"

@@ -22,6 +22,8 @@ pub enum ErrorCode {
     VmNotFound,
     /// No such route.
     NotFound,
+    /// The VM has no device with that id.
+    DeviceNotFound,
     /// The route exists, the method does not.
     MethodNotAllowed,
     /// A VM with that name exists already.
@@ -45,7 +47,7 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson | ErrorCode::InvalidQuery => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::VmNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::VmNotFound | ErrorCode::NotFound | ErrorCode::DeviceNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::NameTaken | ErrorCode::InvalidState => 409,
             ErrorCode::EventsExpired => 410,
@@ -56,7 +58,7 @@ impl ErrorCode {
     }
 
     /// Every code, for the contract test and the docs.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidQuery,
@@ -70,6 +72,7 @@ impl ErrorCode {
         ErrorCode::BodyTooLarge,
         ErrorCode::EventsExpired,
         ErrorCode::Internal,
+        ErrorCode::DeviceNotFound,
     ];
 }
 

@@ -40,6 +40,13 @@ pub struct ServeArgs {
     /// A file holding the bearer token for --listen.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Seconds a shutdown or reboot waits for the guest to power off
+    /// after the power button before the hard stop, when the request
+    /// names no `?timeout_s=` (1..=600).
+    #[arg(long, value_name = "SECONDS",
+          default_value_t = crate::vms::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub shutdown_timeout: u64,
 }
 
 /// Where `kiln-vmm` is when not given: next to the running binary.
@@ -77,6 +84,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir.clone(),
         vmm_binary,
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
     })
     .await
     .context("cannot load the daemon's state")?;

@@ -22,6 +22,7 @@ use kiln_vmm::protocol::{BalloonInfo, Counters};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
+use crate::actions;
 use crate::http::{self as h, Failure, JsonBody, QueryArgs, Reply, VmName};
 use crate::metrics::RequestMetrics;
 use crate::state::Action;
@@ -57,6 +58,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/console"),
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
+    ("POST", "/v1/vms/{id}/shutdown"),
+    ("POST", "/v1/vms/{id}/reboot"),
+    ("GET", "/v1/vms/{id}/devices/{dev}/worker"),
+    ("PUT", "/v1/vms/{id}/devices/{dev}/worker"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -74,6 +79,12 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/v1/vms/{id}/shutdown", post(actions::shutdown_vm))
+        .route("/v1/vms/{id}/reboot", post(actions::reboot_vm))
+        .route(
+            "/v1/vms/{id}/devices/{dev}/worker",
+            get(actions::get_worker).put(actions::put_worker),
+        )
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))

@@ -25,6 +25,11 @@ use crate::rundir::RunDir;
 use crate::state::{self, Action};
 use crate::store::Store;
 
+mod lifecycle;
+mod workers;
+
+pub use lifecycle::{shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT};
+
 /// Restarts kept in a VM's status.
 const RESTARTS_KEPT: usize = 32;
 /// How long `stop` waits for the VMM to be gone after SIGKILL.
@@ -41,6 +46,9 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub vmm_binary: PathBuf,
+    /// How long a shutdown waits for the guest to power off when the
+    /// request names no timeout (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
 }
 
 /// One run of a VM's VMM.
@@ -51,6 +59,9 @@ struct Run {
     child: bool,
     /// A stop was asked for: the exit is `stopped`, not a crash.
     stop_requested: AtomicBool,
+    /// A shutdown (or reboot) was asked for: however the run ends, the
+    /// restart policy is not applied.
+    shutdown_requested: AtomicBool,
     /// Becomes true once the exit is recorded.
     ended: watch::Sender<bool>,
     /// Why the daemon killed it, when it did so on its own (no hello).
@@ -489,7 +500,9 @@ impl Manager {
         cmd.arg("--config")
             .arg(rd.config())
             .arg("--control")
-            .arg(rd.control_socket());
+            .arg(rd.control_socket())
+            .arg("--exit-record")
+            .arg(rd.exit_record());
         let pid = process::spawn(cmd, &rd.vmm_log(), &self.cgroups, name)
             .map_err(|e| format!("cannot start {}: {e}", self.config.vmm_binary.display()))?;
         let pidfd = PidFd::open(pid).map_err(|e| format!("pidfd of VMM pid {pid}: {e}"))?;
@@ -519,6 +532,7 @@ impl Manager {
             pidfd,
             child,
             stop_requested: AtomicBool::new(false),
+            shutdown_requested: AtomicBool::new(false),
             ended,
             kill_reason: std::sync::Mutex::new(None),
         });
@@ -556,7 +570,16 @@ impl Manager {
             if entry.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, &run)) {
                 entry.run = None;
                 self.record_exit(&name, entry, kind, why);
-                self.apply_policy(&name, entry, kind);
+                if run.shutdown_requested.load(Ordering::SeqCst) {
+                    self.events.emit(
+                        EventType::PolicyDecision,
+                        Some(&name),
+                        Some(entry.status.state),
+                        "the end of a requested shutdown: the restart policy does not apply",
+                    );
+                } else {
+                    self.apply_policy(&name, entry, kind);
+                }
             }
         }
         drop(vms);
@@ -635,6 +658,7 @@ impl Manager {
                 time_ms: now_ms(),
                 after: kind,
                 delay_ms: delay.as_millis() as u64,
+                cause: kiln_api::RestartCause::Policy,
             });
             let excess = entry.status.restarts.len().saturating_sub(RESTARTS_KEPT);
             entry.status.restarts.drain(..excess);
@@ -742,20 +766,7 @@ impl Manager {
             }
             RunDir::new(&self.config.run_dir, name).control_socket()
         };
-        let answer = tokio::task::spawn_blocking(move || {
-            ctl::Client::connect(&socket, CONTROL_TIMEOUT)?.call(&request)
-        })
-        .await
-        .map_err(|e| Failure::internal("the control request task failed", &e))?;
-        answer.map_err(|e| match e {
-            ctl::ClientError::Vmm(body) => {
-                Failure::new(ErrorCode::VmmRefused, format!("the VMM refused: {body}"))
-            }
-            other => Failure::new(
-                ErrorCode::InvalidState,
-                format!("the VMM of {name:?} does not answer: {other}"),
-            ),
-        })
+        call_vmm(name, socket, request).await
     }
 
     fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, Failure> {
@@ -787,7 +798,10 @@ impl Manager {
             ctl::RunState::Paused => VmState::Paused,
             ctl::RunState::Running => VmState::Running,
         };
-        if entry.status.state != state && entry.status.state.is_active() {
+        // Not over a shutdown (or an exit) that came meanwhile.
+        if entry.status.state != state
+            && matches!(entry.status.state, VmState::Running | VmState::Paused)
+        {
             self.set_state(name, entry, state, action.as_str());
         }
         Ok(entry.info())
@@ -824,6 +838,34 @@ impl Manager {
             }
         }
     }
+}
+
+/// One request to the VMM listening on `socket`. A refusal by the VMM is
+/// `vmm_refused` (`device_not_found` for a device it does not have); a VMM
+/// that does not answer is `invalid_state`.
+async fn call_vmm(
+    name: &str,
+    socket: PathBuf,
+    request: Request,
+) -> Result<serde_json::Value, Failure> {
+    let answer = tokio::task::spawn_blocking(move || {
+        ctl::Client::connect(&socket, CONTROL_TIMEOUT)?.call(&request)
+    })
+    .await
+    .map_err(|e| Failure::internal("the control request task failed", &e))?;
+    answer.map_err(|e| match e {
+        ctl::ClientError::Vmm(body) if body.code == ctl::ErrorCode::NotFound => Failure::new(
+            ErrorCode::DeviceNotFound,
+            format!("VM {name:?}: {}", body.message),
+        ),
+        ctl::ClientError::Vmm(body) => {
+            Failure::new(ErrorCode::VmmRefused, format!("the VMM refused: {body}"))
+        }
+        other => Failure::new(
+            ErrorCode::InvalidState,
+            format!("the VMM of {name:?} does not answer: {other}"),
+        ),
+    })
 }
 
 /// SIGKILLs a VMM through its pidfd and waits until its exit is recorded.
@@ -922,6 +964,7 @@ mod tests {
             time_ms,
             after: ExitKind::Crash,
             delay_ms: 0,
+            cause: kiln_api::RestartCause::Policy,
         };
         let now = 10_000_000;
         assert_eq!(backoff(&[], now), Duration::from_millis(500));

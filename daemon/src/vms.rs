@@ -563,6 +563,12 @@ impl Manager {
                 || last_line(&rd),
             ),
         };
+        let during_shutdown = run.shutdown_requested.load(Ordering::SeqCst);
+        let why = if during_shutdown && kind == ExitKind::Stopped {
+            format!("{why} (during a shutdown)")
+        } else {
+            why
+        };
         rd.clear_record();
         self.cgroups.remove(&name);
         let mut vms = self.vms.lock().await;
@@ -570,7 +576,7 @@ impl Manager {
             if entry.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, &run)) {
                 entry.run = None;
                 self.record_exit(&name, entry, kind, why);
-                if run.shutdown_requested.load(Ordering::SeqCst) {
+                if during_shutdown {
                     self.events.emit(
                         EventType::PolicyDecision,
                         Some(&name),

@@ -68,6 +68,7 @@ def main():
         print(f"test-summary: cannot read {junit}: {e}", file=sys.stderr)
         return 1
     crates = collections.OrderedDict()
+    flaky = []
     for suite in tree.getroot().iter("testsuite"):
         crate = suite.get("name", "?").split("::")[0]
         c = crates.setdefault(crate, {"tests": 0, "failed": 0, "not_run": 0, "secs": 0.0})
@@ -76,6 +77,9 @@ def main():
             c["secs"] += float(case.get("time", "0") or 0)
             if case.find("failure") is not None or case.find("error") is not None:
                 c["failed"] += 1
+            elif case.find("flakyFailure") is not None or case.find("flakyError") is not None:
+                # Passed on a retry (.config/nextest.toml): shown, not hidden.
+                flaky.append(f"{suite.get('name', '?')} {case.get('name', '?')}")
     # nextest's JUnit report leaves ignored tests out: they come from the
     # sources, with their reasons.
     ignored = ignore_reasons(src)
@@ -88,6 +92,10 @@ def main():
     total = sum(c["secs"] for c in crates.values())
     print(f"  {'all':28} {sum(c['tests'] for c in crates.values()):6} "
           f"{sum(c['failed'] for c in crates.values()):6} {len(ignored):7} {total / 60:8.1f}")
+    if flaky:
+        print(f"test-summary: {len(flaky)} FLAKY (failed once, passed on the retry):")
+        for name in flaky:
+            print(f"  FLAKY {name}")
     by_reason = collections.Counter(reason for _, _, reason in ignored)
     if by_reason:
         print(f"test-summary: {len(ignored)} tests not run by this command (#[ignore], see integration-tests/README.md), by reason:")

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kiln_integration_tests::{run, PeerQemu, Scenario};
+use kiln_integration_tests::{run, PeerQemu, RigError, Scenario};
 
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const BLACKLIST: &str = "initcall_blacklist=cmos_init";
@@ -66,8 +66,18 @@ fn main() {
     });
     peer.add_to(&mut s);
     eprintln!("kiln-bench-boot: {runs} interleaved runs each of Kiln and QEMU microvm, plain and with {BLACKLIST}");
+    // A frozen nested host (RigError::Stalled) is retried once, as nextest
+    // retries the nested tests; it is reported as FLAKY. Any other failure,
+    // or a second freeze, fails the run.
     let out = match run(&s) {
         Ok(o) => o,
+        Err(RigError::Stalled { silent_s, log }) => {
+            eprintln!("kiln-bench-boot: FLAKY: the nested host froze (no output for {silent_s} s, log: {}); retrying once", log.display());
+            run(&s).unwrap_or_else(|e| {
+                eprintln!("kiln-bench-boot: {e}");
+                std::process::exit(1);
+            })
+        }
         Err(e) => {
             eprintln!("kiln-bench-boot: {e}");
             std::process::exit(1);

@@ -713,6 +713,38 @@ fn shutdown_of_a_guest_that_ignores_the_power_button_is_forced_shutoff_and_never
     runtime().block_on(wait_for_state(&d.client(), "svc", VmState::Running));
     let out = d.cli(&["vm", "shutdown", "svc", "--timeout", "1"]);
     assert_eq!(out.trim(), "svc shutoff (forced)");
+    // A stop while stopping ends the wait at once (forced), long before
+    // the shutdown's own timeout.
+    d.cli(&["vm", "start", "svc"]);
+    runtime().block_on(async {
+        let client = d.client();
+        wait_for_state(&client, "svc", VmState::Running).await;
+        let shutdown = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("svc", Some(600)).await })
+        };
+        wait_for_state(&client, "svc", VmState::Stopping).await;
+        let started = Instant::now();
+        let stopped = client.action("svc", "stop").await.unwrap();
+        assert_eq!(stopped.state, VmState::Shutoff);
+        let result = tokio::time::timeout(Duration::from_secs(30), shutdown)
+            .await
+            .expect("the shutdown ended with the stop")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(result.outcome, Some(kiln_api::ShutdownOutcome::Forced));
+        let last = client
+            .events(&EventQuery {
+                vm: Some("svc".into()),
+                kind: Some(EventType::Shutdown),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &last.last().unwrap().message;
+        assert!(msg.contains("stopped by a request"), "{msg}");
+    });
 }
 
 #[test]

@@ -154,6 +154,8 @@ impl Manager {
                 false
             }
         };
+        // A `stop` (or a forced delete) that came during the wait.
+        let stopped_by_another = run.stop_requested.load(Ordering::SeqCst);
         if !ended_by_itself {
             stop_run(&run).await?;
         }
@@ -163,6 +165,9 @@ impl Manager {
             ShutdownOutcome::Graceful
         };
         let message = match (&pressed, outcome) {
+            _ if stopped_by_another => {
+                "forced: stopped by a request during the shutdown".to_owned()
+            }
             (Err(e), _) => format!(
                 "forced: the power button could not be pressed ({}); the VMM was killed",
                 e.0.chain()
@@ -171,9 +176,6 @@ impl Manager {
                 "graceful: the VMM exited {:.1} s after the power button",
                 started.elapsed().as_secs_f64()
             ),
-            (Ok(_), ShutdownOutcome::Forced) if ended_by_itself => {
-                "forced: stopped by a request during the shutdown".to_owned()
-            }
             (Ok(_), ShutdownOutcome::Forced) => format!(
                 "forced: no power-off within {} s of the power button; the VMM was killed",
                 timeout.as_secs()

@@ -931,3 +931,74 @@ fn a_vmm_stopped_by_sigterm_while_no_daemon_watched_is_shutoff_not_crashed() {
         }
     });
 }
+
+#[test]
+fn a_shutdown_under_way_when_the_daemon_dies_goes_on_after_its_restart() {
+    let mut d = Daemon::start(vmm_binary(), &["--shutdown-timeout", "1"]);
+    let rt = runtime();
+    let pid = rt.block_on(async {
+        let client = d.client();
+        client.create(&restarting_guest("mid"), true).await.unwrap();
+        wait_for_state(&client, "mid", VmState::Running).await;
+        // A client that goes away does not leave the VM stopping forever.
+        let gone = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("mid", Some(1)).await })
+        };
+        wait_for_state(&client, "mid", VmState::Stopping).await;
+        gone.abort();
+        wait_for_state(&client, "mid", VmState::Shutoff).await;
+        client.action("mid", "start").await.unwrap();
+        let pid = wait_for_state(&client, "mid", VmState::Running)
+            .await
+            .status
+            .pid
+            .unwrap();
+        // A long wait, cut short by the daemon's death.
+        let pending = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("mid", Some(600)).await })
+        };
+        wait_for_state(&client, "mid", VmState::Stopping).await;
+        pending.abort();
+        pid
+    });
+    d.kill9();
+    assert!(pid_alive(pid), "the VMM died with the daemon");
+    d.spawn();
+    rt.block_on(async {
+        let client = d.client();
+        let adopted = client
+            .events(&EventQuery {
+                vm: Some("mid".into()),
+                kind: Some(EventType::Adopted),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &adopted.last().expect("an adopted event").message;
+        assert!(msg.contains("the shutdown goes on"), "{msg}");
+        // --shutdown-timeout 1 from the restart, then the hard stop; the
+        // policy (on_*=restart) stays out of it.
+        let info = wait_for_state(&client, "mid", VmState::Shutoff).await;
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        assert!(!pid_alive(pid), "the VMM still runs");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = client.get("mid").await.unwrap();
+        assert_eq!(info.status.state, VmState::Shutoff, "{info:?}");
+        assert!(info.status.restarts.is_empty(), "{info:?}");
+        let shutdowns = client
+            .events(&EventQuery {
+                vm: Some("mid".into()),
+                kind: Some(EventType::Shutdown),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &shutdowns.last().expect("a shutdown event").message;
+        assert!(
+            msg.contains("resumed after a daemon restart") && msg.contains("forced"),
+            "{msg}"
+        );
+    });
+}

@@ -210,6 +210,21 @@ impl Manager {
                         Err(e) => (VmState::Running, format!("no hello: {e}")),
                     };
                     let run = self.track(name, record.pid, pidfd, false);
+                    // A shutdown was under way when the daemon died: it
+                    // goes on (and keeps the restart policy out of it).
+                    let resume_shutdown = entry.status.state == VmState::Stopping;
+                    let (state, note) = if resume_shutdown {
+                        self.resume_shutdown(name, Arc::clone(&run));
+                        (
+                            VmState::Stopping,
+                            format!(
+                                "{note}; the shutdown goes on, hard stop in {} s",
+                                self.config.shutdown_timeout.as_secs()
+                            ),
+                        )
+                    } else {
+                        (state, note)
+                    };
                     entry.run = Some(run);
                     entry.status.state = state;
                     entry.status.pid = Some(record.pid);

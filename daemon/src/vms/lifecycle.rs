@@ -52,18 +52,36 @@ impl Manager {
     /// says how: shutoff, or crashed if it crashed meanwhile); `forced`: it
     /// was killed (after the timeout, for a button that could not be
     /// pressed, or by a `stop` that came meanwhile).
+    /// Runs in a task of its own: a client that goes away does not cut
+    /// the wait short (the VM would stay `stopping`, never hard-stopped).
     pub async fn shutdown(
         self: &Arc<Self>,
         name: &str,
         timeout: Duration,
     ) -> Result<(VmInfo, ShutdownOutcome), Failure> {
-        let (_, outcome) = self.shut_down(name, Action::Shutdown, timeout).await?;
-        Ok((self.get(name).await?, outcome))
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        detached(async move {
+            let (_, outcome) = me.shut_down(&name, Action::Shutdown, timeout).await?;
+            Ok((me.get(&name).await?, outcome))
+        })
+        .await
     }
 
     /// Shuts the VM down (forced after `timeout`), then starts a fresh
-    /// VMM; the restart history records it with cause `request`.
+    /// VMM; the restart history records it with cause `request`. In a
+    /// task of its own, like `shutdown`.
     pub async fn reboot(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(VmInfo, ShutdownOutcome), Failure> {
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        detached(async move { me.reboot_now(&name, timeout).await }).await
+    }
+
+    async fn reboot_now(
         self: &Arc<Self>,
         name: &str,
         timeout: Duration,
@@ -105,6 +123,46 @@ impl Manager {
         );
         self.launch(name, entry);
         Ok((entry.info(), outcome))
+    }
+
+    /// Goes on with the shutdown of a VMM re-adopted while its VM was
+    /// `stopping` (the daemon died during a shutdown): the policy stays
+    /// out of its end, and after the daemon's default timeout, counted
+    /// from now, it is killed. (The power button was pressed already.)
+    pub(super) fn resume_shutdown(self: &Arc<Self>, name: &str, run: Arc<Run>) {
+        run.shutdown_requested.store(true, Ordering::SeqCst);
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        let timeout = self.config.shutdown_timeout;
+        tokio::spawn(async move {
+            let ended_by_itself = wait_ended(&run, timeout).await;
+            let stopped_by_another = run.stop_requested.load(Ordering::SeqCst);
+            if !ended_by_itself {
+                if let Err(e) = stop_run(&run).await {
+                    tracing::warn!(
+                        "VM {name}: hard stop of a resumed shutdown: {}",
+                        e.0.chain()
+                    );
+                }
+            }
+            let message = if stopped_by_another {
+                "forced: stopped by a request during the shutdown".to_owned()
+            } else if ended_by_itself {
+                "graceful: the VMM exited by itself".to_owned()
+            } else {
+                format!(
+                    "forced: no power-off within {} s of the daemon's restart; the VMM was killed",
+                    timeout.as_secs()
+                )
+            };
+            let vms = me.vms.lock().await;
+            me.events.emit(
+                EventType::Shutdown,
+                Some(&name),
+                vms.get(&name).map(|e| e.status.state),
+                format!("shutdown (resumed after a daemon restart): {message}"),
+            );
+        });
     }
 
     /// The shutdown both actions share. Returns the VM's epoch after it
@@ -191,6 +249,15 @@ impl Manager {
         );
         Ok((entry.map_or(0, |e| e.epoch), outcome))
     }
+}
+
+/// Runs `work` to its end whether or not the caller still waits for it.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Failure>> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Failure::internal("the shutdown task failed", &e))?
 }
 
 /// Whether the run ended within `timeout`.

@@ -626,7 +626,22 @@ fn vm_details(vm: &VmInfo) -> String {
     for (k, v) in &vm.spec.labels {
         line("label", format!("{k}={v}"));
     }
-    line("restarts", s.restarts.len().to_string());
+    line(
+        "restarts",
+        match s.restarts.last() {
+            None => "0".into(),
+            Some(r) => format!(
+                "{} (last {}: {} after {})",
+                s.restarts.len(),
+                utc(r.time_ms),
+                match r.cause {
+                    kiln_api::RestartCause::Policy => "by the policy",
+                    kiln_api::RestartCause::Request => "on request",
+                },
+                format!("{:?}", r.after).to_lowercase()
+            ),
+        },
+    );
     out
 }
 

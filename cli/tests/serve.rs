@@ -795,6 +795,12 @@ fn reboot_starts_a_fresh_vmm_and_records_it_as_on_request() {
         serde_json::from_str(&d.cli(&["vm", "reboot", "rb", "--timeout", "1", "--json"])).unwrap();
     assert_eq!(out["action"], "reboot");
     assert_eq!(out["outcome"], "forced");
+    let shown = d.cli(&["vm", "show", "rb"]);
+    let line = shown.lines().find(|l| l.starts_with("restarts")).unwrap();
+    assert!(
+        line.contains("2 (last") && line.contains("on request after stopped"),
+        "{shown}"
+    );
 }
 
 #[test]

@@ -9,6 +9,9 @@
 #   images   the image builder's slow tier: reproducibility, QEMU boots, the
 #            Clay screendump (cargo nextest -p kiln-images --run-ignored)
 #   bench    kiln-bench-boot 5 and kiln-bench-io 3 (docs/benchmarks.md)
+#   daemon   kiln-bench-daemon: kiln serve against libvirtd on this machine,
+#            and launch to init against libvirt's QEMU command line in the
+#            nested host (scripts/bench-daemon-setup.sh installs libvirt)
 #   fuzz     every fuzz target for 60 s (scripts/fuzz.sh; docs/fuzzing.md)
 #   hardware the tests that need hardware KVM (VT-x/AMD-V); on a machine
 #            without it they fail, saying so
@@ -34,13 +37,17 @@ for part in "${parts[@]}"; do
             target/release/kiln-bench-boot 5 || rc=$?
             target/release/kiln-bench-io 3 || rc=$?
             ;;
+        daemon)
+            scripts/bench-daemon-setup.sh
+            target/release/kiln-bench-daemon all || rc=$?
+            ;;
         fuzz) scripts/fuzz.sh 60 || rc=$? ;;
         hardware)
             cargo nextest run --locked -p kiln-integration-tests --run-ignored ignored-only \
                 -E 'test(/hardware_kvm/)' || rc=$?
             ;;
         *)
-            echo "test-slow.sh: unknown part '$part' (images, bench, fuzz, hardware)" >&2
+            echo "test-slow.sh: unknown part '$part' (images, bench, daemon, fuzz, hardware)" >&2
             exit 2
             ;;
     esac

@@ -1,8 +1,9 @@
 //! A typed client of the API over the daemon's Unix socket or TCP (with a
-//! bearer token), used by the CLI and the tests. One HTTP/1.1 connection
+//! bearer token, plain or TLS), used by the CLI and the tests. One HTTP/1.1 connection
 //! per request: the daemon is local, and this keeps the client stateless.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,6 +26,66 @@ pub enum Endpoint {
         addr: String,
         token: Option<String>,
     },
+    /// `host:port` over TLS; `ca_cert` is the PEM file of the CA to trust
+    /// (the daemon's own certificate when it is self-signed), else the
+    /// system's trusted CAs.
+    Https {
+        addr: String,
+        token: Option<String>,
+        ca_cert: Option<PathBuf>,
+    },
+}
+
+impl Endpoint {
+    /// The endpoint of a URL: `https://HOST:PORT` (TLS), `http://HOST:PORT`
+    /// or a bare `HOST:PORT` (plain TCP). A path, query or user part is
+    /// refused; `ca_cert` only goes with https.
+    pub fn from_url(
+        url: &str,
+        token: Option<String>,
+        ca_cert: Option<PathBuf>,
+    ) -> Result<Endpoint, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if url.contains("://") {
+            return Err(format!("{url}: only http:// and https:// URLs"));
+        } else {
+            (false, url)
+        };
+        let addr = rest.strip_suffix('/').unwrap_or(rest);
+        if addr.is_empty() || addr.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "{url}: give the daemon's address only, as https://HOST:PORT"
+            ));
+        }
+        let has_port = addr.rsplit_once(':').is_some_and(|(h, p)| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.starts_with('[') || h.ends_with(']'))
+        });
+        let addr = if has_port {
+            addr.to_owned()
+        } else {
+            format!("{addr}:{}", if tls { 443 } else { 80 })
+        };
+        if tls {
+            crate::tls::server_name(&addr)?;
+            Ok(Endpoint::Https {
+                addr,
+                token,
+                ca_cert,
+            })
+        } else if let Some(ca) = ca_cert {
+            Err(format!(
+                "{url}: a CA certificate ({}) is for https:// URLs only",
+                ca.display()
+            ))
+        } else {
+            Ok(Endpoint::Tcp { addr, token })
+        }
+    }
 }
 
 impl std::fmt::Display for Endpoint {
@@ -32,6 +93,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "{}", p.display()),
             Endpoint::Tcp { addr, .. } => write!(f, "tcp {addr}"),
+            Endpoint::Https { addr, .. } => write!(f, "https://{addr}"),
         }
     }
 }
@@ -52,6 +114,11 @@ pub enum ClientError {
     /// A request this client cannot send, e.g. a token with a newline.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// TLS with the daemon failed: its configuration (the CA file) or the
+    /// handshake (a certificate the trusted CAs did not sign, a name it
+    /// does not carry, a listener that does not speak TLS).
+    #[error("TLS with the daemon at {endpoint}: {message}")]
+    Tls { endpoint: String, message: String },
 }
 
 impl ClientError {
@@ -75,6 +142,9 @@ pub struct RawResponse {
 #[derive(Debug, Clone)]
 pub struct Client {
     endpoint: Endpoint,
+    /// The TLS configuration of an `Https` endpoint, made at its first
+    /// request (it reads the CA file) and shared by the clones.
+    tls: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
 }
 
 /// Percent-encodes a path segment (VM names are plain, but a user may type
@@ -149,7 +219,23 @@ impl EventStream {
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Client {
-        Client { endpoint }
+        Client {
+            endpoint,
+            tls: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn tls_config(
+        &self,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+        self.tls
+            .get_or_init(|| crate::tls::client_config(ca_cert).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(|message| ClientError::Tls {
+                endpoint: self.endpoint.to_string(),
+                message,
+            })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -179,6 +265,30 @@ impl Client {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(connect_err)?;
+                req = req.header(hyper::header::HOST, addr.as_str());
+                if let Some(t) = token {
+                    req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+                }
+                handshake(stream).await?
+            }
+            Endpoint::Https {
+                addr,
+                token,
+                ca_cert,
+            } => {
+                let config = self.tls_config(ca_cert.as_deref())?;
+                let tls_err = |message: String| ClientError::Tls {
+                    endpoint: self.endpoint.to_string(),
+                    message,
+                };
+                let name = crate::tls::server_name(addr).map_err(tls_err)?;
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(connect_err)?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| tls_err(crate::tls::explain(e.to_string())))?;
                 req = req.header(hyper::header::HOST, addr.as_str());
                 if let Some(t) = token {
                     req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -488,4 +598,60 @@ fn decode<T: DeserializeOwned>(raw: RawResponse) -> Result<T, ClientError> {
         status: raw.status,
         body: format!("{e}: {}", String::from_utf8_lossy(&raw.body)),
     })
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::Endpoint;
+
+    #[test]
+    fn urls_give_plain_or_tls_endpoints() {
+        let tcp = |a: &str| Endpoint::Tcp {
+            addr: a.into(),
+            token: None,
+        };
+        assert_eq!(
+            Endpoint::from_url("127.0.0.1:8080", None, None),
+            Ok(tcp("127.0.0.1:8080"))
+        );
+        assert_eq!(
+            Endpoint::from_url("http://localhost:8080/", None, None),
+            Ok(tcp("localhost:8080"))
+        );
+        assert_eq!(
+            Endpoint::from_url("http://localhost", None, None),
+            Ok(tcp("localhost:80"))
+        );
+        assert_eq!(
+            Endpoint::from_url(
+                "https://[::1]:8443",
+                Some("t".into()),
+                Some("/ca.pem".into())
+            ),
+            Ok(Endpoint::Https {
+                addr: "[::1]:8443".into(),
+                token: Some("t".into()),
+                ca_cert: Some("/ca.pem".into()),
+            })
+        );
+        assert_eq!(
+            Endpoint::from_url("https://kiln.example", None, None),
+            Ok(Endpoint::Https {
+                addr: "kiln.example:443".into(),
+                token: None,
+                ca_cert: None,
+            })
+        );
+        for bad in [
+            "ftp://host:1",
+            "https://host:1/v1/vms",
+            "https://user@host:1",
+            "https://",
+            "https://bad host:1",
+        ] {
+            assert!(Endpoint::from_url(bad, None, None).is_err(), "{bad}");
+        }
+        let err = Endpoint::from_url("http://host:1", None, Some("/ca.pem".into())).unwrap_err();
+        assert!(err.contains("https:// URLs only"), "{err}");
+    }
 }

@@ -1,12 +1,14 @@
 //! Kiln's REST API shared by the daemon (`kiln serve`), the CLI and the
 //! tests: the typed models of `api/openapi.yaml`, the one error shape, VM
-//! spec validation and a typed client over a Unix socket or TCP.
+//! spec validation and a typed client over a Unix socket or TCP (plain or
+//! TLS).
 
 pub mod client;
 pub mod error;
 pub mod models;
 pub mod policy;
 pub mod spec;
+pub mod tls;
 
 pub use client::{Client, ClientError, Endpoint, EventQuery};
 pub use error::{ApiError, ErrorBody, ErrorCode};

@@ -22,31 +22,32 @@ pub struct ApiArgs {
         global = true
     )]
     pub socket: PathBuf,
-    /// Reach the daemon over TCP instead: HOST:PORT (needs --token).
-    #[arg(long, env = "KILN_URL", value_name = "HOST:PORT", global = true)]
+    /// Reach the daemon over TCP instead: https://HOST:PORT (TLS), or
+    /// http://HOST:PORT (plain, loopback only); needs --token.
+    #[arg(long, env = "KILN_URL", value_name = "URL", global = true)]
     pub url: Option<String>,
     /// The bearer token for --url.
     #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// For an https:// --url: the PEM file of the CA that signed the
+    /// daemon's certificate (or that certificate, if self-signed); without
+    /// it, the system's trusted CAs.
+    #[arg(long, env = "KILN_CA_CERT", value_name = "PEM", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
 }
 
 impl ApiArgs {
-    fn client(&self) -> Client {
+    fn client(&self) -> Result<Client> {
         match &self.url {
             Some(url) => {
-                let addr = url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_owned();
-                Client::new(Endpoint::Tcp {
-                    addr,
-                    token: self.token.clone(),
-                })
+                let endpoint = Endpoint::from_url(url, self.token.clone(), self.ca_cert.clone())
+                    .map_err(|e| anyhow::anyhow!("--url {e}"))?;
+                Ok(Client::new(endpoint))
             }
-            None => Client::new(Endpoint::Unix(self.socket.clone())),
+            None => Ok(Client::new(Endpoint::Unix(self.socket.clone()))),
         }
     }
 }
@@ -261,7 +262,7 @@ fn output<T: serde::Serialize>(
 }
 
 pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
-    let client = api.client();
+    let client = api.client()?;
     runtime()?.block_on(async move {
         match cmd {
             VmCommand::Create(args) => {
@@ -439,7 +440,7 @@ async fn events(client: &Client, api: &ApiArgs, args: EventsArgs) -> Result<()> 
 }
 
 pub fn host(api: &ApiArgs, cmd: HostCommand) -> Result<()> {
-    let client = api.client();
+    let client = api.client()?;
     runtime()?.block_on(async move {
         match cmd {
             HostCommand::Info => {

@@ -13,6 +13,8 @@ pub mod serve;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tcp;
+pub mod tls;
 pub mod vms;
 
 pub use serve::{serve, ServeArgs};

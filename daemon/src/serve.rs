@@ -32,14 +32,21 @@ pub struct ServeArgs {
     /// The per-VM monitor to start (default: kiln-vmm next to this binary).
     #[arg(long)]
     pub vmm_binary: Option<PathBuf>,
-    /// Also answer on TCP at this loopback address; every request there
-    /// needs `Authorization: Bearer <token>` (see --token-file). Only
-    /// loopback addresses: TLS is not implemented yet.
+    /// Also answer on TCP at this address; every request there needs
+    /// `Authorization: Bearer <token>` (see --token-file). A non-loopback
+    /// address needs TLS (--tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
     pub listen: Option<SocketAddr>,
     /// A file holding the bearer token for --listen.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS on --listen: a PEM file with the daemon's certificate (then any
+    /// intermediate certificates).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "listen"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM file of --tls-cert's private key.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Seconds a shutdown or reboot waits for the guest to power off
     /// after the power button before the hard stop, when the request
     /// names no `?timeout_s=` (1..=600).
@@ -72,9 +79,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
     if let Some(addr) = args.listen {
-        if !addr.ip().is_loopback() {
-            bail!("--listen {addr}: only loopback addresses (TLS is not implemented yet)");
+        if !addr.ip().is_loopback() && tls.is_none() {
+            bail!(
+                "--listen {addr} is not a loopback address: TCP there needs TLS \
+                 (--tls-cert PEM --tls-key PEM); only a loopback address may be plain"
+            );
         }
     }
     for dir in [&args.state_dir, &args.run_dir] {
@@ -92,24 +106,33 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         vms: manager,
         metrics: RequestMetrics::default(),
     });
-    let unix = bind_unix(&args.socket)?;
-    tracing::info!("kiln serve: listening on {}", args.socket.display());
     let router = server::router(app.clone());
     // No graceful drain: followed event streams never end by themselves.
     // In-flight requests are cut at SIGTERM; definitions they acknowledged
     // are durable already.
     let mut tasks = tokio::task::JoinSet::new();
+    // TCP first: once the Unix socket answers, the TCP listener does too.
     if let (Some(addr), Some(token)) = (args.listen, token) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!("kiln serve: listening on tcp {}", tcp.local_addr()?);
+        tracing::info!(
+            "kiln serve: listening on tcp {} ({})",
+            tcp.local_addr()?,
+            if tls.is_some() {
+                "TLS"
+            } else {
+                "plain, loopback"
+            }
+        );
         let authed = router.clone().layer(middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
         ));
-        tasks.spawn(async move { axum::serve(tcp, authed).await });
+        tasks.spawn(crate::tcp::serve(tcp, authed, tls));
     }
+    let unix = bind_unix(&args.socket)?;
+    tracing::info!("kiln serve: listening on {}", args.socket.display());
     tasks.spawn(async move { axum::serve(unix, router).await });
     tokio::select! {
         () = shutdown_signal() => {}

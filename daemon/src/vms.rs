@@ -181,7 +181,53 @@ impl Manager {
             self.readopt(&name, &mut entry);
             vms.insert(name, entry);
         }
+        self.sweep_orphans(&vms, statuses.keys());
         Ok(())
+    }
+
+    /// Removes the live state of VMs that have no definition: a delete
+    /// removes the definition first (that is its commit point), so a
+    /// daemon killed during the rest of it leaves the status file, run
+    /// directory and cgroup behind. A run directory whose VMM still runs
+    /// is left alone (and said).
+    fn sweep_orphans<'a>(
+        &self,
+        defined: &BTreeMap<String, Entry>,
+        statuses: impl Iterator<Item = &'a String>,
+    ) {
+        for name in statuses.filter(|n| !defined.contains_key(*n)) {
+            if let Err(e) = self.statuses.remove(name) {
+                tracing::warn!("deleted VM {name}: {e}");
+            }
+        }
+        let Ok(dirs) = std::fs::read_dir(self.config.run_dir.join("vms")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let Some(name) = dir.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if defined.contains_key(&name) {
+                continue;
+            }
+            let rd = RunDir::new(&self.config.run_dir, &name);
+            let alive = rd
+                .read_record()
+                .filter(|r| process::start_time(r.pid).is_ok_and(|t| t == r.start_time));
+            if let Some(r) = alive {
+                tracing::warn!(
+                    "{}: VMM pid {} runs for a VM without a definition; left alone",
+                    rd.dir.display(),
+                    r.pid
+                );
+                continue;
+            }
+            tracing::info!("deleted VM {name}: removing what its delete left");
+            if let Err(e) = rd.remove() {
+                tracing::warn!("deleted VM {name}: removing its run directory: {e}");
+            }
+            self.cgroups.remove(&name);
+        }
     }
 
     /// Takes over `name`'s VMM if its record names a process that still
@@ -735,8 +781,15 @@ impl Manager {
                     }
                     _ => {}
                 }
+                // A VMM answers within ~15 ms of its start: poll briskly
+                // at first, then back off so a slow start costs little.
+                let pause = if started.elapsed() < Duration::from_millis(200) {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_millis(20)
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = ended.changed() => {}
                 }
             };
@@ -1029,5 +1082,47 @@ mod tests {
             classify(false, None, Some(record), none).0,
             ExitKind::Poweroff
         );
+    }
+
+    #[tokio::test]
+    async fn state_a_killed_delete_left_behind_is_swept_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+        for d in [
+            state.join("vms"),
+            run.join("status"),
+            run.join("vms/ghost"),
+            run.join("vms/kept"),
+        ] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let spec = serde_json::json!({"name": "kept", "machine": {"kernel": kernel}});
+        std::fs::write(state.join("vms/kept.json"), spec.to_string()).unwrap();
+        let status = serde_json::to_string(&new_status(VmState::Defined)).unwrap();
+        std::fs::write(run.join("status/kept.json"), &status).unwrap();
+        // "ghost" was deleted: its definition went, the rest did not.
+        std::fs::write(run.join("status/ghost.json"), &status).unwrap();
+        std::fs::write(run.join("vms/ghost/console.log"), b"boot").unwrap();
+        let manager = Manager::open(SupervisorConfig {
+            state_dir: state,
+            run_dir: run.clone(),
+            vmm_binary: dir.path().join("no-kiln-vmm"),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        })
+        .await
+        .unwrap();
+        let names: Vec<String> = manager
+            .list()
+            .await
+            .into_iter()
+            .map(|v| v.spec.name)
+            .collect();
+        assert_eq!(names, ["kept"]);
+        assert!(!run.join("status/ghost.json").exists());
+        assert!(!run.join("vms/ghost").exists());
+        assert!(run.join("status/kept.json").exists());
+        assert!(run.join("vms/kept").exists());
     }
 }

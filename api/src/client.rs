@@ -149,7 +149,7 @@ pub struct Client {
 
 /// Percent-encodes a path segment (VM names are plain, but a user may type
 /// anything).
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
@@ -248,6 +248,18 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        self.send_typed(method, path, body, "application/json")
+            .await
+    }
+
+    /// `send` with a body of `content_type`.
+    pub(crate) async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let connect_err = |source| ClientError::Connect {
             endpoint: self.endpoint.to_string(),
             source,
@@ -299,7 +311,7 @@ impl Client {
         let mut sender = sender;
         let body = match body {
             Some(b) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+                req = req.header(hyper::header::CONTENT_TYPE, content_type);
                 Full::new(Bytes::from(b))
             }
             None => Full::new(Bytes::new()),
@@ -577,7 +589,7 @@ where
     Ok(sender)
 }
 
-fn api_error(raw: RawResponse) -> ClientError {
+pub(crate) fn api_error(raw: RawResponse) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(&raw.body) {
         Ok(b) => ClientError::Api {
             status: raw.status,
@@ -590,7 +602,7 @@ fn api_error(raw: RawResponse) -> ClientError {
     }
 }
 
-fn decode<T: DeserializeOwned>(raw: RawResponse) -> Result<T, ClientError> {
+pub(crate) fn decode<T: DeserializeOwned>(raw: RawResponse) -> Result<T, ClientError> {
     if !(200..300).contains(&raw.status) {
         return Err(api_error(raw));
     }

@@ -39,6 +39,21 @@ pub enum ErrorCode {
     EventsExpired,
     /// A fault of the daemon itself (I/O on its state directory, a bug).
     Internal,
+    /// The VM's spec has no `agent` section, so the daemon has no way to
+    /// reach a guest agent.
+    AgentNotConfigured,
+    /// The guest agent does not answer (the guest is still booting, has no
+    /// agent, or nothing listens on the agent's port).
+    AgentUnavailable,
+    /// The connection to the guest agent was lost in the middle of a call.
+    AgentDisconnected,
+    /// The guest agent sent nothing for longer than the call allows.
+    AgentTimeout,
+    /// The guest agent refused the request (no such program, a bad working
+    /// directory, no Wine in this guest, ...).
+    AgentRefused,
+    /// An uploaded file is not what the route takes (not a PE executable).
+    InvalidUpload,
 }
 
 impl ErrorCode {
@@ -49,16 +64,22 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::VmNotFound | ErrorCode::NotFound | ErrorCode::DeviceNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::NameTaken | ErrorCode::InvalidState => 409,
+            ErrorCode::NameTaken | ErrorCode::InvalidState | ErrorCode::AgentNotConfigured => 409,
             ErrorCode::EventsExpired => 410,
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::InvalidRequest | ErrorCode::VmmRefused => 422,
+            ErrorCode::InvalidRequest
+            | ErrorCode::VmmRefused
+            | ErrorCode::AgentRefused
+            | ErrorCode::InvalidUpload => 422,
             ErrorCode::Internal => 500,
+            ErrorCode::AgentDisconnected => 502,
+            ErrorCode::AgentUnavailable => 503,
+            ErrorCode::AgentTimeout => 504,
         }
     }
 
     /// Every code, for the contract test and the docs.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidQuery,
@@ -73,7 +94,22 @@ impl ErrorCode {
         ErrorCode::EventsExpired,
         ErrorCode::Internal,
         ErrorCode::DeviceNotFound,
+        ErrorCode::AgentNotConfigured,
+        ErrorCode::AgentUnavailable,
+        ErrorCode::AgentDisconnected,
+        ErrorCode::AgentTimeout,
+        ErrorCode::AgentRefused,
+        ErrorCode::InvalidUpload,
     ];
+
+    /// A gateway error: the guest agent behind the daemon failed, not the
+    /// daemon itself (502, 503, 504).
+    pub fn is_agent_fault(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::AgentUnavailable | ErrorCode::AgentDisconnected | ErrorCode::AgentTimeout
+        )
+    }
 }
 
 /// An API error: what went wrong, and the chain of causes below it.
@@ -139,11 +175,16 @@ mod tests {
     }
 
     #[test]
-    fn only_internal_faults_are_5xx() {
+    fn only_internal_and_guest_agent_faults_are_5xx() {
         for code in ErrorCode::ALL {
             let status = code.status();
             assert!((400..600).contains(&status));
-            assert_eq!(status >= 500, code == ErrorCode::Internal, "{code:?}");
+            assert_eq!(
+                status >= 500,
+                code == ErrorCode::Internal || code.is_agent_fault(),
+                "{code:?}"
+            );
         }
+        assert_eq!(ErrorCode::AgentUnavailable.status(), 503);
     }
 }

@@ -4,14 +4,18 @@
 //! TLS).
 
 pub mod client;
+pub mod client_exec;
 pub mod error;
+pub mod exec;
 pub mod models;
 pub mod policy;
 pub mod spec;
 pub mod tls;
 
 pub use client::{Client, ClientError, Endpoint, EventQuery};
+pub use client_exec::{AppRun, ExecStream};
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use exec::{AgentSpec, ExecExit, ExecLine, ExecRequest, ExecResult};
 pub use models::*;
 pub use policy::{RestartAction, RestartPolicy};
 pub use spec::{VmInfo, VmList, VmSpec};

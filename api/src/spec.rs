@@ -14,6 +14,7 @@ use kiln_vmm::{HostLimits, VmConfig};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{ApiError, ErrorCode};
+use crate::exec::AgentSpec;
 use crate::models::{Labels, VmStatus};
 use crate::policy::{label_problems, name_problem, RestartPolicy};
 
@@ -34,6 +35,10 @@ pub struct VmSpec {
     pub autostart: bool,
     #[serde(default)]
     pub labels: Labels,
+    /// Reach a guest agent: the daemon gives the VM a vsock device whose
+    /// socket is in the VM's run directory (not with `machine.vsock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
 }
 
 /// `GET /v1/vms/{id}` and the items of `GET /v1/vms`.
@@ -91,6 +96,16 @@ impl VmSpec {
         causes.extend(name_problem(&self.name));
         causes.extend(label_problems(&self.labels));
         causes.extend(relative_paths(&self.machine));
+        if let Some(agent) = &self.agent {
+            causes.extend(agent.problem());
+            if self.machine.vsock.is_some() {
+                causes.push(
+                    "machine.vsock and agent are both set: the agent section gives the VM its \
+                     vsock device (its socket in the VM's run directory)"
+                        .into(),
+                );
+            }
+        }
         if let Err(e) = self.machine.validate(host) {
             causes.push(error_chain(&e));
         }
@@ -123,6 +138,9 @@ impl VmSpec {
         }
         if self.labels != other.labels {
             changed.insert("labels");
+        }
+        if self.agent != other.agent {
+            changed.insert("agent");
         }
         changed
     }
@@ -254,6 +272,36 @@ mod tests {
             k.path().to_str().unwrap()
         );
         assert!(serde_json::from_str::<VmSpec>(&top).is_err());
+    }
+
+    #[test]
+    fn an_agent_section_takes_a_port_and_excludes_machine_vsock() {
+        let k = kernel_file();
+        let with = |agent: &str, extra: &str| -> VmSpec {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&spec_json(k.path(), extra)).unwrap();
+            v["agent"] = serde_json::from_str(agent).unwrap();
+            serde_json::from_value(v).unwrap()
+        };
+        let spec = with("{}", "");
+        assert_eq!(spec.agent, Some(AgentSpec { port: 5252 }));
+        spec.validate(&HOST).unwrap();
+        assert_eq!(with(r#"{"port":1024}"#, "").agent.unwrap().port, 1024);
+        let e = with(r#"{"port":0}"#, "").validate(&HOST).unwrap_err();
+        assert!(e.causes[0].contains("agent.port 0"), "{e:?}");
+        let e = with("{}", r#","vsock":{"cid":3,"uds":"/tmp/x.sock"}"#)
+            .validate(&HOST)
+            .unwrap_err();
+        assert!(e.causes[0].contains("machine.vsock and agent"), "{e:?}");
+        let mut v: serde_json::Value = serde_json::from_str(&spec_json(k.path(), "")).unwrap();
+        v["agent"] = serde_json::json!({"port": 1, "path": "/x"});
+        assert!(
+            serde_json::from_value::<VmSpec>(v).is_err(),
+            "unknown field"
+        );
+        let mut b = spec.clone();
+        b.agent = None;
+        assert!(spec.changed_fields(&b).contains("agent"));
     }
 
     #[test]

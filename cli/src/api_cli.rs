@@ -40,7 +40,7 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         match &self.url {
             Some(url) => {
                 let endpoint = Endpoint::from_url(url, self.token.clone(), self.ca_cert.clone())
@@ -99,6 +99,8 @@ pub enum VmCommand {
     },
     /// Show a device's I/O worker placement, or change it with flags.
     Worker(WorkerArgs),
+    /// Run a program in the VM's guest through its agent: NAME -- CMD ARGS...
+    Exec(crate::exec_cli::ExecArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +167,10 @@ pub struct CreateArgs {
     /// [default: on_poweroff=stop,on_reboot=restart,on_crash=stop].
     #[arg(long, value_name = "POLICY", value_parser = parse_policy)]
     pub restart: Option<RestartPolicy>,
+    /// Give the VM a vsock device for its guest agent (`kiln vm exec`,
+    /// `kiln app run`), the agent on guest port PORT [default: 5252].
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "5252")]
+    pub agent: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -329,6 +335,8 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
                 output(api, &result, action_line)
             }
             VmCommand::Worker(args) => worker(&client, api, args).await,
+            // main runs exec itself: it ends with the program's exit code.
+            VmCommand::Exec(_) => bail!("kiln vm exec is run by main"),
         }
     })
 }
@@ -452,7 +460,7 @@ pub fn host(api: &ApiArgs, cmd: HostCommand) -> Result<()> {
 }
 
 impl CreateArgs {
-    fn into_spec(self) -> Result<VmSpec> {
+    pub(crate) fn into_spec(self) -> Result<VmSpec> {
         if self.machine.console.is_some() {
             bail!("--console: the daemon owns a VM's serial console (see `kiln vm console`)");
         }
@@ -467,6 +475,7 @@ impl CreateArgs {
             restart: self.restart.unwrap_or_default(),
             autostart: self.autostart,
             labels: self.labels.into_iter().collect(),
+            agent: self.agent.map(|port| kiln_api::AgentSpec { port }),
         })
     }
 }

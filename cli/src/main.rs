@@ -4,6 +4,7 @@
 //! the CLI over its REST API (`kiln vm`, `kiln host`, kiln-api).
 
 mod api_cli;
+mod exec_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,13 @@ enum Command {
         api: api_cli::ApiArgs,
         #[command(subcommand)]
         command: api_cli::HostCommand,
+    },
+    /// Windows programs in a VM's guest (through the daemon and its agent).
+    App {
+        #[command(flatten)]
+        api: api_cli::ApiArgs,
+        #[command(subcommand)]
+        command: exec_cli::AppCommand,
     },
     /// One request to a VMM's control socket (`kiln run --control`,
     /// `kiln-vmm --control`); prints the JSON result.
@@ -107,7 +115,12 @@ fn main() -> ExitCode {
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
         Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
         Command::Serve(args) => serve(args).map(|_| 0),
+        Command::Vm {
+            api,
+            command: api_cli::VmCommand::Exec(args),
+        } => exec_cli::exec(&api, args),
         Command::Vm { api, command } => api_cli::vm(&api, command).map(|_| 0),
+        Command::App { api, command } => exec_cli::app(&api, command),
         Command::Host { api, command } => api_cli::host(&api, command).map(|_| 0),
         Command::VmmCtl(args) => vmm_ctl::run(args).map(|_| 0),
     };

@@ -1008,3 +1008,144 @@ fn a_shutdown_under_way_when_the_daemon_dies_goes_on_after_its_restart() {
         );
     });
 }
+
+/// Programs in guests, as far as this host goes (its guests never boot):
+/// a VM without an agent section is refused with agent_not_configured; a
+/// VM with one gets its vsock socket in its run directory, and since its
+/// guest never boots, exec is agent_unavailable (503) within seconds, in
+/// the buffered and the streamed mode and through `kiln vm exec`, while the
+/// daemon keeps answering other requests; apps/run refuses a non-PE body
+/// and a too-large one before looking at the VM.
+#[test]
+fn exec_without_a_booted_guest_is_agent_unavailable_quickly_not_a_hang() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let (kernel, initrd) = default_guest();
+    let client = d.client();
+    let argv = kiln_api::ExecRequest {
+        argv: vec!["uname".into(), "-a".into()],
+        ..Default::default()
+    };
+    runtime().block_on(async {
+        let mut plain = spec("plain", &kernel, json!({}));
+        plain.machine.initrd = Some(initrd.clone());
+        plain.machine.memory_mib = 256;
+        client.create(&plain, true).await.unwrap();
+        wait_for_state(&client, "plain", VmState::Running).await;
+        let err = client.exec("plain", &argv).await.unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((409, kiln_api::ErrorCode::AgentNotConfigured)),
+            "{err}"
+        );
+
+        let mut guest = spec("guest", &kernel, json!({"agent": {}}));
+        guest.machine.initrd = Some(initrd);
+        guest.machine.memory_mib = 256;
+        client.create(&guest, true).await.unwrap();
+        wait_for_state(&client, "guest", VmState::Running).await;
+        let socket = d.dir.path().join("run/vms/guest/agent.vsock");
+        assert!(socket.exists(), "no vsock socket at {}", socket.display());
+
+        let started = Instant::now();
+        let err = client.exec("guest", &argv).await.unwrap_err();
+        let took = started.elapsed();
+        let (status, e) = err.api().unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(
+            (status, e.code),
+            (503, kiln_api::ErrorCode::AgentUnavailable),
+            "{err}"
+        );
+        assert!(
+            e.message.contains("does not answer on vsock port 5252"),
+            "{err}"
+        );
+        assert!(
+            took < Duration::from_secs(15),
+            "agent_unavailable took {took:?}"
+        );
+
+        // Streamed: the agent is reached before the answer begins, so the
+        // same 503 — and while one call waits, the daemon answers others.
+        let waiting = {
+            let client = client.clone();
+            let argv = argv.clone();
+            tokio::spawn(async move { client.exec_stream("guest", &argv).await.err() })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ping_started = Instant::now();
+        client.ping().await.unwrap();
+        client.get("guest").await.unwrap();
+        assert!(
+            ping_started.elapsed() < Duration::from_secs(1),
+            "the daemon stalled behind an agent call: {:?}",
+            ping_started.elapsed()
+        );
+        let err = waiting.await.unwrap().expect("the stream is refused");
+        assert_eq!(err.api().map(|(s, _)| s), Some(503), "{err}");
+
+        // apps/run checks the upload before the VM.
+        let app = |exe: Vec<u8>| kiln_api::AppRun {
+            file_name: "t.exe".into(),
+            exe,
+            args: vec!["a".into()],
+            timeout_s: Some(30),
+        };
+        let err = client
+            .run_app("guest", &app(b"#!/bin/sh\necho not a PE file\n".to_vec()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((422, kiln_api::ErrorCode::InvalidUpload)),
+            "{err}"
+        );
+        let err = client
+            .run_app("guest", &app(vec![b'M'; kiln_api::exec::UPLOAD_LIMIT + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.api().map(|(s, e)| (s, e.code)),
+            Some((413, kiln_api::ErrorCode::BodyTooLarge)),
+            "{err}"
+        );
+        let mut pe = vec![0u8; 1024];
+        pe[..2].copy_from_slice(b"MZ");
+        pe[0x3c] = 0x80;
+        pe[0x80..0x84].copy_from_slice(b"PE\0\0");
+        let err = client.run_app("guest", &app(pe)).await.unwrap_err();
+        assert_eq!(err.api().map(|(s, _)| s), Some(503), "{err}");
+    });
+
+    // The CLI: a clear message and a failing exit code, quickly.
+    let started = Instant::now();
+    let out = Command::new(KILN)
+        .args(["vm", "exec", "guest", "--socket"])
+        .arg(d.socket())
+        .args(["--", "uname", "-a"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not answer on vsock port 5252"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let out = Command::new(KILN)
+        .args(["vm", "exec", "plain", "--socket"])
+        .arg(d.socket())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent section"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime().block_on(async {
+        for vm in ["plain", "guest"] {
+            client.delete(vm, true).await.unwrap();
+        }
+    });
+}

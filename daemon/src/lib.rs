@@ -3,7 +3,9 @@
 //! directory, and supervises one `kiln-vmm` process per running VM.
 
 pub mod actions;
+pub mod agent;
 pub mod events;
+pub mod exec;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -34,6 +34,10 @@ impl RunDir {
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("control.sock")
     }
+    /// The VM's vsock device socket when its spec has an agent section.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.vsock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -61,6 +65,7 @@ impl RunDir {
             .create(&self.dir)?;
         for stale in [
             self.control_socket(),
+            self.agent_socket(),
             self.record_path(),
             self.exit_record(),
         ] {

@@ -62,6 +62,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{id}/reboot"),
     ("GET", "/v1/vms/{id}/devices/{dev}/worker"),
     ("PUT", "/v1/vms/{id}/devices/{dev}/worker"),
+    ("POST", "/v1/vms/{id}/exec"),
+    ("POST", "/v1/vms/{id}/apps/run"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -85,6 +87,8 @@ pub fn router(app: Shared) -> Router {
             "/v1/vms/{id}/devices/{dev}/worker",
             get(actions::get_worker).put(actions::put_worker),
         )
+        .route("/v1/vms/{id}/exec", post(crate::exec::exec))
+        .route("/v1/vms/{id}/apps/run", post(crate::exec::run_app))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))

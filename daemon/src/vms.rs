@@ -554,6 +554,12 @@ impl Manager {
         let mut config = entry.spec.machine.clone();
         config.serial = SerialConsole::File(rd.console_log());
         config.on_reboot = OnReboot::Exit;
+        if entry.spec.agent.is_some() {
+            // The guest agent's way in: a vsock whose socket the daemon
+            // places (the spec may not set machine.vsock as well).
+            config.vsock = Some(kiln_devices_vsock(rd.agent_socket()));
+            config.assign_device_ids();
+        }
         let text = serde_json::to_vec_pretty(&config).expect("configs serialize");
         std::fs::write(rd.config(), text)
             .map_err(|e| format!("cannot write {}: {e}", rd.config().display()))?;
@@ -894,6 +900,37 @@ impl Manager {
         Self::decode(self.control(name, Request::Counters {}).await?)
     }
 
+    /// Where the guest agent of a running VM is reached: its spec needs an
+    /// agent section (else `agent_not_configured`), its VMM must run and
+    /// not be paused (else `invalid_state`).
+    pub async fn agent_target(&self, name: &str) -> Result<crate::agent::AgentTarget, Failure> {
+        let vms = self.vms.lock().await;
+        let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
+        let Some(agent) = entry.spec.agent else {
+            return Err(Failure::new(
+                ErrorCode::AgentNotConfigured,
+                format!(
+                    "VM {name:?} has no agent section in its spec, so the daemon gave it no way \
+                     to reach a guest agent (define it with \"agent\": {{}})"
+                ),
+            ));
+        };
+        if entry.status.state != VmState::Running {
+            return Err(Failure::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "VM {name:?} is {}: programs run only in a running VM",
+                    entry.status.state.as_str()
+                ),
+            ));
+        }
+        Ok(crate::agent::AgentTarget {
+            vm: name.to_owned(),
+            socket: RunDir::new(&self.config.run_dir, name).agent_socket(),
+            port: agent.port,
+        })
+    }
+
     /// Kills every VMM this daemon started (used by tests and for a full
     /// stop; a normal daemon exit leaves VMMs running for re-adoption).
     pub async fn stop_all(&self) {
@@ -940,6 +977,16 @@ async fn call_vmm(
             format!("the VMM of {name:?} does not answer: {other}"),
         ),
     })
+}
+
+/// The vsock device of a VM with an agent section (CID 3: each VM has its
+/// own device and socket, so CIDs need not differ between VMs).
+fn kiln_devices_vsock(uds_path: PathBuf) -> kiln_devices::virtio::vsock::VsockConfig {
+    kiln_devices::virtio::vsock::VsockConfig {
+        guest_cid: 3,
+        uds_path,
+        id: String::new(),
+    }
 }
 
 /// SIGKILLs a VMM through its pidfd and waits until its exit is recorded.

@@ -78,11 +78,17 @@ struct Answer {
 
 impl Fixture {
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> Answer {
+        let body = body.map(|b| ("application/json", serde_json::to_vec(&b).unwrap()));
+        self.call_raw(method, uri, body).await
+    }
+
+    /// A request with a body of any content type.
+    async fn call_raw(&self, method: &str, uri: &str, body: Option<(&str, Vec<u8>)>) -> Answer {
         let req = Request::builder().method(method).uri(uri);
         let req = match body {
-            Some(b) => req
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&b).unwrap())),
+            Some((content_type, bytes)) => req
+                .header("content-type", content_type)
+                .body(Body::from(bytes)),
             None => req.body(Body::empty()),
         }
         .unwrap();
@@ -117,7 +123,19 @@ impl Fixture {
         uri: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let answer = self.call(method, uri, body).await;
+        let body = body.map(|b| ("application/json", serde_json::to_vec(&b).unwrap()));
+        self.checked_raw(method, template, uri, body).await
+    }
+
+    /// `checked` with a body of any content type.
+    async fn checked_raw(
+        &self,
+        method: &str,
+        template: &str,
+        uri: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> (u16, Value) {
+        let answer = self.call_raw(method, uri, body).await;
         let op = &self.doc["paths"][template][method.to_lowercase()];
         assert!(op.is_object(), "{method} {template} is not in openapi.yaml");
         let mut declared = op["responses"][answer.status.to_string()].clone();
@@ -494,6 +512,145 @@ async fn real_responses_match_the_yaml_schemas() {
         .checked("DELETE", "/v1/vms/{id}", "/v1/vms/web-1", None)
         .await;
     assert_eq!(s, 404);
+}
+
+/// exec and apps/run without a running guest: every refusal in the error
+/// shape the yaml declares (the guest-side answers are tested in the
+/// nested rig, images_on_kiln.rs).
+#[tokio::test]
+async fn exec_and_apps_run_refusals_match_the_yaml() {
+    let f = fixture().await;
+    let kernel = f.kernel.to_str().unwrap();
+    for (name, agent) in [("plain", None), ("agented", Some(json!({"port": 5252})))] {
+        let mut spec = json!({"name": name, "machine": {"kernel": kernel, "memory_mib": 64}});
+        if let Some(a) = agent {
+            spec["agent"] = a;
+        }
+        let (s, v) = f.checked("POST", "/v1/vms", "/v1/vms", Some(spec)).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let exec = "/v1/vms/{id}/exec";
+    let run = "/v1/vms/{id}/apps/run";
+    let argv = json!({"argv": ["uname", "-a"]});
+    let code = |v: &Value| v["error"]["code"].as_str().map(str::to_owned);
+    let (s, v) = f
+        .checked("POST", exec, "/v1/vms/plain/exec", Some(argv.clone()))
+        .await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (409, Some("agent_not_configured"))
+    );
+    let (s, v) = f
+        .checked(
+            "POST",
+            exec,
+            "/v1/vms/agented/exec?stream=true",
+            Some(argv.clone()),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (409, Some("invalid_state")),
+        "{v}"
+    );
+    let (s, v) = f
+        .checked("POST", exec, "/v1/vms/ghost/exec", Some(argv.clone()))
+        .await;
+    assert_eq!((s, code(&v).as_deref()), (404, Some("vm_not_found")));
+    for bad in [
+        json!({"argv": []}),
+        json!({"argv": ["x"], "timeout_s": 0}),
+        json!({"cmd": "x"}),
+    ] {
+        let (s, v) = f
+            .checked("POST", exec, "/v1/vms/agented/exec", Some(bad))
+            .await;
+        assert_eq!(
+            (s, code(&v).as_deref()),
+            (422, Some("invalid_request")),
+            "{v}"
+        );
+    }
+    let (s, v) = f
+        .checked_raw(
+            "POST",
+            exec,
+            "/v1/vms/agented/exec",
+            Some(("application/json", b"{".to_vec())),
+        )
+        .await;
+    assert_eq!((s, code(&v).as_deref()), (400, Some("malformed_json")));
+    let (s, v) = f
+        .checked(
+            "POST",
+            exec,
+            "/v1/vms/agented/exec?stream=maybe",
+            Some(argv),
+        )
+        .await;
+    assert_eq!((s, code(&v).as_deref()), (400, Some("invalid_query")));
+    // apps/run: the body is checked first, then the VM.
+    let octets = |b: Vec<u8>| Some(("application/octet-stream", b));
+    let (s, v) = f
+        .checked_raw(
+            "POST",
+            run,
+            "/v1/vms/agented/apps/run",
+            octets(b"#!/bin/sh\n".to_vec()),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (422, Some("invalid_upload")),
+        "{v}"
+    );
+    let (s, v) = f
+        .checked_raw(
+            "POST",
+            run,
+            "/v1/vms/agented/apps/run",
+            octets(vec![b'M'; kiln_api::exec::UPLOAD_LIMIT + 1]),
+        )
+        .await;
+    assert_eq!((s, code(&v).as_deref()), (413, Some("body_too_large")));
+    let mut pe = vec![0u8; 512];
+    pe[..2].copy_from_slice(b"MZ");
+    pe[0x3c] = 0x80;
+    pe[0x80..0x84].copy_from_slice(b"PE\0\0");
+    let (s, v) = f
+        .checked_raw(
+            "POST",
+            run,
+            "/v1/vms/agented/apps/run?name=../x.exe",
+            octets(pe.clone()),
+        )
+        .await;
+    assert_eq!((s, code(&v).as_deref()), (400, Some("invalid_query")));
+    let (s, v) = f
+        .checked_raw(
+            "POST",
+            run,
+            "/v1/vms/agented/apps/run?name=t.exe&arg=a&arg=b%20c&stream=true",
+            octets(pe.clone()),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (409, Some("invalid_state")),
+        "{v}"
+    );
+    let (s, v) = f
+        .checked_raw("POST", run, "/v1/vms/plain/apps/run", octets(pe))
+        .await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (409, Some("agent_not_configured"))
+    );
+    // The agent section is part of the spec as stored.
+    let (_, v) = f
+        .checked("GET", "/v1/vms/{id}", "/v1/vms/agented", None)
+        .await;
+    assert_eq!(v["spec"]["agent"]["port"], 5252);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The built guest images (`guests/images`: base, wincompat, clay) booted on
 //! Kiln itself, on hardware KVM or in the nested KVM host: the root disk on
 //! Kiln's virtio-blk, the agent reached through Kiln's vsock
-//! (`kiln-agent call --to vsock-uds:$WORKDIR/v.sock:5252`).
+//! (`kiln-agent call --to vsock-uds:$WORKDIR/v.sock:5252`, or through the
+//! daemon's `exec`/`apps/run` for wincompat).
 //!
 //! The images are built (or taken from the cache) with `kiln_images` first;
 //! that needs root and mmdebstrap (`scripts/install-deps.sh`). Their root
@@ -11,8 +12,12 @@
 //!
 //! Default tier (part of `scripts/test.sh`): measured on 2 cores, base takes
 //! ~1 min (image build 31 s warm / 56 s cold, 30 s in the rig), wincompat
-//! ~2.5 min (85 / 94 s, 52 s), clay ~2.5 min (119 / 91 s, 33 s); table in
-//! guests/images/README.md ("On Kiln, in the default tier").
+//! through the daemon ~1 min with the image cached (67 s in the rig: agent
+//! up 28 s after the create, apps/run 22 s; 431 s at load 6, after a 130 s
+//! build), clay ~2.5 min (119 / 91 s,
+//! 33 s); table in guests/images/README.md ("On Kiln, in the default
+//! tier"). The wincompat test runs `kiln serve` in the nested host and
+//! drives the guest through the REST API (curl) and the CLI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -223,57 +228,159 @@ fn wine_cmdline_workaround() -> &'static str {
     }
 }
 
-/// wincompat on Kiln: the agent answers through Kiln's vsock, the console
-/// test program is uploaded with `put` and run under Wine with
-/// `run-windows-app`: its output and exit code 7 come back.
+/// Shell run in the nested host: `kiln serve` there, the wincompat VM
+/// created through the REST API (curl) with an agent section, and, once its
+/// agent answers, `exec` of `uname -a` (`kiln vm exec`), the console test
+/// program through `POST apps/run` (curl, buffered) and `kiln app run`
+/// (streamed), then a stop through the API.
+const THROUGH_THE_DAEMON: &str = r#"
+SOCK=$WORKDIR/kiln.sock
+"$KILN" serve --socket "$SOCK" --state-dir "$WORKDIR/state" --run-dir "$WORKDIR/run" --vmm-binary "$KILN_VMM" > "$WORKDIR/serve.log" 2>&1 &
+daemon=$!
+show_logs() { sed 's/^/SERVE: /' "$WORKDIR/serve.log"; tail -n 80 "$WORKDIR/run/vms/win/console.log" 2>/dev/null | sed 's/^/CONSOLE: /'; sed 's/^/VMM_ERR: /' "$WORKDIR/run/vms/win/vmm.log" 2>/dev/null; }
+fail() { echo "HOST_BAIL=$1"; show_logs; kill "$daemon"; exit 1; }
+n=0; until [ -S "$SOCK" ]; do n=$((n+1)); [ $n -gt 300 ] && fail "the daemon's socket did not appear"; sleep 0.1; done
+export KILN_SOCKET="$SOCK"
+api() { curl --unix-socket "$SOCK" -sS "$@"; }
+sed -i "s|@DISK@|$RIG_DISK0|" spec.json
+api -o created.json -w 'CREATE_HTTP=%{http_code}\n' -X POST -H 'content-type: application/json' --data-binary @spec.json 'http://localhost/v1/vms?start=true'
+echo "CREATED_JSON=$(tr -d '\n' < created.json)"
+t0=$(date +%s); first=""
+until "$KILN" vm exec win --timeout 20 -- true > probe.out 2>&1; do
+  [ -z "$first" ] && first=$(tr -d '\n' < probe.out)
+  "$KILN" vm show win > show.out 2>&1 || true
+  grep -q "state *running\|state *starting" show.out || fail "the VM is not running: $(cat show.out)"
+  [ $(( $(date +%s) - t0 )) -gt "$AGENT_DEADLINE" ] && fail "the agent did not answer within $AGENT_DEADLINE s: $(cat probe.out)"
+  sleep 3
+done
+echo "AGENT_UP_S=$(( $(date +%s) - t0 ))"
+echo "FIRST_REFUSAL=$first"
+"$KILN" vm exec win -- uname -a > uname.out 2> uname.err; echo "UNAME_EXIT=$?"
+echo "UNAME=$(cat uname.out)"; sed 's/^/UNAME_ERR: /' uname.err
+w0=$(date +%s)
+api -o run.json -w 'RUN_HTTP=%{http_code}\n' -X POST -H 'content-type: application/octet-stream' --data-binary @"$EXE" 'http://localhost/v1/vms/win/apps/run?name=kiln-console-test.exe&arg=hello&arg=two%20words&arg=--exit&arg=7&timeout_s=900'
+echo "RUN_JSON=$(tr -d '\n' < run.json)"
+echo "RUN_S=$(( $(date +%s) - w0 ))"
+w0=$(date +%s)
+"$KILN" app run win "$EXE" --timeout 900 hello "two words" --exit 7 > app.out 2> app.err; echo "APP_EXIT=$?"
+echo "APP_S=$(( $(date +%s) - w0 ))"
+tr -d '\r' < app.out | sed 's/^/APP_OUT: /'; sed 's/^/APP_ERR: /' app.err
+api -o stop.json -w 'STOP_HTTP=%{http_code}\n' -X POST http://localhost/v1/vms/win/stop
+echo "STOP_JSON=$(tr -d '\n' < stop.json)"
+"$KILN" vm exec win -- true > after.out 2>&1; echo "AFTER_STOP_EXIT=$?"; sed 's/^/AFTER_STOP: /' after.out
+kill "$daemon"; wait "$daemon"
+sed 's/^/SERVE: /' "$WORKDIR/serve.log" | tail -n 20
+"#;
+
+/// The JSON value after `KEY=` in the output.
+fn json_value(out: &Outcome, key: &str) -> serde_json::Value {
+    let text = out.value(key).unwrap_or_else(|| {
+        panic!(
+            "no {key}= line\n--- output ---\n{}\n--- log {}",
+            out.output,
+            out.log.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{key}: {e}: {text}"))
+}
+
+/// wincompat on Kiln, through `kiln serve` in the nested host: the VM is
+/// created with an agent section through the REST API, `kiln vm exec`
+/// runs `uname -a` in it, and the mingw console test program runs under
+/// Wine through `POST /v1/vms/{id}/apps/run` (curl) and `kiln app run`:
+/// its output and exit code 7 come back both ways; then the VM is stopped
+/// through the API and exec on it is refused.
 #[test]
-fn wincompat_image_runs_the_console_program_on_kiln() {
+fn wincompat_image_runs_the_console_program_through_the_daemon_api() {
     let image = image(ImageKind::Wincompat);
     let exe = windows_test_programs().join("kiln-console-test.exe");
-    let checks = format!(
-        r#"
-$AGENT put "{exe}" /opt/windows-apps/kiln-console-test.exe --mode 755; echo "PUT_EXIT=$?"
-w0=$(date +%s)
-$AGENT --timeout 900 run-windows-app -- /opt/windows-apps/kiln-console-test.exe hello "two words" --exit 7 > wout 2> werr
-win_exit=$?
-echo "WIN_EXIT=$win_exit"
-echo "WIN_RUN_S=$(( $(date +%s) - w0 ))"
-tr -d '\r' < wout | sed 's/^/WIN_OUT: /'; tr -d '\r' < werr | sed 's/^/WIN_ERR: /'
-if [ "$win_exit" != 7 ]; then
-  $AGENT exec -- sh -c 'dmesg | tail -n 40; free -m' 2>&1 | sed 's/^/GUEST_DIAG: /'
-  $AGENT --timeout 900 exec -- sh -c 'cd /opt/windows-apps && WINEPREFIX=/var/lib/kiln/wine WINEDEBUG=+process,+module,+loaddll wine kiln-console-test.exe a > /tmp/w.log 2>&1; echo "rc=$?"; tail -n 80 /tmp/w.log; grep -m1 flags /proc/cpuinfo; dmesg | tail -n 20' 2>&1 | sed 's/^/GUEST_WINE: /'
-fi
-"#,
-        exe = exe.display()
-    );
-    let out = boot_on_kiln(Boot {
-        name: "image_wincompat_on_kiln",
-        image: &image,
-        memory_mib: 2048,
-        nested_memory_mib: 4096,
-        agent_deadline_s: 900,
-        checks,
-        cmdline_extra: wine_cmdline_workaround(),
-        files: vec![exe],
-        timeout: Duration::from_secs(2400),
+    let spec = serde_json::json!({
+        "name": "win",
+        "machine": {
+            "kernel": image.kernel,
+            "initrd": image.initramfs,
+            "cmdline": format!("console=ttyS0 reboot=k panic=1 {} {}", image.cmdline, wine_cmdline_workaround()).trim(),
+            "memory_mib": 2048,
+            "disks": [{"path": "@DISK@", "serial": "root"}]
+        },
+        "agent": {}
     });
-    expect_booted_and_powered_off(&out, &image);
-    out.expect_output("\"run_windows_app\"");
-    expect_value(&out, "PUT_EXIT", "0");
+    let script = format!(
+        "cat > spec.json <<'SPEC'\n{spec}\nSPEC\nEXE=\"{}\"\nAGENT_DEADLINE=900\n{THROUGH_THE_DAEMON}",
+        exe.display()
+    );
+    let mut s = Scenario::new("image_wincompat_through_the_daemon", &script);
+    s.timeout = Duration::from_secs(2400);
+    s.nested_memory_mib = 4096;
+    s.binaries.push(PathBuf::from("/usr/bin/curl"));
+    s.files.push(image.kernel.clone());
+    s.files.push(image.initramfs.clone());
+    s.files.push(exe);
+    s.disks.push(image.rootfs.clone());
+    let started = Instant::now();
+    let out = run(&s).unwrap();
+    eprintln!(
+        "wincompat through the daemon: {:?} in the rig (nested host up after {:?}), agent answered {} s after the create, apps/run {} s, kiln app run {} s",
+        started.elapsed(),
+        out.host_ready,
+        out.value("AGENT_UP_S").unwrap_or_else(|| "?".into()),
+        out.value("RUN_S").unwrap_or_default(),
+        out.value("APP_S").unwrap_or_default(),
+    );
+    out.expect_exit(0);
+    expect_value(&out, "CREATE_HTTP", "201");
+    let created = json_value(&out, "CREATED_JSON");
+    assert_eq!(created["spec"]["agent"]["port"], 5252, "{created}");
+    // exec of uname -a: the image's kernel.
+    expect_value(&out, "UNAME_EXIT", "0");
+    let uname = out.value("UNAME").unwrap_or_default();
+    assert!(
+        uname.starts_with("Linux ")
+            && uname.contains(&image.kernel_version)
+            && uname.contains("x86_64"),
+        "uname -a: {uname:?}\n{}",
+        out.output
+    );
+    // apps/run through curl: buffered JSON.
+    expect_value(&out, "RUN_HTTP", "200");
+    let run_json = json_value(&out, "RUN_JSON");
+    assert_eq!(run_json["exit_code"], 7, "{run_json}");
+    assert_eq!(run_json["timed_out"], false, "{run_json}");
+    let stdout = run_json["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .replace('\r', "");
     for line in [
-        "WIN_OUT: Hello from the Kiln console test\n",
-        "WIN_OUT: arg 1: hello\n",
-        "WIN_OUT: arg 2: two words\n",
-        "WIN_OUT: windows version: ",
+        "Hello from the Kiln console test\n",
+        "arg 1: hello\n",
+        "arg 2: two words\n",
+        "windows version: ",
+    ] {
+        assert!(stdout.contains(line), "{line:?} not in {stdout:?}");
+    }
+    assert!(
+        format!(
+            "{stdout}{}",
+            run_json["stderr"].as_str().unwrap_or_default()
+        )
+        .contains("exiting with 7"),
+        "{run_json}"
+    );
+    // kiln app run: streamed, the program's exit code is the CLI's.
+    expect_value(&out, "APP_EXIT", "7");
+    for line in [
+        "APP_OUT: Hello from the Kiln console test\n",
+        "APP_OUT: arg 1: hello\n",
+        "APP_OUT: arg 2: two words\n",
     ] {
         out.expect_output(line);
     }
     out.expect_output("exiting with 7");
-    expect_value(&out, "WIN_EXIT", "7");
-    eprintln!(
-        "console program under Wine on Kiln: {} s",
-        out.value("WIN_RUN_S").unwrap_or_default()
-    );
+    // Stopped through the API; exec on a stopped VM is refused.
+    expect_value(&out, "STOP_HTTP", "200");
+    assert_eq!(json_value(&out, "STOP_JSON")["state"], "shutoff");
+    assert_ne!(out.value("AFTER_STOP_EXIT").as_deref(), Some("0"));
+    out.expect_output("AFTER_STOP: kiln: error: VM \"win\" is shutoff");
 }
 
 /// clay on Kiln: boots, the agent answers through Kiln's vsock. The

@@ -174,10 +174,7 @@ fn nested_run(args: &[String], scratch: &Path) {
         n.kiln.quantile_ms(0.5) / n.qemu.quantile_ms(0.5)
     );
     println!();
-    println!(
-        "libvirt's command line, as run (with -L for the peer's firmware): {}",
-        n.qemu_argv.join(" ")
-    );
+    println!("libvirt's command line (from virsh domxml-to-native; /KERNEL, /INITRD and /SERIAL become the nested host's paths, and -L points at the peer's firmware): {}", n.qemu_argv.join(" "));
     if n.failures > 0 {
         eprintln!(
             "kiln-bench-daemon: {} launches did not reach the marker",

@@ -173,7 +173,7 @@ pub fn measure(rounds: usize, scratch: &Path) -> Result<Nested, String> {
     for i in 0..rounds {
         script.push_str(&format!(
             "echo \"kiln $({me_q} launch-kiln $d/kiln.sock $d/run vm{i} \"$GUEST_BZIMAGE\" \"$GUEST_INITRD\")\"\n\
-             log=$d/qemu{i}.log; echo \"qemu $({me_q} launch-qemu $log -- \"$PEER_QEMU\" -L \"$PEER_QEMU_FIRMWARE\" {})\"\n\
+             log=$d/qemu{i}.log; echo \"qemu $({me_q} launch-qemu $log -- \"$PEER_QEMU\" -L \"$PEER_QEMU_FIRMWARE\" -L @SEABIOS_DIR@ {})\"\n\
              echo round {} of {rounds} done >&2\n",
             shell_argv.join(" "),
             i + 1
@@ -184,6 +184,19 @@ pub fn measure(rounds: usize, scratch: &Path) -> Result<Nested, String> {
     s.binaries = vec![me.clone()];
     let peer = PeerQemu::ensure_cached().map_err(|e| e.to_string())?;
     peer.add_to(&mut s);
+    // libvirt's `pc` machine boots through SeaBIOS and linuxboot, which the
+    // rig's microvm peer does not ship: add them, and SeaBIOS's directory
+    // as a second -L.
+    let dirs = &peer.qemu.firmware_dirs;
+    let (data, seabios) = (&dirs[0], &dirs[1]);
+    s.files.extend([
+        data.join("linuxboot_dma.bin"),
+        data.join("kvmvapic.bin"),
+        seabios.join("bios-256k.bin"),
+    ]);
+    s.script = s
+        .script
+        .replace("@SEABIOS_DIR@", &quote(&seabios.to_string_lossy()));
     let out = match run(&s) {
         Ok(o) => o,
         Err(RigError::Stalled { silent_s, log }) => {

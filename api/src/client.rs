@@ -517,6 +517,64 @@ impl Client {
     pub async fn metrics(&self) -> Result<String, ClientError> {
         self.text("/metrics").await
     }
+
+    /// Power button, then a hard stop after `timeout_s` (the daemon's
+    /// default when None); the result's `outcome` says which ended it.
+    pub async fn shutdown(
+        &self,
+        name: &str,
+        timeout_s: Option<u64>,
+    ) -> Result<ActionResult, ClientError> {
+        self.call(Method::POST, &timed(name, "shutdown", timeout_s), None)
+            .await
+    }
+
+    /// A shutdown (forced after `timeout_s`), then a fresh VMM.
+    pub async fn reboot(
+        &self,
+        name: &str,
+        timeout_s: Option<u64>,
+    ) -> Result<ActionResult, ClientError> {
+        self.call(Method::POST, &timed(name, "reboot", timeout_s), None)
+            .await
+    }
+
+    /// Where `device`'s I/O worker runs and how it waits.
+    pub async fn worker(
+        &self,
+        name: &str,
+        device: &str,
+    ) -> Result<kiln_vmm::protocol::WorkerInfo, ClientError> {
+        self.call(Method::GET, &worker_path(name, device), None)
+            .await
+    }
+
+    /// Moves `device`'s I/O worker.
+    pub async fn set_worker(
+        &self,
+        name: &str,
+        device: &str,
+        placement: &crate::models::WorkerPlacement,
+    ) -> Result<kiln_vmm::protocol::WorkerInfo, ClientError> {
+        self.call_json(Method::PUT, &worker_path(name, device), placement)
+            .await
+    }
+}
+
+fn timed(name: &str, action: &str, timeout_s: Option<u64>) -> String {
+    let mut path = format!("/v1/vms/{}/{action}", segment(name));
+    if let Some(t) = timeout_s {
+        path.push_str(&format!("?timeout_s={t}"));
+    }
+    path
+}
+
+fn worker_path(name: &str, device: &str) -> String {
+    format!(
+        "/v1/vms/{}/devices/{}/worker",
+        segment(name),
+        segment(device)
+    )
 }
 
 async fn handshake<S>(

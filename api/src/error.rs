@@ -22,6 +22,8 @@ pub enum ErrorCode {
     VmNotFound,
     /// No such route.
     NotFound,
+    /// The VM has no device with that id.
+    DeviceNotFound,
     /// The route exists, the method does not.
     MethodNotAllowed,
     /// A VM with that name exists already.
@@ -60,7 +62,7 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson | ErrorCode::InvalidQuery => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::VmNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::VmNotFound | ErrorCode::NotFound | ErrorCode::DeviceNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::NameTaken | ErrorCode::InvalidState | ErrorCode::AgentNotConfigured => 409,
             ErrorCode::EventsExpired => 410,
@@ -77,7 +79,7 @@ impl ErrorCode {
     }
 
     /// Every code, for the contract test and the docs.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidQuery,
@@ -91,6 +93,7 @@ impl ErrorCode {
         ErrorCode::BodyTooLarge,
         ErrorCode::EventsExpired,
         ErrorCode::Internal,
+        ErrorCode::DeviceNotFound,
         ErrorCode::AgentNotConfigured,
         ErrorCode::AgentUnavailable,
         ErrorCode::AgentDisconnected,

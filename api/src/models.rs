@@ -29,12 +29,18 @@ pub enum VmState {
     Shutoff,
     /// Its VMM died without a clean exit, or could not start.
     Crashed,
+    /// A shutdown (or reboot) pressed the power button and waits for the
+    /// guest to power off, or for its timeout and the hard stop.
+    Stopping,
 }
 
 impl VmState {
     /// Whether a VMM process belongs to the VM in this state.
     pub fn is_active(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -45,16 +51,18 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Shutoff => "shutoff",
             VmState::Crashed => "crashed",
+            VmState::Stopping => "stopping",
         }
     }
 
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 7] = [
         VmState::Defined,
         VmState::Starting,
         VmState::Running,
         VmState::Paused,
         VmState::Shutoff,
         VmState::Crashed,
+        VmState::Stopping,
     ];
 }
 
@@ -72,15 +80,30 @@ pub enum ExitKind {
     Stopped,
 }
 
-/// One restart the daemon made under the VM's restart policy.
+/// One restart the daemon made: under the VM's restart policy, or for a
+/// reboot request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartRecord {
     /// Unix time in milliseconds when the VMM was started again.
     pub time_ms: u64,
     /// What the previous run ended with.
     pub after: ExitKind,
-    /// The back-off waited before this restart.
+    /// The back-off waited before this restart (0 for a request).
     pub delay_ms: u64,
+    /// Who asked for it (records from before this field: the policy).
+    #[serde(default)]
+    pub cause: RestartCause,
+}
+
+/// Why the daemon started a VM again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartCause {
+    /// The restart policy (`on_poweroff`, `on_reboot`, `on_crash`).
+    #[default]
+    Policy,
+    /// `POST /v1/vms/{id}/reboot`.
+    Request,
 }
 
 /// A VM's live status.
@@ -180,10 +203,13 @@ pub enum EventType {
     Restarted,
     /// A running VMM was taken over after a daemon restart.
     Adopted,
+    /// A requested shutdown (or the shutdown half of a reboot) ended:
+    /// the message says graceful or forced.
+    Shutdown,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::DaemonStarted,
         EventType::VmDefined,
         EventType::VmUpdated,
@@ -193,6 +219,7 @@ impl EventType {
         EventType::PolicyDecision,
         EventType::Restarted,
         EventType::Adopted,
+        EventType::Shutdown,
     ];
 }
 
@@ -245,3 +272,96 @@ pub struct ActionResult {
 
 /// Labels: small string-to-string map.
 pub type Labels = BTreeMap<String, String>;
+
+/// Longest poll-mode spin `PUT /v1/vms/{id}/devices/{dev}/worker` accepts.
+pub const MAX_SPIN_US: u64 = 1_000_000;
+
+/// `PUT /v1/vms/{id}/devices/{dev}/worker`: where a device's I/O worker
+/// runs and how it waits. The answer is the VMM's `WorkerInfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerPlacement {
+    /// Host CPUs the worker may run on; absent or null means any.
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    pub wait: kiln_vmm::protocol::WaitKind,
+    /// With `poll`: µs to spin without work before sleeping (VMM default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spin_us: Option<u64>,
+}
+
+impl WorkerPlacement {
+    /// What makes no sense whatever the VMM's CPUs: an empty or repeated
+    /// CPU list, a spin without poll, an endless spin. (CPUs the VMM may
+    /// not use are its to refuse.)
+    pub fn problem(&self) -> Option<String> {
+        use kiln_vmm::protocol::WaitKind;
+        if let Some(cpus) = &self.cpus {
+            if cpus.is_empty() {
+                return Some(
+                    "cpus: an empty list leaves the worker nowhere to run (null means any CPU)"
+                        .into(),
+                );
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(dup) = cpus.iter().find(|c| !seen.insert(**c)) {
+                return Some(format!("cpus: CPU {dup} is listed twice"));
+            }
+        }
+        match (self.wait, self.spin_us) {
+            (WaitKind::Notify, Some(_)) => Some("spin_us is only for wait=poll".into()),
+            (WaitKind::Poll, Some(us)) if us > MAX_SPIN_US => {
+                Some(format!("spin_us: {us} is above {MAX_SPIN_US} (1 s)"))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_vmm::protocol::WaitKind;
+
+    fn placement(json: &str) -> Result<WorkerPlacement, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn worker_placements_that_make_no_sense_are_refused() {
+        let ok = placement(r#"{"cpus":[0,1],"wait":"poll","spin_us":200}"#).unwrap();
+        assert_eq!(ok.problem(), None);
+        assert_eq!(ok.wait, WaitKind::Poll);
+        assert_eq!(placement(r#"{"wait":"notify"}"#).unwrap().problem(), None);
+        assert_eq!(
+            placement(r#"{"cpus":null,"wait":"notify"}"#).unwrap().cpus,
+            None
+        );
+        for (body, needle) in [
+            (r#"{"cpus":[],"wait":"notify"}"#, "empty"),
+            (r#"{"cpus":[1,1],"wait":"notify"}"#, "twice"),
+            (r#"{"wait":"notify","spin_us":5}"#, "only for wait=poll"),
+            (r#"{"wait":"poll","spin_us":2000000}"#, "above"),
+        ] {
+            let why = placement(body).unwrap().problem().expect(body);
+            assert!(why.contains(needle), "{body}: {why}");
+        }
+        for bad in [
+            r#"{"cpus":[0]}"#,
+            r#"{"wait":"busy"}"#,
+            r#"{"wait":"poll","colour":1}"#,
+            r#"{"cpus":[-1],"wait":"poll"}"#,
+        ] {
+            assert!(placement(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stopping_is_active_and_old_restart_records_were_the_policys() {
+        assert!(VmState::Stopping.is_active());
+        assert_eq!(VmState::Stopping.as_str(), "stopping");
+        let r: RestartRecord =
+            serde_json::from_str(r#"{"time_ms":1,"after":"crash","delay_ms":500}"#).unwrap();
+        assert_eq!(r.cause, RestartCause::Policy);
+    }
+}

@@ -83,8 +83,70 @@ pub enum VmCommand {
     Console(crate::console_attach::ConsoleArgs),
     /// The daemon's events (state changes, crashes, restarts, decisions).
     Events(EventsArgs),
+    /// Press the ACPI power button; hard stop if the guest has not powered
+    /// off after --timeout seconds. Says graceful or forced.
+    Shutdown {
+        name: String,
+        /// Seconds to wait for the guest (1..=600) [default: the daemon's, 60].
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Shut down (hard stop after --timeout), then start a fresh VMM.
+    Reboot {
+        name: String,
+        /// Seconds to wait for the guest (1..=600) [default: the daemon's, 60].
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Show a device's I/O worker placement, or change it with flags.
+    Worker(WorkerArgs),
     /// Run a program in the VM's guest through its agent: NAME -- CMD ARGS...
     Exec(crate::exec_cli::ExecArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    pub name: String,
+    /// The device id (disk0, net0, rng0, ...).
+    pub device: String,
+    /// Host CPUs the worker may run on: 0,2-3, or `any`.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub cpus: Option<CpuChoice>,
+    /// How the worker waits for work.
+    #[arg(long, value_parser = ["notify", "poll"])]
+    pub wait: Option<String>,
+    /// With --wait poll: µs to spin without work before sleeping.
+    #[arg(long, value_name = "US")]
+    pub spin_us: Option<u64>,
+}
+
+/// `--cpus`: a list, or any CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuChoice(pub Option<Vec<usize>>);
+
+fn parse_cpu_list(s: &str) -> Result<CpuChoice, String> {
+    if s == "any" {
+        return Ok(CpuChoice(None));
+    }
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{t:?}: want a CPU number (LIST is like 0,2-3, or any)"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a >= 4096 {
+                    return Err(format!("{part:?}: not a range of CPUs"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    Ok(CpuChoice(Some(cpus)))
 }
 
 #[derive(clap::Args, Debug)]
@@ -271,6 +333,15 @@ pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
                 crate::console_attach::attach(&client, &args).await
             }
             VmCommand::Events(args) => events(&client, api, args).await,
+            VmCommand::Shutdown { name, timeout } => {
+                let result = client.shutdown(&name, timeout).await?;
+                output(api, &result, action_line)
+            }
+            VmCommand::Reboot { name, timeout } => {
+                let result = client.reboot(&name, timeout).await?;
+                output(api, &result, action_line)
+            }
+            VmCommand::Worker(args) => worker(&client, api, args).await,
             // main runs exec itself: it ends with the program's exit code.
             VmCommand::Exec(_) => bail!("kiln vm exec is run by main"),
         }
@@ -292,6 +363,68 @@ async fn action(client: &Client, api: &ApiArgs, name: &str, action: &str) -> Res
         println!("  {reason}");
     }
     Ok(())
+}
+
+/// `NAME STATE (OUTCOME)`.
+fn action_line(r: &kiln_api::ActionResult) -> String {
+    match r.outcome {
+        Some(o) => {
+            let o = serde_json::to_value(o).expect("serializes");
+            format!(
+                "{} {} ({})\n",
+                r.vm,
+                r.state.as_str(),
+                o.as_str().unwrap_or_default()
+            )
+        }
+        None => format!("{} {}\n", r.vm, r.state.as_str()),
+    }
+}
+
+async fn worker(client: &Client, api: &ApiArgs, args: WorkerArgs) -> Result<()> {
+    use kiln_vmm::protocol::WaitKind;
+    let current = client.worker(&args.name, &args.device).await?;
+    if args.cpus.is_none() && args.wait.is_none() && args.spin_us.is_none() {
+        return output(api, &current, worker_line);
+    }
+    let wait = match args.wait.as_deref() {
+        Some("poll") => WaitKind::Poll,
+        Some(_) => WaitKind::Notify,
+        None if args.spin_us.is_some() => WaitKind::Poll,
+        None => current.wait,
+    };
+    let spin_us = match (args.spin_us, wait, current.wait) {
+        (Some(us), _, _) => Some(us),
+        (None, WaitKind::Poll, WaitKind::Poll) => current.spin_us,
+        _ => None,
+    };
+    let placement = kiln_api::WorkerPlacement {
+        cpus: args.cpus.map_or(current.cpus, |c| c.0),
+        wait,
+        spin_us,
+    };
+    let after = client
+        .set_worker(&args.name, &args.device, &placement)
+        .await?;
+    output(api, &after, worker_line)
+}
+
+/// `DEV  cpus 0,1  wait poll (spin 50 µs)  tid 123  busy rounds 4`.
+fn worker_line(w: &kiln_vmm::protocol::WorkerInfo) -> String {
+    let cpus = w.cpus.as_ref().map_or("any".to_owned(), |c| {
+        c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+    });
+    let wait = match (w.wait, w.spin_us) {
+        (kiln_vmm::protocol::WaitKind::Poll, Some(us)) => format!("poll (spin {us} µs)"),
+        (kiln_vmm::protocol::WaitKind::Poll, None) => "poll".to_owned(),
+        (kiln_vmm::protocol::WaitKind::Notify, _) => "notify".to_owned(),
+    };
+    format!(
+        "{}  cpus {cpus}  wait {wait}  tid {}  busy rounds {}\n",
+        w.device,
+        w.tid.map_or("-".into(), |t| t.to_string()),
+        w.busy_rounds
+    )
 }
 
 async fn events(client: &Client, api: &ApiArgs, args: EventsArgs) -> Result<()> {
@@ -510,7 +643,22 @@ fn vm_details(vm: &VmInfo) -> String {
     for (k, v) in &vm.spec.labels {
         line("label", format!("{k}={v}"));
     }
-    line("restarts", s.restarts.len().to_string());
+    line(
+        "restarts",
+        match s.restarts.last() {
+            None => "0".into(),
+            Some(r) => format!(
+                "{} (last {}: {} after {})",
+                s.restarts.len(),
+                utc(r.time_ms),
+                match r.cause {
+                    kiln_api::RestartCause::Policy => "by the policy",
+                    kiln_api::RestartCause::Request => "on request",
+                },
+                format!("{:?}", r.after).to_lowercase()
+            ),
+        },
+    );
     out
 }
 
@@ -642,6 +790,18 @@ mod tests {
             ["ccc".to_owned(), "d".to_owned()],
         ];
         assert_eq!(table(&rows), "A    BB\nccc  d\n");
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_taskset_lists() {
+        assert_eq!(
+            parse_cpu_list("0,2-3").unwrap(),
+            CpuChoice(Some(vec![0, 2, 3]))
+        );
+        assert_eq!(parse_cpu_list("any").unwrap(), CpuChoice(None));
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("a").is_err());
+        assert!(parse_cpu_list("").is_err());
     }
 
     #[test]

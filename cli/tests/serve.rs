@@ -699,6 +699,432 @@ fn the_console_attaches_through_a_websocket_for_four_clients_and_only_while_the_
     assert!(d.cli(&["vm", "console", "live", "--log"]).len() <= 1 << 20);
 }
 
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) with a pid and a signal.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) },
+        0,
+        "kill -TERM {pid}"
+    );
+}
+
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The default guest with every restart policy at `restart` and an rng
+/// device (whose I/O worker can be placed).
+fn restarting_guest(name: &str) -> VmSpec {
+    let (kernel, initrd) = default_guest();
+    let mut s = spec(
+        name,
+        &kernel,
+        json!({"restart": {"on_poweroff": "restart", "on_reboot": "restart", "on_crash": "restart"}}),
+    );
+    s.machine.initrd = Some(initrd);
+    s.machine.memory_mib = 256;
+    s.machine.rng = Some(Default::default());
+    s
+}
+
+fn api_code(err: &kiln_api::ClientError) -> Option<(u16, kiln_api::ErrorCode)> {
+    err.api().map(|(s, e)| (s, e.code))
+}
+
+#[test]
+fn shutdown_of_a_guest_that_ignores_the_power_button_is_forced_shutoff_and_never_restarted() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let client = d.client();
+    runtime().block_on(async {
+        client.create(&restarting_guest("svc"), true).await.unwrap();
+        let (kernel, _) = guest_files(d.dir.path());
+        client
+            .create(&spec("idle", &kernel, json!({})), false)
+            .await
+            .unwrap();
+        wait_for_state(&client, "svc", VmState::Running).await;
+        // Not running: 409 with the reason.
+        for action in ["shutdown", "reboot"] {
+            let err = match action {
+                "shutdown" => client.shutdown("idle", Some(1)).await,
+                _ => client.reboot("idle", Some(1)).await,
+            }
+            .unwrap_err();
+            assert_eq!(
+                api_code(&err),
+                Some((409, kiln_api::ErrorCode::InvalidState)),
+                "{err}"
+            );
+            assert!(err.to_string().contains("not running"), "{err}");
+        }
+        let err = client.shutdown("svc", Some(0)).await.unwrap_err();
+        assert_eq!(api_code(&err).map(|c| c.0), Some(400), "{err}");
+        let mut events = client
+            .follow_events(&EventQuery {
+                vm: Some("svc".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // The guest never boots here, so nothing answers the power button:
+        // the hard stop comes after the timeout.
+        let shutdown = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = client.shutdown("svc", Some(1)).await;
+                (r, started.elapsed())
+            })
+        };
+        wait_for_state(&client, "svc", VmState::Stopping).await;
+        for (what, err) in [
+            ("pause", client.action("svc", "pause").await.unwrap_err()),
+            ("reboot", client.reboot("svc", Some(1)).await.unwrap_err()),
+            ("balloon", client.set_balloon("svc", 8).await.unwrap_err()),
+        ] {
+            assert_eq!(
+                api_code(&err),
+                Some((409, kiln_api::ErrorCode::InvalidState)),
+                "{what} while stopping: {err}"
+            );
+        }
+        let (result, took) = shutdown.await.unwrap();
+        let result = result.unwrap();
+        assert_eq!(result.state, VmState::Shutoff, "{result:?}");
+        assert_eq!(result.outcome, Some(kiln_api::ShutdownOutcome::Forced));
+        assert!(took >= Duration::from_secs(1), "{took:?}");
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|e: &kiln_api::Event| e.kind == EventType::Shutdown)
+        {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("a shutdown event")
+                .unwrap()
+                .unwrap();
+            seen.push(e);
+        }
+        let ev = seen.last().unwrap();
+        assert!(ev.message.contains("forced"), "{ev:?}");
+        assert_eq!(ev.state, Some(VmState::Shutoff));
+        assert!(
+            seen.iter()
+                .any(|e| e.kind == EventType::StateChanged && e.state == Some(VmState::Stopping)),
+            "{seen:?}"
+        );
+        // on_*=restart everywhere, and still no restart.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = client.get("svc").await.unwrap();
+        assert_eq!(info.status.state, VmState::Shutoff, "{info:?}");
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        assert!(info.status.restarts.is_empty(), "{info:?}");
+    });
+    // The CLI says the same.
+    d.cli(&["vm", "start", "svc"]);
+    runtime().block_on(wait_for_state(&d.client(), "svc", VmState::Running));
+    let out = d.cli(&["vm", "shutdown", "svc", "--timeout", "1"]);
+    assert_eq!(out.trim(), "svc shutoff (forced)");
+    // A stop while stopping ends the wait at once (forced), long before
+    // the shutdown's own timeout.
+    d.cli(&["vm", "start", "svc"]);
+    runtime().block_on(async {
+        let client = d.client();
+        wait_for_state(&client, "svc", VmState::Running).await;
+        let shutdown = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("svc", Some(600)).await })
+        };
+        wait_for_state(&client, "svc", VmState::Stopping).await;
+        let started = Instant::now();
+        let stopped = client.action("svc", "stop").await.unwrap();
+        assert_eq!(stopped.state, VmState::Shutoff);
+        let result = tokio::time::timeout(Duration::from_secs(30), shutdown)
+            .await
+            .expect("the shutdown ended with the stop")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(result.outcome, Some(kiln_api::ShutdownOutcome::Forced));
+        let last = client
+            .events(&EventQuery {
+                vm: Some("svc".into()),
+                kind: Some(EventType::Shutdown),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &last.last().unwrap().message;
+        assert!(msg.contains("stopped by a request"), "{msg}");
+    });
+}
+
+#[test]
+fn reboot_starts_a_fresh_vmm_and_records_it_as_on_request() {
+    let d = Daemon::start(vmm_binary(), &["--shutdown-timeout", "1"]);
+    let client = d.client();
+    runtime().block_on(async {
+        client.create(&restarting_guest("rb"), true).await.unwrap();
+        let first = wait_for_state(&client, "rb", VmState::Running)
+            .await
+            .status
+            .pid
+            .unwrap();
+        // No timeout in the request: the daemon's --shutdown-timeout (1 s).
+        let started = Instant::now();
+        let result = client.reboot("rb", None).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(result.outcome, Some(kiln_api::ShutdownOutcome::Forced));
+        assert!(
+            matches!(result.state, VmState::Starting | VmState::Running),
+            "{result:?}"
+        );
+        let info = wait_for_state(&client, "rb", VmState::Running).await;
+        let second = info.status.pid.unwrap();
+        assert_ne!(first, second);
+        assert!(!pid_alive(first), "the old VMM still runs");
+        assert_eq!(info.status.restarts.len(), 1, "{info:?}");
+        let r = &info.status.restarts[0];
+        assert_eq!(r.cause, kiln_api::RestartCause::Request);
+        assert_eq!(r.after, kiln_api::ExitKind::Stopped);
+        let restarted = client
+            .events(&EventQuery {
+                vm: Some("rb".into()),
+                kind: Some(EventType::Restarted),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(restarted.len(), 1, "{restarted:?}");
+        assert!(restarted[0].message.contains("on request"), "{restarted:?}");
+        // No second start by the policy on top of the reboot.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = client.get("rb").await.unwrap();
+        assert_eq!(info.status.pid, Some(second), "{info:?}");
+        assert_eq!(info.status.restarts.len(), 1, "{info:?}");
+    });
+    let out: Value =
+        serde_json::from_str(&d.cli(&["vm", "reboot", "rb", "--timeout", "1", "--json"])).unwrap();
+    assert_eq!(out["action"], "reboot");
+    assert_eq!(out["outcome"], "forced");
+    let shown = d.cli(&["vm", "show", "rb"]);
+    let line = shown.lines().find(|l| l.starts_with("restarts")).unwrap();
+    assert!(
+        line.contains("2 (last") && line.contains("on request after stopped"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn worker_placement_shows_moves_and_refuses_bad_devices_and_cpus() {
+    let d = Daemon::start(vmm_binary(), &[]);
+    let client = d.client();
+    runtime().block_on(async {
+        client.create(&restarting_guest("wk"), true).await.unwrap();
+        wait_for_state(&client, "wk", VmState::Running).await;
+        let w = client.worker("wk", "rng0").await.unwrap();
+        assert_eq!(w.device, "rng0");
+        let placed = client
+            .set_worker(
+                "wk",
+                "rng0",
+                &kiln_api::WorkerPlacement {
+                    cpus: Some(vec![0]),
+                    wait: kiln_vmm::protocol::WaitKind::Poll,
+                    spin_us: Some(100),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(placed.cpus, Some(vec![0]));
+        assert_eq!(placed.wait, kiln_vmm::protocol::WaitKind::Poll);
+        assert_eq!(placed.spin_us, Some(100));
+        assert_eq!(
+            client.worker("wk", "rng0").await.unwrap().cpus,
+            Some(vec![0])
+        );
+        let err = client.worker("wk", "net9").await.unwrap_err();
+        assert_eq!(
+            api_code(&err),
+            Some((404, kiln_api::ErrorCode::DeviceNotFound)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("rng0"), "{err}");
+        let err = client
+            .set_worker(
+                "wk",
+                "net9",
+                &kiln_api::WorkerPlacement {
+                    cpus: None,
+                    wait: kiln_vmm::protocol::WaitKind::Notify,
+                    spin_us: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            api_code(&err),
+            Some((404, kiln_api::ErrorCode::DeviceNotFound)),
+            "{err}"
+        );
+        let err = client
+            .set_worker(
+                "wk",
+                "rng0",
+                &kiln_api::WorkerPlacement {
+                    cpus: Some(vec![4095]),
+                    wait: kiln_vmm::protocol::WaitKind::Notify,
+                    spin_us: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(api_code(&err).map(|c| c.0), Some(422), "{err}");
+        assert!(err.to_string().contains("4095"), "{err}");
+        // The refusal changed nothing.
+        assert_eq!(
+            client.worker("wk", "rng0").await.unwrap().cpus,
+            Some(vec![0])
+        );
+    });
+    // The CLI: flags change only what they name.
+    let out = d.cli(&["vm", "worker", "wk", "rng0", "--wait", "notify"]);
+    assert!(
+        out.contains("cpus 0 ") && out.contains("wait notify"),
+        "{out}"
+    );
+    let shown: Value =
+        serde_json::from_str(&d.cli(&["vm", "worker", "wk", "rng0", "--json"])).unwrap();
+    assert_eq!(shown["wait"], "notify");
+    assert_eq!(shown["cpus"], json!([0]));
+    let out = d.cli(&["vm", "worker", "wk", "rng0", "--cpus", "any"]);
+    assert!(out.contains("cpus any"), "{out}");
+}
+
+#[test]
+fn a_vmm_stopped_by_sigterm_while_no_daemon_watched_is_shutoff_not_crashed() {
+    let mut d = Daemon::start(vmm_binary(), &[]);
+    let rt = runtime();
+    let (gone, adopted) = rt.block_on(async {
+        let client = d.client();
+        let mut pids = Vec::new();
+        for name in ["gone", "adopted"] {
+            client.create(&restarting_guest(name), true).await.unwrap();
+            let info = wait_for_state(&client, name, VmState::Running).await;
+            pids.push(info.status.pid.unwrap());
+        }
+        (pids[0], pids[1])
+    });
+    d.kill9();
+    sigterm(gone);
+    wait_gone(gone);
+    let record = d.dir.path().join("run/vms/gone/exit.json");
+    let text = std::fs::read_to_string(&record).expect("kiln-vmm left an exit record");
+    assert!(text.contains(r#""kind":"stopped""#), "{text}");
+    d.spawn();
+    rt.block_on(async {
+        let client = d.client();
+        let info = client.get("gone").await.unwrap();
+        assert_eq!(info.status.state, VmState::Shutoff, "{info:?}");
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        let reason = info.status.reason.unwrap_or_default();
+        assert!(reason.contains("SIGTERM"), "{reason}");
+        // The adopted one (not this daemon's child): its record says how.
+        let info = client.get("adopted").await.unwrap();
+        assert_eq!(info.status.state, VmState::Running, "{info:?}");
+        sigterm(adopted);
+        let info = wait_for_state(&client, "adopted", VmState::Shutoff).await;
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        assert!(
+            info.status.reason.unwrap_or_default().contains("SIGTERM"),
+            "{:?}",
+            client.get("adopted").await
+        );
+        // Stopped is no crash: the policy leaves both alone.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for name in ["gone", "adopted"] {
+            let info = client.get(name).await.unwrap();
+            assert_eq!(info.status.state, VmState::Shutoff, "{info:?}");
+            assert!(info.status.restarts.is_empty(), "{info:?}");
+        }
+    });
+}
+
+#[test]
+fn a_shutdown_under_way_when_the_daemon_dies_goes_on_after_its_restart() {
+    let mut d = Daemon::start(vmm_binary(), &["--shutdown-timeout", "1"]);
+    let rt = runtime();
+    let pid = rt.block_on(async {
+        let client = d.client();
+        client.create(&restarting_guest("mid"), true).await.unwrap();
+        wait_for_state(&client, "mid", VmState::Running).await;
+        // A client that goes away does not leave the VM stopping forever.
+        let gone = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("mid", Some(1)).await })
+        };
+        wait_for_state(&client, "mid", VmState::Stopping).await;
+        gone.abort();
+        wait_for_state(&client, "mid", VmState::Shutoff).await;
+        client.action("mid", "start").await.unwrap();
+        let pid = wait_for_state(&client, "mid", VmState::Running)
+            .await
+            .status
+            .pid
+            .unwrap();
+        // A long wait, cut short by the daemon's death.
+        let pending = {
+            let client = client.clone();
+            tokio::spawn(async move { client.shutdown("mid", Some(600)).await })
+        };
+        wait_for_state(&client, "mid", VmState::Stopping).await;
+        pending.abort();
+        pid
+    });
+    d.kill9();
+    assert!(pid_alive(pid), "the VMM died with the daemon");
+    d.spawn();
+    rt.block_on(async {
+        let client = d.client();
+        let adopted = client
+            .events(&EventQuery {
+                vm: Some("mid".into()),
+                kind: Some(EventType::Adopted),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &adopted.last().expect("an adopted event").message;
+        assert!(msg.contains("the shutdown goes on"), "{msg}");
+        // --shutdown-timeout 1 from the restart, then the hard stop; the
+        // policy (on_*=restart) stays out of it.
+        let info = wait_for_state(&client, "mid", VmState::Shutoff).await;
+        assert_eq!(info.status.last_exit, Some(kiln_api::ExitKind::Stopped));
+        assert!(!pid_alive(pid), "the VMM still runs");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = client.get("mid").await.unwrap();
+        assert_eq!(info.status.state, VmState::Shutoff, "{info:?}");
+        assert!(info.status.restarts.is_empty(), "{info:?}");
+        let shutdowns = client
+            .events(&EventQuery {
+                vm: Some("mid".into()),
+                kind: Some(EventType::Shutdown),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let msg = &shutdowns.last().expect("a shutdown event").message;
+        assert!(
+            msg.contains("resumed after a daemon restart") && msg.contains("forced"),
+            "{msg}"
+        );
+    });
+}
+
 /// Programs in guests, as far as this host goes (its guests never boot):
 /// a VM without an agent section is refused with agent_not_configured; a
 /// VM with one gets its vsock socket in its run directory, and since its

@@ -147,6 +147,50 @@ impl<S: Send + Sync> FromRequestParts<S> for VmName {
     }
 }
 
+/// Longest device id `{dev}` may be (the VMM's ids are short).
+const MAX_DEVICE_ID: usize = 64;
+
+/// The `{id}` and `{dev}` of a device route. A VM name no VM can have is
+/// `vm_not_found`; a device id no device can have is `device_not_found`.
+pub struct DeviceRef {
+    pub vm: String,
+    pub device: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DeviceRef {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Failure> {
+        let axum::extract::Path((vm, device)) =
+            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| Failure::new(ErrorCode::NotFound, e.body_text()))?;
+        if kiln_api::policy::name_problem(&vm).is_some() {
+            return Err(Failure(ApiError::vm_not_found(&vm)));
+        }
+        if let Some(why) = device_id_problem(&device) {
+            return Err(Failure::new(
+                ErrorCode::DeviceNotFound,
+                format!("VM {vm:?} has no device {device:?}: {why}"),
+            ));
+        }
+        Ok(DeviceRef { vm, device })
+    }
+}
+
+/// Why `id` cannot name a device, if it cannot.
+fn device_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("a device id is not empty")
+    } else if id.len() > MAX_DEVICE_ID {
+        Some("device ids are at most 64 bytes")
+    } else if id.chars().any(char::is_control) {
+        Some("device ids have no control characters")
+    } else {
+        None
+    }
+}
+
 /// Answers a route that does not exist.
 pub async fn not_found() -> Failure {
     Failure::new(ErrorCode::NotFound, "no such route")
@@ -158,4 +202,18 @@ pub async fn method_not_allowed() -> Failure {
         ErrorCode::MethodNotAllowed,
         "this route does not take that method",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_no_device_can_have_are_refused_before_the_vmm() {
+        assert_eq!(device_id_problem("net0"), None);
+        assert_eq!(device_id_problem("disk-data_1"), None);
+        assert!(device_id_problem("").is_some());
+        assert!(device_id_problem(&"x".repeat(65)).is_some());
+        assert!(device_id_problem("a\nb").is_some());
+    }
 }

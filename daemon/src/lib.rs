@@ -2,6 +2,7 @@
 //! on a Unix socket, keeps VM definitions durable under its state
 //! directory, and supervises one `kiln-vmm` process per running VM.
 
+pub mod actions;
 pub mod agent;
 pub mod console;
 pub mod events;

@@ -54,7 +54,8 @@ impl RunDir {
     fn record_path(&self) -> PathBuf {
         self.dir.join("vmm.json")
     }
-    fn exit_path(&self) -> PathBuf {
+    /// Where the VMM writes its exit record (`kiln-vmm --exit-record`).
+    pub fn exit_record(&self) -> PathBuf {
         self.dir.join("exit.json")
     }
 
@@ -71,7 +72,7 @@ impl RunDir {
             self.console_socket(),
             self.agent_socket(),
             self.record_path(),
-            self.exit_path(),
+            self.exit_record(),
         ] {
             match fs::remove_file(&stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -98,7 +99,7 @@ impl RunDir {
 
     /// The exit record, if the VMM wrote one.
     pub fn read_exit(&self) -> Option<ExitRecord> {
-        let text = fs::read(self.exit_path()).ok()?;
+        let text = fs::read(self.exit_record()).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
@@ -156,12 +157,39 @@ mod tests {
         fs::write(rd.console_log(), b"newer").unwrap();
         assert_eq!(rd.console_tail(7).unwrap(), b"r-newer");
         assert_eq!(rd.console_tail(100).unwrap(), b"older-newer");
-        fs::write(rd.exit_path(), br#"{"kind":"poweroff"}"#).unwrap();
+        fs::write(rd.exit_record(), br#"{"kind":"poweroff"}"#).unwrap();
         assert_eq!(rd.read_exit().unwrap().kind, ExitKind::Poweroff);
         rd.prepare().unwrap();
         assert!(rd.read_exit().is_none());
         assert!(rd.console_log().exists(), "logs survive a new run");
         rd.remove().unwrap();
         assert!(!rd.dir.exists());
+    }
+
+    #[test]
+    fn the_records_kiln_vmm_writes_read_back_with_their_kind() {
+        use kiln_vmm::exit_record::ExitRecord as VmmRecord;
+        use kiln_vmm::ExitReason;
+        let root = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(root.path(), "a");
+        rd.prepare().unwrap();
+        for (reason, kind) in [
+            (ExitReason::PowerOff, ExitKind::Poweroff),
+            (ExitReason::Reset, ExitKind::Reboot),
+            (ExitReason::Crash("triple fault".into()), ExitKind::Crash),
+            (ExitReason::HostSignal(libc::SIGTERM), ExitKind::Stopped),
+            (ExitReason::Stopped, ExitKind::Stopped),
+            (ExitReason::VmmError("disk".into()), ExitKind::Crash),
+        ] {
+            let written = VmmRecord::of_reason(&reason);
+            written.write(&rd.exit_record()).unwrap();
+            let read = rd.read_exit().expect("a record");
+            assert_eq!(read.kind, kind, "{reason:?}");
+            assert_eq!(read.message, written.message);
+        }
+        VmmRecord::of_error("no /dev/kvm")
+            .write(&rd.exit_record())
+            .unwrap();
+        assert_eq!(rd.read_exit().unwrap().kind, ExitKind::Crash);
     }
 }

@@ -51,6 +51,13 @@ pub struct ServeArgs {
     /// The PEM file of --tls-cert's private key.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Seconds a shutdown or reboot waits for the guest to power off
+    /// after the power button before the hard stop, when the request
+    /// names no `?timeout_s=` (1..=600).
+    #[arg(long, value_name = "SECONDS",
+          default_value_t = crate::vms::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub shutdown_timeout: u64,
 }
 
 /// Where `kiln-vmm` is when not given: next to the running binary.
@@ -96,6 +103,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         run_dir: args.run_dir.clone(),
         vmm_binary,
         console_log_limit: args.console_log_mib << 20,
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
     })
     .await
     .context("cannot load the daemon's state")?;

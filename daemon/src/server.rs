@@ -24,6 +24,7 @@ use kiln_vmm::protocol::{BalloonInfo, Counters};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
+use crate::actions;
 use crate::http::{self as h, Failure, JsonBody, QueryArgs, Reply, VmName};
 use crate::metrics::RequestMetrics;
 use crate::state::Action;
@@ -60,6 +61,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
     ("GET", "/v1/vms/{id}/console/attach"),
+    ("POST", "/v1/vms/{id}/shutdown"),
+    ("POST", "/v1/vms/{id}/reboot"),
+    ("GET", "/v1/vms/{id}/devices/{dev}/worker"),
+    ("PUT", "/v1/vms/{id}/devices/{dev}/worker"),
     ("POST", "/v1/vms/{id}/exec"),
     ("POST", "/v1/vms/{id}/apps/run"),
 ];
@@ -80,6 +85,12 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/vms/{id}/console/attach", get(console_attach))
+        .route("/v1/vms/{id}/shutdown", post(actions::shutdown_vm))
+        .route("/v1/vms/{id}/reboot", post(actions::reboot_vm))
+        .route(
+            "/v1/vms/{id}/devices/{dev}/worker",
+            get(actions::get_worker).put(actions::put_worker),
+        )
         .route("/v1/vms/{id}/exec", post(crate::exec::exec))
         .route("/v1/vms/{id}/apps/run", post(crate::exec::run_app))
         .fallback(h::not_found)

@@ -28,6 +28,8 @@ impl Action {
 }
 
 /// Whether `action` makes sense in `state`; the error says why not.
+/// While `stopping` (a shutdown waits for the guest) only `stop` (the
+/// hard stop, at once) is allowed.
 pub fn check(state: VmState, action: Action) -> Result<(), String> {
     use VmState::*;
     let ok = match action {
@@ -37,14 +39,23 @@ pub fn check(state: VmState, action: Action) -> Result<(), String> {
         Action::Resume => state == Paused,
     };
     if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "cannot {} a VM that is {}",
-            action.as_str(),
-            state.as_str()
-        ))
+        return Ok(());
     }
+    let hint = match (state, action) {
+        (Stopping, _) => " (a shutdown is under way; `stop` ends it at once)",
+        (Paused, Action::Shutdown | Action::Reboot) => {
+            " (a paused guest cannot see the power button: resume it, or stop it)"
+        }
+        (Defined | Shutoff | Crashed, Action::Shutdown | Action::Reboot | Action::Pause) => {
+            " (it is not running)"
+        }
+        _ => "",
+    };
+    Err(format!(
+        "cannot {} a VM that is {}{hint}",
+        action.as_str(),
+        state.as_str()
+    ))
 }
 
 /// The state a run that ended with `exit` leaves the VM in.
@@ -79,8 +90,38 @@ mod tests {
         assert!(check(Crashed, Action::Stop).is_err());
         assert_eq!(
             check(Defined, Action::Reboot).unwrap_err(),
-            "cannot reboot a VM that is defined"
+            "cannot reboot a VM that is defined (it is not running)"
         );
+    }
+
+    #[test]
+    fn stopping_allows_only_the_hard_stop() {
+        for action in [
+            Action::Start,
+            Action::Shutdown,
+            Action::Reboot,
+            Action::Pause,
+            Action::Resume,
+        ] {
+            let why = check(Stopping, action).unwrap_err();
+            assert!(why.contains("shutdown is under way"), "{action:?}: {why}");
+        }
+        assert!(check(Stopping, Action::Stop).is_ok());
+    }
+
+    #[test]
+    fn shutdown_and_reboot_need_a_running_vm_and_say_why_not() {
+        for s in VmState::ALL {
+            assert_eq!(check(s, Action::Shutdown).is_ok(), s == Running, "{s:?}");
+            assert_eq!(check(s, Action::Reboot).is_ok(), s == Running, "{s:?}");
+        }
+        assert_eq!(
+            check(Shutoff, Action::Shutdown).unwrap_err(),
+            "cannot shutdown a VM that is shutoff (it is not running)"
+        );
+        assert!(check(Paused, Action::Reboot)
+            .unwrap_err()
+            .contains("resume it"));
     }
 
     #[test]

@@ -25,6 +25,11 @@ use crate::rundir::RunDir;
 use crate::state::{self, Action};
 use crate::store::Store;
 
+mod lifecycle;
+mod workers;
+
+pub use lifecycle::{shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT};
+
 /// Restarts kept in a VM's status.
 const RESTARTS_KEPT: usize = 32;
 /// How long `stop` waits for the VMM to be gone after SIGKILL.
@@ -43,6 +48,9 @@ pub struct SupervisorConfig {
     pub vmm_binary: PathBuf,
     /// Where each VMM's console log rotates (see `kiln_vmm::console_log`).
     pub console_log_limit: u64,
+    /// How long a shutdown waits for the guest to power off when the
+    /// request names no timeout (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
 }
 
 /// One run of a VM's VMM.
@@ -53,6 +61,9 @@ struct Run {
     child: bool,
     /// A stop was asked for: the exit is `stopped`, not a crash.
     stop_requested: AtomicBool,
+    /// A shutdown (or reboot) was asked for: however the run ends, the
+    /// restart policy is not applied.
+    shutdown_requested: AtomicBool,
     /// Becomes true once the exit is recorded.
     ended: watch::Sender<bool>,
     /// Why the daemon killed it, when it did so on its own (no hello).
@@ -247,6 +258,21 @@ impl Manager {
                         Err(e) => (VmState::Running, format!("no hello: {e}")),
                     };
                     let run = self.track(name, record.pid, pidfd, false);
+                    // A shutdown was under way when the daemon died: it
+                    // goes on (and keeps the restart policy out of it).
+                    let resume_shutdown = entry.status.state == VmState::Stopping;
+                    let (state, note) = if resume_shutdown {
+                        self.resume_shutdown(name, Arc::clone(&run));
+                        (
+                            VmState::Stopping,
+                            format!(
+                                "{note}; the shutdown goes on, hard stop in {} s",
+                                self.config.shutdown_timeout.as_secs()
+                            ),
+                        )
+                    } else {
+                        (state, note)
+                    };
                     entry.run = Some(run);
                     entry.status.state = state;
                     entry.status.pid = Some(record.pid);
@@ -571,7 +597,9 @@ impl Manager {
         cmd.arg("--config")
             .arg(rd.config())
             .arg("--control")
-            .arg(rd.control_socket());
+            .arg(rd.control_socket())
+            .arg("--exit-record")
+            .arg(rd.exit_record());
         let pid = process::spawn(cmd, &rd.vmm_log(), &self.cgroups, name)
             .map_err(|e| format!("cannot start {}: {e}", self.config.vmm_binary.display()))?;
         let pidfd = PidFd::open(pid).map_err(|e| format!("pidfd of VMM pid {pid}: {e}"))?;
@@ -601,6 +629,7 @@ impl Manager {
             pidfd,
             child,
             stop_requested: AtomicBool::new(false),
+            shutdown_requested: AtomicBool::new(false),
             ended,
             kill_reason: std::sync::Mutex::new(None),
         });
@@ -631,6 +660,12 @@ impl Manager {
                 || last_line(&rd),
             ),
         };
+        let during_shutdown = run.shutdown_requested.load(Ordering::SeqCst);
+        let why = if during_shutdown && kind == ExitKind::Stopped {
+            format!("{why} (during a shutdown)")
+        } else {
+            why
+        };
         rd.clear_record();
         self.cgroups.remove(&name);
         let mut vms = self.vms.lock().await;
@@ -638,7 +673,16 @@ impl Manager {
             if entry.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, &run)) {
                 entry.run = None;
                 self.record_exit(&name, entry, kind, why);
-                self.apply_policy(&name, entry, kind);
+                if during_shutdown {
+                    self.events.emit(
+                        EventType::PolicyDecision,
+                        Some(&name),
+                        Some(entry.status.state),
+                        "the end of a requested shutdown: the restart policy does not apply",
+                    );
+                } else {
+                    self.apply_policy(&name, entry, kind);
+                }
             }
         }
         drop(vms);
@@ -717,6 +761,7 @@ impl Manager {
                 time_ms: now_ms(),
                 after: kind,
                 delay_ms: delay.as_millis() as u64,
+                cause: kiln_api::RestartCause::Policy,
             });
             let excess = entry.status.restarts.len().saturating_sub(RESTARTS_KEPT);
             entry.status.restarts.drain(..excess);
@@ -831,20 +876,7 @@ impl Manager {
             }
             RunDir::new(&self.config.run_dir, name).control_socket()
         };
-        let answer = tokio::task::spawn_blocking(move || {
-            ctl::Client::connect(&socket, CONTROL_TIMEOUT)?.call(&request)
-        })
-        .await
-        .map_err(|e| Failure::internal("the control request task failed", &e))?;
-        answer.map_err(|e| match e {
-            ctl::ClientError::Vmm(body) => {
-                Failure::new(ErrorCode::VmmRefused, format!("the VMM refused: {body}"))
-            }
-            other => Failure::new(
-                ErrorCode::InvalidState,
-                format!("the VMM of {name:?} does not answer: {other}"),
-            ),
-        })
+        call_vmm(name, socket, request).await
     }
 
     fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, Failure> {
@@ -876,7 +908,10 @@ impl Manager {
             ctl::RunState::Paused => VmState::Paused,
             ctl::RunState::Running => VmState::Running,
         };
-        if entry.status.state != state && entry.status.state.is_active() {
+        // Not over a shutdown (or an exit) that came meanwhile.
+        if entry.status.state != state
+            && matches!(entry.status.state, VmState::Running | VmState::Paused)
+        {
             self.set_state(name, entry, state, action.as_str());
         }
         Ok(entry.info())
@@ -944,6 +979,34 @@ impl Manager {
             }
         }
     }
+}
+
+/// One request to the VMM listening on `socket`. A refusal by the VMM is
+/// `vmm_refused` (`device_not_found` for a device it does not have); a VMM
+/// that does not answer is `invalid_state`.
+async fn call_vmm(
+    name: &str,
+    socket: PathBuf,
+    request: Request,
+) -> Result<serde_json::Value, Failure> {
+    let answer = tokio::task::spawn_blocking(move || {
+        ctl::Client::connect(&socket, CONTROL_TIMEOUT)?.call(&request)
+    })
+    .await
+    .map_err(|e| Failure::internal("the control request task failed", &e))?;
+    answer.map_err(|e| match e {
+        ctl::ClientError::Vmm(body) if body.code == ctl::ErrorCode::NotFound => Failure::new(
+            ErrorCode::DeviceNotFound,
+            format!("VM {name:?}: {}", body.message),
+        ),
+        ctl::ClientError::Vmm(body) => {
+            Failure::new(ErrorCode::VmmRefused, format!("the VMM refused: {body}"))
+        }
+        other => Failure::new(
+            ErrorCode::InvalidState,
+            format!("the VMM of {name:?} does not answer: {other}"),
+        ),
+    })
 }
 
 /// The vsock device of a VM with an agent section (CID 3: each VM has its
@@ -1052,6 +1115,7 @@ mod tests {
             time_ms,
             after: ExitKind::Crash,
             delay_ms: 0,
+            cause: kiln_api::RestartCause::Policy,
         };
         let now = 10_000_000;
         assert_eq!(backoff(&[], now), Duration::from_millis(500));
@@ -1123,6 +1187,7 @@ mod tests {
             run_dir: run.clone(),
             vmm_binary: dir.path().join("no-kiln-vmm"),
             console_log_limit: 4 << 20,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         })
         .await
         .unwrap();

@@ -55,6 +55,7 @@ async fn fixture() -> Fixture {
         // A VMM that cannot be started: starts give `crashed`.
         vmm_binary: dir.path().join("no-such-kiln-vmm"),
         console_log_limit: 4 << 20,
+        shutdown_timeout: kiln_daemon::vms::DEFAULT_SHUTDOWN_TIMEOUT,
     })
     .await
     .unwrap();
@@ -223,7 +224,7 @@ fn nullable_to_json_schema(v: &mut Value) {
 }
 
 fn concrete(template: &str) -> String {
-    template.replace("{id}", "web-1")
+    template.replace("{id}", "web-1").replace("{dev}", "rng0")
 }
 
 #[test]
@@ -395,6 +396,80 @@ async fn real_responses_match_the_yaml_schemas() {
         )
         .await;
     assert_eq!(s, 422);
+    // Shutdown, reboot and worker placement need a running VMM too.
+    for (method, template, uri, body) in [
+        (
+            "POST",
+            "/v1/vms/{id}/shutdown",
+            "/v1/vms/web-1/shutdown",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/vms/{id}/reboot",
+            "/v1/vms/web-1/reboot?timeout_s=1",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/vms/{id}/devices/{dev}/worker",
+            "/v1/vms/web-1/devices/rng0/worker",
+            None,
+        ),
+        (
+            "PUT",
+            "/v1/vms/{id}/devices/{dev}/worker",
+            "/v1/vms/web-1/devices/rng0/worker",
+            Some(json!({"cpus": [0], "wait": "poll", "spin_us": 100})),
+        ),
+    ] {
+        let (s, v) = f.checked(method, template, uri, body).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (409, Some("invalid_state")),
+            "{uri}"
+        );
+    }
+    for (uri, status) in [
+        ("/v1/vms/web-1/shutdown?timeout_s=0", 400),
+        ("/v1/vms/web-1/shutdown?timeout_s=601", 400),
+        ("/v1/vms/web-1/shutdown?timeout=5", 400),
+        ("/v1/vms/nope/shutdown?timeout_s=5", 404),
+    ] {
+        let (s, v) = f.checked("POST", "/v1/vms/{id}/shutdown", uri, None).await;
+        assert_eq!(s, status, "{uri}: {v}");
+    }
+    for (body, code) in [
+        (json!({"cpus": [], "wait": "notify"}), "invalid_request"),
+        (json!({"wait": "notify", "spin_us": 5}), "invalid_request"),
+        (json!({"wait": "sometimes"}), "invalid_request"),
+    ] {
+        let (s, v) = f
+            .checked(
+                "PUT",
+                "/v1/vms/{id}/devices/{dev}/worker",
+                "/v1/vms/web-1/devices/rng0/worker",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{body}"
+        );
+    }
+    let (s, v) = f
+        .checked(
+            "GET",
+            "/v1/vms/{id}/devices/{dev}/worker",
+            &format!("/v1/vms/web-1/devices/{}/worker", "x".repeat(65)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("device_not_found"))
+    );
     // Replace, console, events, metrics.
     let mut replaced = spec.clone();
     replaced["machine"]["cpus"] = json!(2);

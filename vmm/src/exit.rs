@@ -10,29 +10,29 @@ pub const GUEST_CRASH: u8 = 4;
 /// Stopped by a `stop` request on the control socket.
 pub const STOPPED: u8 = 5;
 
+/// The exit code for `reason`.
+pub fn code(reason: &ExitReason) -> u8 {
+    match reason {
+        ExitReason::PowerOff => POWER_OFF,
+        ExitReason::Reset => REBOOT,
+        ExitReason::Crash(_) => GUEST_CRASH,
+        ExitReason::HostSignal(signo) => 128u8.saturating_add(*signo as u8),
+        ExitReason::Stopped => STOPPED,
+        ExitReason::VmmError(_) => ERROR,
+    }
+}
+
 /// The exit code for `reason`, after one line on stderr (prefixed with
 /// `program`) for anything but a power-off or a signal.
 pub fn report(program: &str, reason: &ExitReason) -> u8 {
     match reason {
-        ExitReason::PowerOff => POWER_OFF,
-        ExitReason::Reset => {
-            eprintln!("{program}: guest rebooted");
-            REBOOT
-        }
-        ExitReason::Crash(report) => {
-            eprintln!("{program}: guest crashed: {report}");
-            GUEST_CRASH
-        }
-        ExitReason::HostSignal(signo) => 128u8.saturating_add(*signo as u8),
-        ExitReason::Stopped => {
-            eprintln!("{program}: stopped by a control request");
-            STOPPED
-        }
-        ExitReason::VmmError(text) => {
-            eprintln!("{program}: error: {text}");
-            ERROR
-        }
+        ExitReason::PowerOff | ExitReason::HostSignal(_) => {}
+        ExitReason::Reset => eprintln!("{program}: guest rebooted"),
+        ExitReason::Crash(report) => eprintln!("{program}: guest crashed: {report}"),
+        ExitReason::Stopped => eprintln!("{program}: stopped by a control request"),
+        ExitReason::VmmError(text) => eprintln!("{program}: error: {text}"),
     }
+    code(reason)
 }
 
 /// An error and its causes on one line, each cause once (device errors

@@ -10,6 +10,7 @@ mod control;
 mod cpu;
 mod devices;
 pub mod exit;
+pub mod exit_record;
 mod loader;
 mod power_button;
 pub mod protocol;

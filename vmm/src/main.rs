@@ -2,12 +2,15 @@
 //! with a VM spec file). Links neither ONNX Runtime nor the image builder.
 //!
 //! Exit codes are `kiln run`'s: 0 power-off, 1 error, 3 reboot, 4 guest
-//! crash, 128+N on signal N.
+//! crash, 5 stopped by a control request, 128+N on signal N. With
+//! `--exit-record PATH` it also leaves how it ended in PATH (see
+//! [`kiln_vmm::exit_record`]), for a supervisor that is not its parent.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use kiln_vmm::exit_record::ExitRecord;
 use kiln_vmm::{exit, SerialConsole, VmConfig};
 
 #[derive(Parser)]
@@ -23,6 +26,10 @@ struct Args {
     /// The control socket (newline-delimited JSON protocol).
     #[arg(long, visible_alias = "socket", value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Where to write the exit record (JSON: kind, message, exit code) when
+    /// the VMM ends: power-off, reboot, error, host signal.
+    #[arg(long, value_name = "PATH")]
+    exit_record: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -36,11 +43,24 @@ fn main() -> ExitCode {
             }
             kiln_vmm::run::run(&config, args.control.as_deref())
         });
-    match result {
-        Ok(reason) => ExitCode::from(exit::report("kiln-vmm", &reason)),
+    let (code, record) = match result {
+        Ok(reason) => (
+            exit::report("kiln-vmm", &reason),
+            ExitRecord::of_reason(&reason),
+        ),
         Err(e) => {
-            eprintln!("kiln-vmm: error: {}", exit::error_chain(&e));
-            ExitCode::from(exit::ERROR)
+            let chain = exit::error_chain(&e);
+            eprintln!("kiln-vmm: error: {chain}");
+            (exit::ERROR, ExitRecord::of_error(&chain))
+        }
+    };
+    if let Some(path) = &args.exit_record {
+        if let Err(e) = record.write(path) {
+            eprintln!(
+                "kiln-vmm: cannot write the exit record {}: {e}",
+                path.display()
+            );
         }
     }
+    ExitCode::from(code)
 }

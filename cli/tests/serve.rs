@@ -3,145 +3,14 @@
 //! but whose processes run), the typed client and the CLI.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_api::{Client, Endpoint, EventQuery, EventType, VmSpec, VmState};
 use serde_json::{json, Value};
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-/// kiln-vmm next to the kiln binary, (re)built here: `cargo test -p kiln`
-/// does not build other packages' binaries, and a stale one would speak
-/// an older protocol.
-fn vmm_binary() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let path = Path::new(KILN).with_file_name("kiln-vmm");
-    BUILT.call_once(|| {
-        let release = Path::new(KILN)
-            .parent()
-            .is_some_and(|d| d.ends_with("release"));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "kiln-vmm", "--bin", "kiln-vmm"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo to build kiln-vmm");
-        assert!(status.success(), "building kiln-vmm failed");
-    });
-    assert!(path.is_file(), "{} missing after the build", path.display());
-    path
-}
-
-/// A daemon in a temporary directory, killed (SIGKILL) when dropped.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    vmm: PathBuf,
-    extra: Vec<String>,
-}
-
-impl Daemon {
-    fn start(vmm: PathBuf, extra: &[&str]) -> Daemon {
-        let mut d = Daemon {
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            vmm,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        d.spawn();
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("kiln.sock")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("serve.log"))
-            .unwrap();
-        let child = Command::new(KILN)
-            .arg("serve")
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--run-dir")
-            .arg(self.dir.path().join("run"))
-            .arg("--vmm-binary")
-            .arg(&self.vmm)
-            .args(&self.extra)
-            .env("KILN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::new(Endpoint::Unix(self.socket()))
-    }
-
-    /// `kiln ARGS --socket S`: its stdout, or the test fails with stderr.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(KILN)
-            .args(args)
-            .arg("--socket")
-            .arg(self.socket())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kiln {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+mod common;
+use common::{runtime, vmm_binary, Daemon, KILN};
 
 /// The default guest (fetched into the cache by `kiln guest fetch`): on
 /// this host's emulating KVM its kernel never finishes booting, so its VMM

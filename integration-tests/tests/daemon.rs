@@ -122,9 +122,18 @@ echo "TCP_NO_TOKEN=$(curl -s -o t.out -w '%{http_code}' http://127.0.0.1:8181/v1
 echo "TCP_TOKEN=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(cat $D/token)" http://127.0.0.1:8181/v1/vms)"
 "#;
 
+/// `shutdown` presses the power button: the guest powers off by itself.
+const SHUTDOWN: &str = r#"
+seq0=$(last_seq)
+echo "SHUTDOWN=$(k vm shutdown vm-a --timeout 120 --json | tr -d ' \n')"
+echo "STATE_AFTER=$(state_of vm-a)"
+k vm events --vm vm-a --since $seq0 --json | sed 's/^/EVENT: /'
+kill -0 $(pid_of vm-b) && echo OTHERS_RUN=yes
+"#;
+
 /// Stops every VM and the daemon (so the nested host ends cleanly).
 const CLEANUP: &str = r#"
-for v in vm-a vm-b vm-c; do k vm stop $v > /dev/null; done
+for v in vm-b vm-c; do k vm stop $v > /dev/null; done
 kill $(cat $D/daemon.pid)
 "#;
 
@@ -295,6 +304,22 @@ fn verify_bad_specs(out: &Outcome) {
     );
 }
 
+fn verify_shutdown(out: &Outcome) {
+    let result: Value = serde_json::from_str(&value(out, "SHUTDOWN"))
+        .unwrap_or_else(|e| panic!("shutdown: {e}\n{}", out.output));
+    assert_eq!(result["outcome"], "graceful", "{result}");
+    assert_eq!(result["state"], "shutoff", "{result}");
+    expect(out, "STATE_AFTER", "shutoff", "shut off after the shutdown");
+    let shutoff_event = out
+        .output
+        .lines()
+        .filter_map(|l| l.strip_prefix("EVENT: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|e| e["state"] == "shutoff");
+    assert!(shutoff_event, "no shutoff event\n{}", out.output);
+    expect(out, "OTHERS_RUN", "yes", "the other VMs run on");
+}
+
 fn verify_tcp(out: &Outcome) {
     let no_token = value(out, "TCP_NO_TOKEN");
     assert!(
@@ -314,6 +339,7 @@ fn kiln_serve_runs_guests_through_crashes_and_its_own_restart() {
         .check("readopt", &with_prelude(READOPT))
         .check("bad_specs", &with_prelude(BAD_SPECS))
         .check("tcp", &with_prelude(TCP))
+        .check("shutdown", &with_prelude(SHUTDOWN))
         .check("cleanup", &with_prelude(CLEANUP));
     checks.scenario.binaries.push(probe.into());
     checks.scenario.binaries.push("/usr/bin/curl".into());
@@ -324,7 +350,8 @@ fn kiln_serve_runs_guests_through_crashes_and_its_own_restart() {
         .verify("crash", verify_crash)
         .verify("readopt", verify_readopt)
         .verify("bad_specs", verify_bad_specs)
-        .verify("tcp", verify_tcp);
+        .verify("tcp", verify_tcp)
+        .verify("shutdown", verify_shutdown);
     eprintln!(
         "kiln serve checks: {:?} mode, nested host ready after {:?}, all checks {:?}",
         results.outcome.mode, results.outcome.host_ready, results.outcome.elapsed

@@ -1,4 +1,4 @@
-//! A real `kiln serve` for the tests that are not in serve.rs (TLS, load):
+//! A real `kiln serve` for the CLI crate's tests (serve, TLS, load):
 //! the daemon binary from target with temporary state and run directories.
 
 #![allow(dead_code)]
@@ -140,6 +140,22 @@ impl Daemon {
 
     pub fn client(&self) -> Client {
         Client::new(Endpoint::Unix(self.socket()))
+    }
+
+    /// `kiln ARGS --socket S`: its stdout, or the test fails with stderr.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(KILN)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 }
 

@@ -250,6 +250,14 @@ fn a_killed_vmm_is_crashed_with_an_event_and_on_crash_restart_brings_it_back() {
         // Control requests reach the VMM: counters, balloon, pause, resume.
         let counters = client.counters("svc").await.unwrap();
         assert_eq!(counters.vcpus.len(), 1, "{counters:?}");
+        // The same counters reach /metrics.
+        let metrics = client.metrics().await.unwrap();
+        for series in [
+            "kiln_vm_counters_up{vm=\"svc\"} 1",
+            "kiln_vm_vcpu_run_seconds_total{vm=\"svc\",vcpu=\"0\"}",
+        ] {
+            assert!(metrics.contains(series), "{series} not in\n{metrics}");
+        }
         let err = client.set_balloon("svc", 4096).await.unwrap_err();
         assert_eq!(err.api().map(|(s, _)| s), Some(422), "{err}");
         assert_eq!(

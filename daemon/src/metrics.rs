@@ -1,5 +1,6 @@
 //! Prometheus text for `GET /metrics`: API request counts and latencies by
-//! route, and per-VM state.
+//! route, per-VM state, and each running VM's counters from its VMM (vCPU
+//! run and wait time, I/O worker rounds, virtio-net traffic, balloon).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -7,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_api::{VmInfo, VmState};
+use kiln_vmm::protocol::Counters;
 
 #[derive(Default)]
 struct RouteStats {
@@ -84,6 +86,121 @@ impl RequestMetrics {
     }
 }
 
+/// One metric family: its HELP and TYPE lines, then one sample per
+/// (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// The counters of the running VMs: `answers` holds each running VM's
+/// name and its VMM's answer (None when it did not answer in time; then
+/// `kiln_vm_counters_up` is 0 and its other series are absent this scrape).
+pub fn render_counters(out: &mut String, answers: &[(String, Option<Counters>)]) {
+    let mut up = Vec::new();
+    let (mut run, mut wait, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut net: BTreeMap<&str, Vec<(String, f64)>> = BTreeMap::new();
+    let (mut target, mut actual, mut inflated) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, counters) in answers {
+        let vm = escape(name);
+        up.push((
+            format!("vm=\"{vm}\""),
+            f64::from(u8::from(counters.is_some())),
+        ));
+        let Some(c) = counters else { continue };
+        for v in &c.vcpus {
+            let labels = format!("vm=\"{vm}\",vcpu=\"{}\"", v.index);
+            run.push((labels.clone(), v.run_ns as f64 / 1e9));
+            wait.push((labels, v.wait_ns as f64 / 1e9));
+        }
+        for d in &c.devices {
+            let labels = format!("vm=\"{vm}\",device=\"{}\"", escape(&d.id));
+            rounds.push((labels.clone(), d.busy_rounds as f64));
+            if let Some(n) = &d.net {
+                for (metric, value) in [
+                    ("kiln_vm_net_tx_bytes_total", n.tx_bytes),
+                    ("kiln_vm_net_tx_frames_total", n.tx_frames),
+                    ("kiln_vm_net_tx_dropped_total", n.tx_dropped),
+                    ("kiln_vm_net_rx_bytes_total", n.rx_bytes),
+                    ("kiln_vm_net_rx_frames_total", n.rx_frames),
+                    ("kiln_vm_net_rx_dropped_total", n.rx_dropped),
+                ] {
+                    net.entry(metric)
+                        .or_default()
+                        .push((labels.clone(), value as f64));
+                }
+            }
+        }
+        if let Some(b) = &c.balloon {
+            let labels = format!("vm=\"{vm}\"");
+            target.push((labels.clone(), b.target_mib as f64 * 1048576.0));
+            actual.push((labels.clone(), b.actual_mib as f64 * 1048576.0));
+            inflated.push((labels, b.inflated_mib as f64 * 1048576.0));
+        }
+    }
+    family(
+        out,
+        "kiln_vm_counters_up",
+        "gauge",
+        "1 if the VM's VMM answered this scrape's counters request in time.",
+        &up,
+    );
+    family(
+        out,
+        "kiln_vm_vcpu_run_seconds_total",
+        "counter",
+        "Time each vCPU thread ran on a host CPU.",
+        &run,
+    );
+    family(
+        out,
+        "kiln_vm_vcpu_wait_seconds_total",
+        "counter",
+        "Time each vCPU thread was runnable but waited for a host CPU.",
+        &wait,
+    );
+    family(
+        out,
+        "kiln_vm_device_busy_rounds_total",
+        "counter",
+        "Times each device's I/O worker found work.",
+        &rounds,
+    );
+    for (metric, samples) in &net {
+        family(
+            out,
+            metric,
+            "counter",
+            "virtio-net traffic of each net device.",
+            samples,
+        );
+    }
+    family(
+        out,
+        "kiln_vm_balloon_target_bytes",
+        "gauge",
+        "The balloon size asked of the guest.",
+        &target,
+    );
+    family(
+        out,
+        "kiln_vm_balloon_actual_bytes",
+        "gauge",
+        "The balloon size the guest driver reports.",
+        &actual,
+    );
+    family(
+        out,
+        "kiln_vm_balloon_inflated_bytes",
+        "gauge",
+        "Guest memory the balloon device has given back to the host.",
+        &inflated,
+    );
+}
+
 /// Label values escape backslash, quote and newline.
 fn escape(value: &str) -> String {
     value
@@ -114,5 +231,34 @@ mod tests {
             "{text}"
         );
         assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
+    }
+    #[test]
+    fn running_vms_counters_become_series_and_a_silent_vmm_is_down() {
+        let counters: Counters = serde_json::from_value(serde_json::json!({
+            "vcpus": [{"index": 0, "tid": 7, "run_ns": 1_500_000_000u64, "wait_ns": 250_000_000u64}],
+            "devices": [{"id": "net0", "busy_rounds": 9, "net": {"tx_frames": 3, "tx_bytes": 300,
+                "tx_dropped": 0, "rx_frames": 4, "rx_bytes": 400, "rx_dropped": 1, "bad_chains": 0}}],
+            "balloon": {"target_mib": 64, "actual_mib": 32, "inflated_mib": 32},
+        }))
+        .unwrap();
+        let mut text = String::new();
+        render_counters(
+            &mut text,
+            &[("a".into(), Some(counters)), ("b".into(), None)],
+        );
+        for line in [
+            "kiln_vm_counters_up{vm=\"a\"} 1\n",
+            "kiln_vm_counters_up{vm=\"b\"} 0\n",
+            "kiln_vm_vcpu_run_seconds_total{vm=\"a\",vcpu=\"0\"} 1.5\n",
+            "kiln_vm_vcpu_wait_seconds_total{vm=\"a\",vcpu=\"0\"} 0.25\n",
+            "kiln_vm_device_busy_rounds_total{vm=\"a\",device=\"net0\"} 9\n",
+            "kiln_vm_net_rx_bytes_total{vm=\"a\",device=\"net0\"} 400\n",
+            "kiln_vm_net_rx_dropped_total{vm=\"a\",device=\"net0\"} 1\n",
+            "kiln_vm_balloon_target_bytes{vm=\"a\"} 67108864\n",
+            "kiln_vm_balloon_inflated_bytes{vm=\"a\"} 33554432\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+        assert!(!text.contains("vm=\"b\",vcpu"), "{text}");
     }
 }

@@ -252,14 +252,15 @@ fn shell_words(s: &str) -> Result<Vec<String>, String> {
                     }
                 }
             }
-            '\\' => {
-                in_word = true;
-                if let Some(x) = chars.next() {
-                    if x != '\n' {
-                        cur.push(x);
-                    }
+            // A backslash-newline only continues the line; any other
+            // escaped character is part of the word.
+            '\\' => match chars.next() {
+                Some('\n') | None => {}
+                Some(x) => {
+                    in_word = true;
+                    cur.push(x);
                 }
-            }
+            },
             c if c.is_whitespace() => {
                 if in_word {
                     words.push(std::mem::take(&mut cur));

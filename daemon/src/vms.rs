@@ -535,20 +535,10 @@ impl Manager {
     /// that does not run is `invalid_state`, and so is a console with
     /// every client slot taken.
     pub async fn console_connect(&self, name: &str) -> Result<tokio::net::UnixStream, Failure> {
-        let socket = {
-            let vms = self.vms.lock().await;
-            let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
-            if !matches!(entry.status.state, VmState::Running | VmState::Paused) {
-                return Err(Failure::new(
-                    ErrorCode::InvalidState,
-                    format!(
-                        "VM {name:?} is {}: its console is attached only while it runs",
-                        entry.status.state.as_str()
-                    ),
-                ));
-            }
-            RunDir::new(&self.config.run_dir, name).console_socket()
-        };
+        let socket = self
+            .running_run_dir(name, "its console is attached only while it runs")
+            .await?
+            .console_socket();
         crate::console::connect(&socket)
             .await
             .map_err(|why| Failure::new(ErrorCode::InvalidState, format!("VM {name:?}: {why}")))
@@ -862,21 +852,25 @@ impl Manager {
     /// target above the guest's memory, ...) is `vmm_refused`; a VMM that
     /// does not answer is `invalid_state`.
     async fn control(&self, name: &str, request: Request) -> Result<serde_json::Value, Failure> {
-        let socket = {
-            let vms = self.vms.lock().await;
-            let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
-            if !matches!(entry.status.state, VmState::Running | VmState::Paused) {
-                return Err(Failure::new(
-                    ErrorCode::InvalidState,
-                    format!(
-                        "VM {name:?} is {}: its VMM is not running",
-                        entry.status.state.as_str()
-                    ),
-                ));
-            }
-            RunDir::new(&self.config.run_dir, name).control_socket()
-        };
+        let socket = self
+            .running_run_dir(name, "its VMM is not running")
+            .await?
+            .control_socket();
         call_vmm(name, socket, request).await
+    }
+
+    /// The run directory of a VM whose VMM runs (running or paused); any
+    /// other state is `invalid_state`, with `why_not` saying what it means.
+    async fn running_run_dir(&self, name: &str, why_not: &str) -> Result<RunDir, Failure> {
+        let vms = self.vms.lock().await;
+        let entry = vms.get(name).ok_or_else(|| ApiError::vm_not_found(name))?;
+        if !matches!(entry.status.state, VmState::Running | VmState::Paused) {
+            return Err(Failure::new(
+                ErrorCode::InvalidState,
+                format!("VM {name:?} is {}: {why_not}", entry.status.state.as_str()),
+            ));
+        }
+        Ok(RunDir::new(&self.config.run_dir, name))
     }
 
     fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, Failure> {

@@ -14,6 +14,20 @@ use vmm_sys_util::eventfd::EventFd;
 /// Bytes read from stdin at a time: the UART's FIFO size.
 const INPUT_CHUNK: usize = 64;
 
+/// Moves what fits of `pending` into the UART's receive FIFO (the rest
+/// waits until the guest drains it): host input, from stdin or a console
+/// client, is never dropped.
+pub(crate) fn type_into(serial: &Mutex<SerialConsole>, pending: &mut Vec<u8>) {
+    if pending.is_empty() {
+        return;
+    }
+    let taken = serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .enqueue_input(pending);
+    pending.drain(..taken);
+}
+
 /// Copies host input into the serial receive FIFO, only as fast as the
 /// guest drains it: nothing typed is dropped.
 pub struct ConsoleInput {
@@ -38,15 +52,7 @@ impl ConsoleInput {
     }
 
     fn push_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let taken = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .enqueue_input(&self.pending);
-        self.pending.drain(..taken);
+        type_into(&self.serial, &mut self.pending);
     }
 
     fn set_polling(&mut self, ops: &mut EventOps, on: bool) {

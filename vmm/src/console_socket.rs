@@ -31,6 +31,7 @@ use kiln_devices::legacy::SerialConsole;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SocketConsole;
+use crate::console::type_into;
 use crate::console_log::CappedLog;
 
 /// Clients attached at once.
@@ -324,15 +325,7 @@ impl ConsoleClients {
     }
 
     fn push_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let taken = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .enqueue_input(&self.pending);
-        self.pending.drain(..taken);
+        type_into(&self.serial, &mut self.pending);
     }
 
     /// Sets what the loop watches on each client: hang-ups on all, input

@@ -228,6 +228,31 @@ impl Client {
         }
     }
 
+    /// A TLS connection to `addr`, checked against `ca_cert` (or the
+    /// system's CAs); used by requests and the console's WebSocket alike.
+    pub(crate) async fn tls_stream(
+        &self,
+        addr: &str,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ClientError> {
+        let config = self.tls_config(ca_cert)?;
+        let tls_err = |message: String| ClientError::Tls {
+            endpoint: self.endpoint.to_string(),
+            message,
+        };
+        let name = crate::tls::server_name(addr).map_err(tls_err)?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: self.endpoint.to_string(),
+                source,
+            })?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| tls_err(crate::tls::explain(e.to_string())))
+    }
+
     pub(crate) fn tls_config(
         &self,
         ca_cert: Option<&std::path::Path>,
@@ -291,19 +316,7 @@ impl Client {
                 token,
                 ca_cert,
             } => {
-                let config = self.tls_config(ca_cert.as_deref())?;
-                let tls_err = |message: String| ClientError::Tls {
-                    endpoint: self.endpoint.to_string(),
-                    message,
-                };
-                let name = crate::tls::server_name(addr).map_err(tls_err)?;
-                let stream = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(connect_err)?;
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| tls_err(crate::tls::explain(e.to_string())))?;
+                let stream = self.tls_stream(addr, ca_cert.as_deref()).await?;
                 req = req.header(hyper::header::HOST, addr.as_str());
                 if let Some(t) = token {
                     req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));

@@ -84,19 +84,7 @@ impl Client {
                 token,
                 ca_cert,
             } => {
-                let config = self.tls_config(ca_cert.as_deref())?;
-                let tls_err = |message: String| ClientError::Tls {
-                    endpoint: self.endpoint().to_string(),
-                    message,
-                };
-                let server = crate::tls::server_name(addr).map_err(tls_err)?;
-                let s = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(connect_err)?;
-                let s = tokio_rustls::TlsConnector::from(config)
-                    .connect(server, s)
-                    .await
-                    .map_err(|e| tls_err(crate::tls::explain(e.to_string())))?;
+                let s = self.tls_stream(addr, ca_cert.as_deref()).await?;
                 let mut req = format!("ws://{addr}{path}")
                     .into_client_request()
                     .map_err(invalid)?;

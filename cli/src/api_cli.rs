@@ -483,6 +483,7 @@ impl CreateArgs {
             autostart: self.autostart,
             labels: self.labels.into_iter().collect(),
             agent: self.agent.map(|port| kiln_api::AgentSpec { port }),
+            policy: kiln_api::VmPolicy::default(),
         })
     }
 }

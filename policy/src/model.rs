@@ -46,6 +46,11 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// `name@version`, how the audit, the API and `kiln policy models` name a model.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
     pub fn load(path: &Path) -> Result<Schema, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read {
             path: path.display().to_string(),

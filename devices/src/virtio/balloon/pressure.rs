@@ -4,7 +4,8 @@
 //!
 //! Pressure is any of: major faults faster than
 //! [`Limits::major_faults_per_s`], swap-in faster than
-//! [`Limits::swap_in_bytes_per_s`], or available memory below a floor
+//! [`Limits::swap_in_bytes_per_s`], a refused allocation (the hugetlb
+//! failure count growing), or available memory below a floor
 //! (max(5 % of guest RAM, 32 MiB), at most a quarter of guest RAM). A step
 //! lowers the target to what the balloon holds (`min(target, actual)`)
 //! minus a quarter of that or what restores the floor, whichever is larger,
@@ -30,6 +31,7 @@ use super::{lock, BalloonStats, Interrupt, Shared, PAGES_PER_MIB, PAGE_SIZE};
 pub enum PressureReason {
     MajorFaults,
     SwapIn,
+    RefusedAllocations,
     LowAvailable,
 }
 
@@ -38,6 +40,7 @@ impl PressureReason {
         match self {
             PressureReason::MajorFaults => "major faults rising fast",
             PressureReason::SwapIn => "swapping in",
+            PressureReason::RefusedAllocations => "hugetlb allocations refused",
             PressureReason::LowAvailable => "available memory below the floor",
         }
     }
@@ -48,9 +51,11 @@ impl PressureReason {
 pub struct Limits {
     pub major_faults_per_s: u64,
     pub swap_in_bytes_per_s: u64,
+    pub refused_allocations_per_s: u64,
     /// Faster than this is not believed (garbage, or a counter reset).
     pub believable_major_faults_per_s: u64,
     pub believable_swap_in_bytes_per_s: u64,
+    pub believable_refused_allocations_per_s: u64,
     /// The available-memory floor: this share of guest RAM (percent) ...
     pub floor_percent: u64,
     /// ... but at least this much ...
@@ -65,8 +70,11 @@ impl Default for Limits {
         Limits {
             major_faults_per_s: 100,
             swap_in_bytes_per_s: 256 << 10,
+            // Any refusal is pressure.
+            refused_allocations_per_s: 0,
             believable_major_faults_per_s: 1_000_000,
             believable_swap_in_bytes_per_s: 64 << 30,
+            believable_refused_allocations_per_s: 1_000_000,
             floor_percent: 5,
             floor_min_bytes: 32 << 20,
             floor_max_percent: 25,
@@ -110,6 +118,7 @@ struct Baseline {
     at: Instant,
     major_faults: Option<u64>,
     swap_in: Option<u64>,
+    refused: Option<u64>,
 }
 
 /// How one counter moved between two samples.
@@ -226,6 +235,7 @@ impl PressureGuard {
             at: now,
             major_faults: stats.major_faults,
             swap_in: stats.swap_in,
+            refused: stats.hugetlb_failures,
         };
         let mut rising = None;
         match self.baseline {
@@ -249,8 +259,17 @@ impl PressureGuard {
                         l.major_faults_per_s,
                         l.believable_major_faults_per_s,
                     );
+                    let refused = trend(
+                        before.refused,
+                        current.refused,
+                        elapsed,
+                        l.refused_allocations_per_s,
+                        l.believable_refused_allocations_per_s,
+                    );
                     rising = if swap == Trend::Rising {
                         Some(PressureReason::SwapIn)
+                    } else if refused == Trend::Rising {
+                        Some(PressureReason::RefusedAllocations)
                     } else if faults == Trend::Rising {
                         Some(PressureReason::MajorFaults)
                     } else {
@@ -471,11 +490,24 @@ mod tests {
         // 50 faults/s is calm; swap-in of 1 MiB/s is pressure.
         let (mut g, t0) = guard();
         g.observe(&stats(Some(0), Some(0), None), t0, balloon(400));
-        let calm = stats(Some(50), Some(0), None);
-        assert_eq!(g.observe(&calm, t0 + SECOND, balloon(400)), None);
+        let quiet = stats(Some(50), Some(0), None);
+        assert_eq!(g.observe(&quiet, t0 + SECOND, balloon(400)), None);
         let swapping = stats(Some(100), Some(MIB), None);
         let step = g.observe(&swapping, t0 + SECOND * 2, balloon(400)).unwrap();
         assert_eq!(step.reason, PressureReason::SwapIn);
+        // One refused hugetlb allocation is pressure; none is not.
+        let (mut g, t0) = guard();
+        let refused = |n: u64| {
+            let mut s = calm();
+            s.hugetlb_failures = Some(n);
+            s
+        };
+        assert_eq!(g.observe(&refused(3), t0, balloon(400)), None);
+        assert_eq!(g.observe(&refused(3), t0 + SECOND, balloon(400)), None);
+        let step = g
+            .observe(&refused(4), t0 + SECOND * 2, balloon(400))
+            .unwrap();
+        assert_eq!(step.reason, PressureReason::RefusedAllocations);
     }
 
     #[test]
@@ -574,7 +606,8 @@ mod tests {
         // everywhere neither panics nor acts.
         let over = stats(None, None, Some(2048 * MIB));
         assert_eq!(g.observe(&over, at(5), balloon(512)), None);
-        let max = stats(Some(u64::MAX), Some(u64::MAX), Some(u64::MAX));
+        let mut max = stats(Some(u64::MAX), Some(u64::MAX), Some(u64::MAX));
+        max.hugetlb_failures = Some(u64::MAX);
         let mut all_max = balloon(512);
         all_max.ram_pages = u64::MAX;
         all_max.target_pages = u64::MAX;

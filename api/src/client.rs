@@ -367,7 +367,7 @@ impl Client {
         })
     }
 
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -377,7 +377,7 @@ impl Client {
         decode(raw)
     }
 
-    async fn call_json<B: Serialize, T: DeserializeOwned>(
+    pub(crate) async fn call_json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

@@ -243,20 +243,20 @@ fn parse_event_type(s: &str) -> Result<EventType, String> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
 /// The API's JSON with `--json`, else the human text.
-fn output<T: serde::Serialize>(
+pub(crate) fn output<T: serde::Serialize>(
     api: &ApiArgs,
     value: &T,
     human: impl FnOnce(&T) -> String,
@@ -483,6 +483,7 @@ impl CreateArgs {
             autostart: self.autostart,
             labels: self.labels.into_iter().collect(),
             agent: self.agent.map(|port| kiln_api::AgentSpec { port }),
+            policy: kiln_api::VmPolicy::default(),
         })
     }
 }

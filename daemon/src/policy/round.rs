@@ -188,6 +188,12 @@ impl Controller {
             .cloned()
             .collect();
         records.reverse();
+        // vCPU plans first: the workers' placements were chosen against them.
+        let mut records = {
+            let mut all = heuristic_cpu_records(samples, &actions, &state, &records, snap.t_s);
+            all.extend(records);
+            all
+        };
         let mut report = RoundReport::default();
         // Memory the engine may still hand back to guests this round.
         let mut reserve_left = snap.host.mem_available_mib - settings.host_reserve_mib as f64;
@@ -336,5 +342,232 @@ impl Controller {
                 report.failures.push(d.lever);
             }
         }
+    }
+}
+
+/// The engine audits the vCPU plans of its model, not those of its
+/// pack/spread fallback: a fallback plan that moves a VM's vCPUs gets its
+/// record here, in the same shape.
+fn heuristic_cpu_records(
+    samples: &[Sample],
+    actions: &[VmActions],
+    state: &[VmState],
+    records: &[AuditRecord],
+    t_s: f64,
+) -> Vec<AuditRecord> {
+    let same = |a: &[VcpuPlacement], b: &[VcpuPlacement]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.cpus == y.cpus && (x.weight - y.weight).abs() < 1e-9)
+    };
+    let mut out = Vec::new();
+    for (v, s) in samples.iter().enumerate() {
+        let Some(plan) = actions[v].vcpus.as_deref() else {
+            continue;
+        };
+        let audited = records
+            .iter()
+            .any(|r| r.vm == s.target.name && r.lever == EngineLever::Vcpu);
+        if audited || plan.is_empty() || same(plan, &state[v].vcpus) {
+            continue;
+        }
+        let cpus: Vec<String> = plan.iter().map(|p| p.cpus.to_string()).collect();
+        let action = format!("vCPUs -> {} (weight {})", cpus.join(" | "), plan[0].weight);
+        let why = if plan[0].exclusive {
+            "latency-critical: exclusive CPUs in one cache group"
+        } else {
+            "heuristic pack/spread: packed by recent demand into a cache group with room"
+        };
+        out.push(AuditRecord {
+            t_s,
+            vm: s.target.name.clone(),
+            lever: EngineLever::Vcpu,
+            mode: "active".into(),
+            inputs: vec![],
+            model: None,
+            raw_output: None,
+            reason: format!("{action}: {why}"),
+            action,
+            guardrails: vec![],
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::actuate::tests::Recording;
+    use crate::policy::telemetry::Target;
+    use kiln_api::engine::{VmClassHint, VmPolicy};
+
+    /// A 2-CPU host with one shared L3 (like this machine) and one VMM
+    /// (pid 77) whose vCPU thread is tid 78.
+    fn fake_host(dir: &std::path::Path) -> LiveHost {
+        let w = |p: &str, s: &str| {
+            let path = dir.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, s).unwrap();
+        };
+        w("sys/devices/system/cpu/online", "0-1\n");
+        for c in 0..2 {
+            w(
+                &format!("sys/devices/system/cpu/cpu{c}/cache/index3/shared_cpu_list"),
+                "0-1\n",
+            );
+        }
+        w(
+            "proc/meminfo",
+            "MemTotal: 4194304 kB\nMemAvailable: 2097152 kB\n",
+        );
+        for which in ["cpu", "memory", "io"] {
+            w(
+                &format!("proc/pressure/{which}"),
+                "some avg10=0.00 avg60=0 avg300=0 total=0\n",
+            );
+        }
+        w("proc/77/task/78/schedstat", "1000 10 1\n");
+        LiveHost::open_at(&dir.join("sys"), &dir.join("proc")).unwrap()
+    }
+
+    fn sample(policy: VmPolicy) -> Sample {
+        Sample {
+            target: Target {
+                name: "lc".into(),
+                pid: 77,
+                memory_mib: 512,
+                policy,
+                control: "/nonexistent/control.sock".into(),
+                cgroup: None,
+            },
+            counters: serde_json::from_value(serde_json::json!({
+                "vcpus": [{"index": 0, "tid": 78, "run_ns": 1000, "wait_ns": 10}],
+                "devices": [{"id": "rng0", "busy_rounds": 0}],
+            }))
+            .unwrap(),
+            workers: vec![serde_json::from_value(serde_json::json!({
+                "device": "rng0", "tid": 79, "cpus": null, "wait": "notify", "busy_rounds": 0}))
+            .unwrap()],
+        }
+    }
+
+    fn lc() -> VmPolicy {
+        VmPolicy {
+            class: VmClassHint::LatencyCritical,
+            ..Default::default()
+        }
+    }
+
+    fn settings(mode: LeverMode) -> PolicySettings {
+        let mut s = PolicySettings::default();
+        s.levers.balloon = mode;
+        s.levers.vcpu = mode;
+        s.levers.worker = mode;
+        s
+    }
+
+    fn controller(dir: &std::path::Path) -> Controller {
+        Controller::new(
+            fake_host(dir),
+            Models::default(),
+            PolicyWindows::default(),
+            1.0,
+            Box::new(Models::default),
+        )
+    }
+
+    fn levers(r: &RoundReport) -> Vec<(Lever, DecisionOutcome)> {
+        r.decisions.iter().map(|d| (d.lever, d.outcome)).collect()
+    }
+
+    #[test]
+    fn a_shadow_round_records_decisions_and_calls_no_actuator() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        let mut ops = Recording::default();
+        let r = c
+            .round(&[sample(lc())], &settings(LeverMode::Shadow), &mut ops, 1)
+            .unwrap();
+        assert_eq!(
+            levers(&r),
+            [
+                (Lever::Vcpu, DecisionOutcome::Shadow),
+                (Lever::Worker, DecisionOutcome::Shadow)
+            ],
+            "{:#?}",
+            r.decisions
+        );
+        assert!(
+            r.decisions[0].action.contains("vCPUs -> 0"),
+            "{}",
+            r.decisions[0].action
+        );
+        assert!(ops.writes.is_empty(), "shadow called {:?}", ops.writes);
+        assert!(r.failures.is_empty());
+    }
+
+    #[test]
+    fn an_active_round_acts_and_reads_back_and_opt_out_and_off_record_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        let mut ops = Recording::default();
+        ops.workers = sample(lc()).workers;
+        let r = c
+            .round(&[sample(lc())], &settings(LeverMode::Active), &mut ops, 1)
+            .unwrap();
+        assert_eq!(
+            levers(&r),
+            [
+                (Lever::Vcpu, DecisionOutcome::Applied),
+                (Lever::Worker, DecisionOutcome::Applied)
+            ],
+            "{:#?}",
+            r.decisions
+        );
+        assert_eq!(ops.affinity[&78], [0], "the LC vCPU is pinned alone");
+        assert_eq!(
+            ops.workers[0].cpus,
+            Some(vec![1]),
+            "its worker moves off it"
+        );
+        // Opted out of vcpu, worker off: nothing recorded, nothing called.
+        let mut c = controller(dir.path());
+        let mut ops = Recording::default();
+        let mut p = lc();
+        p.opt_out = vec![Lever::Vcpu];
+        let mut s = settings(LeverMode::Active);
+        s.levers.worker = LeverMode::Off;
+        let r = c.round(&[sample(p)], &s, &mut ops, 1).unwrap();
+        assert!(r.decisions.is_empty(), "{:#?}", r.decisions);
+        assert!(ops.writes.is_empty(), "{:?}", ops.writes);
+    }
+
+    #[test]
+    fn a_read_back_that_disagrees_is_failed_and_the_lever_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        let mut ops = Recording {
+            lie: true,
+            ..Default::default()
+        };
+        ops.workers = sample(lc()).workers;
+        let r = c
+            .round(&[sample(lc())], &settings(LeverMode::Active), &mut ops, 1)
+            .unwrap();
+        assert_eq!(
+            levers(&r),
+            [
+                (Lever::Vcpu, DecisionOutcome::Failed),
+                (Lever::Worker, DecisionOutcome::Failed)
+            ]
+        );
+        assert_eq!(r.failures, [Lever::Vcpu, Lever::Worker]);
+        let detail = r.decisions[0].detail.as_deref().unwrap();
+        assert!(
+            detail.contains("read back") && detail.contains("30 s"),
+            "{detail}"
+        );
+        assert!(c.backoff[&("lc".to_string(), Lever::Vcpu)].waiting(Instant::now()));
     }
 }

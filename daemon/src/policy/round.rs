@@ -189,7 +189,7 @@ impl Controller {
             .collect();
         records.reverse();
         // vCPU plans first: the workers' placements were chosen against them.
-        let mut records = {
+        let records = {
             let mut all = heuristic_cpu_records(samples, &actions, &state, &records, snap.t_s);
             all.extend(records);
             all
@@ -511,8 +511,10 @@ mod tests {
     fn an_active_round_acts_and_reads_back_and_opt_out_and_off_record_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = controller(dir.path());
-        let mut ops = Recording::default();
-        ops.workers = sample(lc()).workers;
+        let mut ops = Recording {
+            workers: sample(lc()).workers,
+            ..Default::default()
+        };
         let r = c
             .round(&[sample(lc())], &settings(LeverMode::Active), &mut ops, 1)
             .unwrap();
@@ -549,9 +551,9 @@ mod tests {
         let mut c = controller(dir.path());
         let mut ops = Recording {
             lie: true,
+            workers: sample(lc()).workers,
             ..Default::default()
         };
-        ops.workers = sample(lc()).workers;
         let r = c
             .round(&[sample(lc())], &settings(LeverMode::Active), &mut ops, 1)
             .unwrap();

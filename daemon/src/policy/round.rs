@@ -80,6 +80,8 @@ pub struct Controller {
     applied: HashMap<String, Vec<VcpuPlacement>>,
     /// The VMs the live host watches now.
     watched: Vec<String>,
+    /// The effective mode of each lever the engine was built for.
+    modes: Option<[LeverMode; 3]>,
 }
 
 /// What a round produced.
@@ -111,6 +113,7 @@ impl Controller {
             backoff: HashMap::new(),
             applied: HashMap::new(),
             watched: Vec::new(),
+            modes: None,
         }
     }
 
@@ -127,10 +130,16 @@ impl Controller {
         now_ms: u64,
     ) -> Result<RoundReport, String> {
         let t0 = Instant::now();
-        if settings.windows != self.windows {
+        let modes = Lever::ALL.map(|l| settings.effective(l));
+        let switched = self.modes.is_some_and(|m| m != modes);
+        self.modes = Some(modes);
+        if settings.windows != self.windows || switched {
+            // The engine's timers assume its decisions took effect; after a
+            // switch (shadow to active, say) it starts afresh and decides
+            // again at once rather than a min-interval later.
             self.windows = settings.windows;
             self.engine = engine((self.reload)(), &self.windows);
-            tracing::info!("policy windows changed: the engine starts afresh");
+            tracing::info!("policy modes or windows changed: the engine starts afresh");
         }
         if self.hist.vms.is_empty() {
             self.hist.step_s = settings.interval_ms as f64 / 1000.0;

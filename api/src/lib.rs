@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod models;
+pub mod ndjson;
 pub mod policy;
 pub mod spec;
 pub mod tls;

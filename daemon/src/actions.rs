@@ -59,6 +59,9 @@ pub async fn put_worker(
     dev: DeviceRef,
     JsonBody(placement): JsonBody<WorkerPlacement>,
 ) -> Reply<Json<WorkerInfo>> {
+    let vm = app.vms.get(&dev.vm).await?;
+    app.policy
+        .refuse_manual(kiln_api::engine::Lever::Worker, &dev.vm, &vm.spec.policy)?;
     app.vms
         .set_worker(&dev.vm, &dev.device, placement)
         .await

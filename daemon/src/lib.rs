@@ -10,6 +10,7 @@ pub mod exec;
 pub mod host;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod process;
 pub mod rundir;
 pub mod serve;

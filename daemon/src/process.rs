@@ -178,6 +178,12 @@ impl Cgroups {
         }
     }
 
+    /// `name`'s own group, when it has one.
+    pub fn group(&self, name: &str) -> Option<PathBuf> {
+        let group = self.parent.as_ref()?.join(name);
+        group.is_dir().then_some(group)
+    }
+
     /// Removes `name`'s (empty) group after its VMM ended.
     pub fn remove(&self, name: &str) {
         if let Some(parent) = &self.parent {

@@ -36,6 +36,7 @@ pub const CONSOLE_TAIL: u64 = 1 << 20;
 pub struct App {
     pub vms: Arc<Manager>,
     pub metrics: RequestMetrics,
+    pub policy: Arc<crate::policy::PolicyService>,
 }
 
 type Shared = Arc<App>;
@@ -67,6 +68,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vms/{id}/devices/{dev}/worker"),
     ("POST", "/v1/vms/{id}/exec"),
     ("POST", "/v1/vms/{id}/apps/run"),
+    ("GET", "/v1/policy"),
+    ("PUT", "/v1/policy"),
+    ("GET", "/v1/vms/{id}/policy"),
+    ("PUT", "/v1/vms/{id}/policy"),
+    ("GET", "/v1/vms/{id}/policy/decisions"),
 ];
 
 pub fn router(app: Shared) -> Router {
@@ -93,6 +99,18 @@ pub fn router(app: Shared) -> Router {
         )
         .route("/v1/vms/{id}/exec", post(crate::exec::exec))
         .route("/v1/vms/{id}/apps/run", post(crate::exec::run_app))
+        .route(
+            "/v1/policy",
+            get(crate::policy::routes::get_policy).put(crate::policy::routes::put_policy),
+        )
+        .route(
+            "/v1/vms/{id}/policy",
+            get(crate::policy::routes::get_vm_policy).put(crate::policy::routes::put_vm_policy),
+        )
+        .route(
+            "/v1/vms/{id}/policy/decisions",
+            get(crate::policy::routes::decisions),
+        )
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_request))
@@ -222,6 +240,9 @@ async fn set_balloon(
     VmName(name): VmName,
     JsonBody(target): JsonBody<BalloonTarget>,
 ) -> Reply<Json<BalloonInfo>> {
+    let vm = app.vms.get(&name).await?;
+    app.policy
+        .refuse_manual(kiln_api::engine::Lever::Balloon, &name, &vm.spec.policy)?;
     app.vms
         .set_balloon(&name, target.target_mib)
         .await
@@ -360,6 +381,7 @@ async fn metrics(State(app): State<Shared>) -> Response {
     let answers = futures_util::future::join_all(asks).await;
     let mut text = app.metrics.render(&vms);
     crate::metrics::render_counters(&mut text, &answers);
+    app.policy.render_metrics(&mut text);
     (
         [(
             header::CONTENT_TYPE,

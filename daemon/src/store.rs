@@ -83,6 +83,19 @@ impl Store {
         }
     }
 
+    /// `name`'s value, or None when it has none.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let path = self.path_of(name);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { path, source })
+    }
+
     /// Every definition, sorted by name.
     pub fn load_all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
         let mut items = Vec::new();

@@ -26,6 +26,7 @@ use crate::state::{self, Action};
 use crate::store::Store;
 
 mod lifecycle;
+mod policy;
 mod workers;
 
 pub use lifecycle::{shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT};

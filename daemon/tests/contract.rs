@@ -59,9 +59,15 @@ async fn fixture() -> Fixture {
     })
     .await
     .unwrap();
+    let policy = kiln_daemon::policy::PolicyService::open(
+        &dir.path().join("state"),
+        dir.path().join("no-models"),
+    )
+    .unwrap();
     let app = Arc::new(App {
         vms: manager,
         metrics: RequestMetrics::default(),
+        policy,
     });
     Fixture {
         _dir: dir,
@@ -691,4 +697,198 @@ fn every_error_code_is_in_the_yaml_enum() {
         doc["components"]["schemas"]["EventType"]["enum"],
         json!(types)
     );
+}
+
+#[tokio::test]
+async fn policy_routes_match_the_yaml_and_refuse_hostile_input() {
+    let f = fixture().await;
+    let kernel = f.kernel.to_str().unwrap();
+    let spec = json!({"name": "pol", "machine": {"kernel": kernel, "memory_mib": 256, "rng": {}}});
+    let (s, _) = f.checked("POST", "/v1/vms", "/v1/vms", Some(spec)).await;
+    assert_eq!(s, 201);
+    // Host-wide settings: the defaults, every lever off.
+    let (s, st) = f.checked("GET", "/v1/policy", "/v1/policy", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(st["effective"]["balloon"], "off");
+    let (s, st) = f
+        .checked(
+            "PUT",
+            "/v1/policy",
+            "/v1/policy",
+            Some(json!({"levers": {"worker": "active", "vcpu": "shadow"}, "interval_ms": 500})),
+        )
+        .await;
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(st["effective"]["worker"], "active");
+    assert_eq!(st["settings"]["interval_ms"], 500);
+    for (body, code, status) in [
+        (json!({"levrs": {}}), "invalid_request", 422),
+        (json!({"levers": {"balloon": "on"}}), "invalid_request", 422),
+        (json!({"interval_ms": 5}), "invalid_request", 422),
+        (json!({"interval_ms": 600_000}), "invalid_request", 422),
+        (
+            json!({"host_reserve_mib": u64::MAX}),
+            "invalid_request",
+            422,
+        ),
+        (
+            json!({"windows": {"balloon_window_s": 0.5}}),
+            "invalid_request",
+            422,
+        ),
+    ] {
+        let (s, v) = f
+            .checked("PUT", "/v1/policy", "/v1/policy", Some(body.clone()))
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = f
+        .checked(
+            "PUT",
+            "/v1/policy",
+            "/v1/policy",
+            Some(json!({"interval_ms": 1})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    assert!(
+        v["error"]["causes"][0]
+            .as_str()
+            .unwrap()
+            .contains("interval_ms"),
+        "{v}"
+    );
+    let (s, v) = f
+        .checked_raw(
+            "PUT",
+            "/v1/policy",
+            "/v1/policy",
+            Some(("application/json", b"{\"levers\":".to_vec())),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
+    // A refused PUT changed nothing.
+    let (_, st) = f.checked("GET", "/v1/policy", "/v1/policy", None).await;
+    assert_eq!(st["settings"]["interval_ms"], 500);
+    // A VM's policy.
+    let t = "/v1/vms/{id}/policy";
+    let (s, p) = f.checked("GET", t, "/v1/vms/pol/policy", None).await;
+    assert_eq!((s, p["class"].as_str()), (200, Some("general")));
+    let (s, p) = f
+        .checked(
+            "PUT",
+            t,
+            "/v1/vms/pol/policy",
+            Some(json!({"class": "latency_critical", "memory_floor_mib": 128, "opt_out": ["balloon"]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let (_, vm) = f.checked("GET", "/v1/vms/{id}", "/v1/vms/pol", None).await;
+    assert_eq!(
+        vm["spec"]["policy"]["class"], "latency_critical",
+        "in the definition"
+    );
+    for body in [
+        json!({"memory_floor_mib": 256}),
+        json!({"opt_out": ["disk"]}),
+        json!({"opt_out": ["vcpu", "vcpu"]}),
+        json!({"klass": "batch"}),
+    ] {
+        let (s, v) = f
+            .checked("PUT", t, "/v1/vms/pol/policy", Some(body.clone()))
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (422, Some("invalid_request")),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = f.checked("GET", t, "/v1/vms/nope/policy", None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("vm_not_found"))
+    );
+    let (s, _) = f
+        .checked("PUT", t, "/v1/vms/nope/policy", Some(json!({})))
+        .await;
+    assert_eq!(s, 404);
+    // Decisions.
+    let t = "/v1/vms/{id}/policy/decisions";
+    let (s, v) = f
+        .checked(
+            "GET",
+            t,
+            "/v1/vms/pol/policy/decisions?lever=worker&limit=5",
+            None,
+        )
+        .await;
+    assert_eq!((s, v["decisions"].as_array().map(Vec::len)), (200, Some(0)));
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "limit=99999999999999999999",
+        "lever=disk",
+        "colour=red",
+    ] {
+        let (s, v) = f
+            .checked("GET", t, &format!("/v1/vms/pol/policy/decisions?{q}"), None)
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{q}: {v}"
+        );
+    }
+    let (s, _) = f
+        .checked("GET", t, "/v1/vms/nope/policy/decisions", None)
+        .await;
+    assert_eq!(s, 404);
+    // A manual worker change while the worker lever is active: 409 naming it.
+    let (s, v) = f
+        .checked(
+            "PUT",
+            "/v1/vms/{id}/devices/{dev}/worker",
+            "/v1/vms/pol/devices/rng0/worker",
+            Some(json!({"cpus": [0], "wait": "notify"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("policy_active")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("worker") && msg.contains("opt_out"), "{msg}");
+    // The balloon lever is off (and opted out): not the engine's.
+    let (s, v) = f
+        .checked(
+            "PUT",
+            "/v1/vms/{id}/balloon",
+            "/v1/vms/pol/balloon",
+            Some(json!({"target_mib": 16})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("invalid_state")),
+        "{v}"
+    );
+    // Counters in /metrics.
+    let text = String::from_utf8(f.call("GET", "/metrics", None).await.body).unwrap();
+    for name in [
+        "kiln_policy_rounds_total ",
+        "kiln_policy_decisions_total{lever=\"worker\",outcome=\"applied\"} 0",
+        "kiln_policy_actuator_failures_total{lever=\"vcpu\"} 0",
+        "kiln_policy_vmm_skipped_total 0",
+        "kiln_policy_round_seconds_count ",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
 }

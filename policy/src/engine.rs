@@ -190,6 +190,13 @@ impl Engine {
         self
     }
 
+    /// The heuristic balloon's working-set window, s (a target is proposed
+    /// once one window has closed). The daemon sets it from its settings.
+    pub fn with_balloon_window_s(mut self, window_s: f64) -> Self {
+        self.fb_balloon.window_s = window_s;
+        self
+    }
+
     fn fire(&mut self, name: &'static str) {
         *self.interventions.entry(name).or_default() += 1;
     }

@@ -330,6 +330,7 @@ mod tests {
                     ..Default::default()
                 },
                 devices: vec![],
+                cgroup: None,
             }],
         }
     }

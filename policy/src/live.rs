@@ -182,12 +182,66 @@ pub struct LiveHost {
     host: Host,
     vms: Vec<WatchedVm>,
     started: std::time::Instant,
+    /// Where cgroup v2 is mounted; None: VMs' groups are not read.
+    cgroup_root: Option<PathBuf>,
+}
+
+/// The cgroup v2 mount point named in a `/proc/PID/mountinfo`.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "id parent maj:min root mountpoint opts [optional...] - fstype source superopts"
+        let (head, tail) = line.split_once(" - ")?;
+        if tail.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        head.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The cgroup v2 path (`0::/...`) of a `/proc/PID/cgroup`.
+pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+}
+
+/// Reads a VM's group under `root` from the pid's `/proc/PID/cgroup`.
+/// None when the process has no cgroup v2 entry or its group is not there.
+pub fn read_cgroup(root: &Path, proc_root: &Path, pid: u32) -> Option<CgroupStat> {
+    let text = std::fs::read_to_string(proc_root.join(format!("{pid}/cgroup"))).ok()?;
+    let rel = parse_proc_cgroup(&text)?;
+    let dir = root.join(rel.trim_start_matches('/'));
+    if !dir.is_dir() {
+        return None;
+    }
+    let file = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    Some(CgroupStat {
+        path: dir.display().to_string(),
+        memory_current_mib: file("memory.current")
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(|b| b as f64 / 1048576.0),
+        memory_pressure: file("memory.pressure").and_then(|t| parse_psi(&t)),
+        cpu_pressure: file("cpu.pressure").and_then(|t| parse_psi(&t)),
+    })
 }
 
 impl LiveHost {
     /// Reads this machine's `/sys` and `/proc`.
     pub fn open() -> Result<LiveHost, TelemetryError> {
-        LiveHost::open_at(Path::new("/sys"), Path::new("/proc"))
+        let live = LiveHost::open_at(Path::new("/sys"), Path::new("/proc"))?;
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|t| cgroup2_mount(&t));
+        Ok(match mount {
+            Some(root) => live.with_cgroup_root(root),
+            None => live,
+        })
+    }
+
+    /// Reads each VM's cgroup v2 group under `root` (the cgroup2 mount).
+    pub fn with_cgroup_root(mut self, root: PathBuf) -> Self {
+        self.cgroup_root = Some(root);
+        self
     }
 
     pub fn open_at(sys: &Path, proc_root: &Path) -> Result<LiveHost, TelemetryError> {
@@ -197,6 +251,7 @@ impl LiveHost {
             host,
             vms: Vec::new(),
             started: std::time::Instant::now(),
+            cgroup_root: None,
         })
     }
 
@@ -259,6 +314,10 @@ impl TelemetrySource for LiveHost {
                 vcpus,
                 balloon: vm.balloon,
                 devices: vm.devices.clone(),
+                cgroup: self
+                    .cgroup_root
+                    .as_deref()
+                    .and_then(|root| read_cgroup(root, &self.proc_root, vm.pid)),
             });
         }
         Ok(Snapshot {
@@ -332,6 +391,73 @@ mod tests {
             fn gettid() -> i32;
         }
         gettid() as u32
+    }
+
+    /// A fake /sys, /proc (with a VMM's vCPU thread) and cgroup2 tree.
+    #[test]
+    fn samples_a_fake_vmm_with_its_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |p: &str, s: &str| {
+            let path = dir.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, s).unwrap();
+        };
+        w("sys/devices/system/cpu/online", "0-1\n");
+        w(
+            "proc/meminfo",
+            "MemTotal: 2097152 kB\nMemAvailable: 1048576 kB\n",
+        );
+        for which in ["cpu", "memory", "io"] {
+            w(
+                &format!("proc/pressure/{which}"),
+                "some avg10=0.50 avg60=0 avg300=0 total=1\n",
+            );
+        }
+        w("proc/77/task/78/schedstat", "2000000 500000 9\n");
+        w("proc/77/cgroup", "0::/kiln-vms/web\n");
+        w("cg/kiln-vms/web/memory.current", "104857600\n");
+        w(
+            "cg/kiln-vms/web/memory.pressure",
+            "some avg10=3.00 avg60=0 avg300=0 total=1\nfull avg10=1.00 avg60=0 avg300=0 total=1\n",
+        );
+        // No cpu.pressure: the file of a controller not enabled is absent.
+        w("proc/88/cgroup", "0::/elsewhere\n");
+        let mut live = LiveHost::open_at(&dir.path().join("sys"), &dir.path().join("proc"))
+            .unwrap()
+            .with_cgroup_root(dir.path().join("cg"));
+        let vm = |id: &str, pid| WatchedVm {
+            id: id.into(),
+            class: VmClass::General,
+            mem_mib: 512.0,
+            floor_mib: 128.0,
+            pid,
+            vcpu_tids: if pid == 77 { vec![78] } else { vec![] },
+            balloon: BalloonStats::default(),
+            devices: vec![],
+        };
+        live.watch(vm("web", 77));
+        live.watch(vm("nogroup", 88));
+        let snap = live.sample().unwrap();
+        assert_eq!(snap.vms[0].vcpus[0].cpu_time_ns, 2_000_000);
+        assert_eq!(snap.vms[0].vcpus[0].wait_ns, 500_000);
+        let cg = snap.vms[0].cgroup.as_ref().expect("web's group is read");
+        assert_eq!(cg.memory_current_mib, Some(100.0));
+        assert_eq!(cg.memory_pressure.unwrap().some_avg10, 3.0);
+        assert_eq!(cg.memory_pressure.unwrap().full_avg10, 1.0);
+        assert_eq!(cg.cpu_pressure, None);
+        assert!(cg.path.ends_with("kiln-vms/web"), "{}", cg.path);
+        assert_eq!(snap.vms[1].cgroup, None, "its group does not exist");
+        assert_eq!(
+            cgroup2_mount(
+                "22 1 0:20 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                 23 1 0:21 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+            ),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount("23 1 0:21 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
     }
 
     #[test]

@@ -55,6 +55,26 @@ pub struct VmTelemetry {
     pub vcpus: Vec<VcpuStat>,
     pub balloon: BalloonStats,
     pub devices: Vec<DeviceStat>,
+    /// The VM's own cgroup v2 group, when it has one (live hosts only).
+    #[serde(default)]
+    pub cgroup: Option<CgroupStat>,
+}
+
+/// What a VM's cgroup v2 group says: memory charged to it and its pressure.
+/// Each file may be missing (a controller not enabled for the group).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CgroupStat {
+    /// The group's directory.
+    pub path: String,
+    /// `memory.current`, MiB.
+    #[serde(default)]
+    pub memory_current_mib: Option<f64>,
+    /// `memory.pressure`.
+    #[serde(default)]
+    pub memory_pressure: Option<Psi>,
+    /// `cpu.pressure`.
+    #[serde(default)]
+    pub cpu_pressure: Option<Psi>,
 }
 
 /// `/proc/pressure/*` averages over 10 s, in percent.

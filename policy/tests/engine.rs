@@ -313,6 +313,7 @@ fn invalid_telemetry_is_refused_before_the_model() {
                     ..Default::default()
                 },
                 devices: vec![],
+                cgroup: None,
             }],
         };
         hist.ingest(&snap);

@@ -547,6 +547,7 @@ impl TelemetrySource for Simulator<'_> {
                 vcpus: self.vcpu_stats[v].clone(),
                 balloon: self.balloon[v],
                 devices: vec![self.disk[v].clone()],
+                cgroup: None,
             })
             .collect();
         Ok(Snapshot {

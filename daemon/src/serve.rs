@@ -58,10 +58,12 @@ pub struct ServeArgs {
           default_value_t = crate::vms::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub shutdown_timeout: u64,
-    /// Where the policy engine finds its learned models (a lever whose
-    /// model is missing runs the heuristic).
-    #[arg(long, value_name = "DIR", default_value = kiln_policy::cli::default_models_dir())]
-    pub policy_models: PathBuf,
+    /// Where the policy engine finds its learned models; without it,
+    /// `$KILN_MODELS_DIR`, then where Kiln is installed (`kiln policy
+    /// models` shows which). A lever whose model is missing runs the
+    /// heuristic.
+    #[arg(long, value_name = "DIR")]
+    pub policy_models: Option<PathBuf>,
 }
 
 /// Where `kiln-vmm` is when not given: next to the running binary.
@@ -111,7 +113,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     })
     .await
     .context("cannot load the daemon's state")?;
-    let policy = crate::policy::PolicyService::open(&args.state_dir, args.policy_models.clone())
+    let policy = crate::policy::PolicyService::open(&args.state_dir, args.policy_models.as_deref())
         .context("cannot load the policy engine's state")?;
     policy.spawn_loop(Arc::clone(&manager));
     let app = Arc::new(App {

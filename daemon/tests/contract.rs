@@ -61,7 +61,7 @@ async fn fixture() -> Fixture {
     .unwrap();
     let policy = kiln_daemon::policy::PolicyService::open(
         &dir.path().join("state"),
-        dir.path().join("no-models"),
+        Some(&dir.path().join("no-models")),
     )
     .unwrap();
     let app = Arc::new(App {

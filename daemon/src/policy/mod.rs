@@ -69,7 +69,8 @@ pub struct PolicyService {
     file: SettingsFile,
     log: Mutex<DecisionLog>,
     stats: Stats,
-    models_dir: PathBuf,
+    /// The models directory found at start, or why none was.
+    models_dir: Result<PathBuf, String>,
     models: Mutex<Vec<ModelStatus>>,
     host_mem_mib: u64,
     changed: tokio::sync::Notify,
@@ -87,22 +88,29 @@ pub enum OpenError {
 }
 
 /// What each lever runs: its model, or the heuristic and why.
-fn model_status(models: &Models, dir: &Path) -> Vec<ModelStatus> {
+/// The models in `dir`, or none (the heuristic) when no directory was found.
+fn load(dir: &Result<PathBuf, String>) -> Models {
+    match dir {
+        Ok(dir) => Models::load_or_heuristic(dir),
+        Err(_) => Models::default(),
+    }
+}
+
+fn model_status(models: &Models, dir: &Result<PathBuf, String>) -> Vec<ModelStatus> {
     let runtime = kiln_policy::model::runtime().err().map(|e| e.to_string());
+    // Why a lever without a model runs the heuristic.
+    let why = |name: &str| match dir {
+        Err(not_found) => not_found.clone(),
+        Ok(_) if runtime.is_some() => runtime.clone().unwrap_or_default(),
+        Ok(dir) => match kiln_policy::model::Model::load(dir, name) {
+            Err(e) => e.to_string(),
+            Ok(_) => "its model does not match the engine's features".into(),
+        },
+    };
     let one = |lever: Lever, name: &str, m: Option<&kiln_policy::model::Model>| ModelStatus {
         lever,
         model: m.map(|m| format!("{}@{}", m.schema.name, m.schema.version)),
-        heuristic_because: match m {
-            Some(_) => None,
-            None => {
-                Some(runtime.clone().unwrap_or_else(|| {
-                    match kiln_policy::model::Model::load(dir, name) {
-                        Err(e) => e.to_string(),
-                        Ok(_) => "its model does not match the engine's features".into(),
-                    }
-                }))
-            }
-        },
+        heuristic_because: m.is_none().then(|| why(name)),
     };
     vec![
         one(Lever::Balloon, "balloon", models.balloon.as_ref()),
@@ -113,7 +121,21 @@ fn model_status(models: &Models, dir: &Path) -> Vec<ModelStatus> {
 
 impl PolicyService {
     /// Loads the settings and the decision log under `<state_dir>/policy`.
-    pub fn open(state_dir: &Path, models_dir: PathBuf) -> Result<Arc<PolicyService>, OpenError> {
+    pub fn open(state_dir: &Path, models: Option<&Path>) -> Result<Arc<PolicyService>, OpenError> {
+        let models_dir = match kiln_policy::install::models_dir(models) {
+            Ok(found) => {
+                tracing::info!(
+                    "policy models from {} ({})",
+                    found.path.display(),
+                    found.why
+                );
+                Ok(found.path)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; the policy engine runs the heuristic");
+                Err(e.to_string())
+            }
+        };
         let dir = state_dir.join("policy");
         let file = SettingsFile::open(dir.clone())?;
         let settings = file.load()?;
@@ -297,7 +319,7 @@ impl PolicyService {
         let dir = self.models_dir.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let live = LiveHost::open()?;
-            let models = Models::load_or_heuristic(&dir);
+            let models = load(&dir);
             let status = model_status(&models, &dir);
             Ok::<_, kiln_policy::telemetry::TelemetryError>((live, models, status))
         })
@@ -321,7 +343,7 @@ impl PolicyService {
             models,
             settings.windows,
             settings.interval_ms as f64 / 1000.0,
-            Box::new(move || Models::load_or_heuristic(&dir)),
+            Box::new(move || load(&dir)),
         )));
         let in_flight = Arc::new(Mutex::new(HashSet::new()));
         let mut last_error: Option<String> = None;

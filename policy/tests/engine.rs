@@ -60,6 +60,7 @@ fn trace_of(step_s: f64, vms: Vec<VmSpec>) -> Trace {
         cpu: vec![0.0; steps * n],
         ws: vec![0.0; steps * n],
         iops: vec![0.0; steps * n],
+        cache: vec![None; steps * n],
     };
     for (v, (class, vcpus, mem, floor, series)) in vms.into_iter().enumerate() {
         t.vms.push(VmInfo {

@@ -49,6 +49,9 @@ pub struct EvalSetArgs {
     pub policies: Vec<String>,
     #[arg(long, default_value = default_models_dir())]
     pub models: PathBuf,
+    /// Simulate balloons without VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln enables it).
+    #[arg(long)]
+    pub no_deflate_on_oom: bool,
     /// Only these traces (names as printed), default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -166,6 +169,9 @@ pub struct EvalArgs {
     /// Append the learned engine's audit log to this JSON-lines file.
     #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// Simulate balloons without VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln enables it).
+    #[arg(long)]
+    pub no_deflate_on_oom: bool,
     /// The learned engine runs at most one I/O polling thread per this many host CPUs.
     #[arg(long, default_value_t = 64)]
     pub cpus_per_poller: usize,
@@ -323,6 +329,9 @@ fn eval_set(a: EvalSetArgs) -> Result<()> {
     use crate::evalset::{
         judge, overcommitted_host, roomy_host, trace_sha256, verdict_table, SET_NAME, TRACES,
     };
+    let opts = crate::sim::SimOptions {
+        deflate_on_oom: !a.no_deflate_on_oom,
+    };
     let mut md = String::new();
     let mut verdicts: Vec<(String, Vec<crate::evalset::Run>)> = Vec::new();
     for t in TRACES
@@ -364,17 +373,33 @@ fn eval_set(a: EvalSetArgs) -> Result<()> {
             let mut results = Vec::new();
             for name in &a.policies {
                 let mut p = make_policy(name, &a.models, Mode::Active, None, a.cpus_per_poller)?;
-                results.push(run_policy(&host, &trace, p.as_mut())?);
+                results.push(crate::eval::run_policy_with(
+                    &host,
+                    &trace,
+                    p.as_mut(),
+                    opts,
+                )?);
             }
             let header = format!(
                 "{SET_NAME}/{} on the {kind} host ({} CPUs, {:.0} GiB for guests: {:.2}x memory \
-                 overcommitted)",
+                 overcommitted; deflate-on-OOM {})",
                 t.name,
                 host.cpus,
                 host.guest_memory_mib() / 1024.0,
-                alloc / host.guest_memory_mib()
+                alloc / host.guest_memory_mib(),
+                if opts.deflate_on_oom { "on" } else { "off" }
             );
-            let extra = String::new();
+            let mut extra =
+                String::from("policy      oom-notifier-calls  oom-deflate-MiB  refault-MiB\n");
+            for r in &results {
+                extra.push_str(&format!(
+                    "{:<11} {:>18} {:>16.0} {:>12.0}\n",
+                    r.name,
+                    r.metrics.oom_deflate_calls,
+                    r.metrics.oom_deflate_mib,
+                    r.metrics.refault_mib
+                ));
+            }
             let tbl = table(&results);
             println!("{header}\n{tbl}{extra}");
             md.push_str(&format!("### {header}\n\n```\n{tbl}{extra}```\n\n"));
@@ -522,7 +547,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             a.audit.as_deref(),
             a.cpus_per_poller,
         )?;
-        let r = run_policy(&host, &trace, policy.as_mut())?;
+        let opts = crate::sim::SimOptions {
+            deflate_on_oom: !a.no_deflate_on_oom,
+        };
+        let r = crate::eval::run_policy_with(&host, &trace, policy.as_mut(), opts)?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
         if let Some(b) = policy.intervention_breakdown() {
             notes.push(format!("{}: {b}", r.name));

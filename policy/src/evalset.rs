@@ -202,16 +202,32 @@ pub fn judge(results: &[PolicyResult], engine: &str) -> Vec<Verdict> {
         return Vec::new();
     };
     let m = &e.metrics;
-    let mut out = vec![Verdict {
-        target: "OOM = 0",
-        figure: format!("{}", m.oom_events),
-        met: m.oom_events == 0,
-    }];
+    let mut out = vec![
+        Verdict {
+            target: "OOM kills = 0",
+            figure: format!("{}", m.oom_events),
+            met: m.oom_events == 0,
+        },
+        // With deflate-on-OOM a guest the balloon squeezed too far still
+        // enters its OOM path (and stalls there) before the notifier frees
+        // memory: the engine must not rely on that either.
+        Verdict {
+            target: "guest OOM-path entries = 0",
+            figure: format!("{}", m.oom_deflate_calls),
+            met: m.oom_deflate_calls == 0,
+        },
+    ];
     let reclaim = m.reclaimed_pct();
     out.push(Verdict {
         target: "reclaim >= 25%",
         figure: format!("{reclaim:.1}%"),
         met: reclaim >= 25.0,
+    });
+    let sw = m.swap_in_pct_per_min();
+    out.push(Verdict {
+        target: "swap-ins <= 0.2%/min",
+        figure: format!("{sw:.3}%"),
+        met: sw <= 0.2,
     });
     if let Some(mom) = get("mom") {
         let mr = mom.metrics.reclaimed_pct();

@@ -13,14 +13,23 @@ use kiln_policy::guardrails::{check_exclusive, names, GuardConfig};
 use kiln_policy::host::Host;
 use kiln_policy::model::{Model, ModelError};
 use kiln_policy::policies::{baseline, Ctx, Policy};
-use kiln_policy::sim::{SimMetrics, Simulator};
+use kiln_policy::sim::{SimMetrics, SimOptions, Simulator};
 use kiln_policy::telemetry::TelemetrySource;
 use kiln_policy::trace::{Trace, VmClass, VmInfo};
 use kiln_policy::tracegen::{generate, GenSpec, Split};
 
 /// Replays `trace` under `policy`, returning the metrics and the final actuator state.
 fn replay(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> (SimMetrics, Vec<VmState>) {
-    let mut sim = Simulator::new(host, trace);
+    replay_with(host, trace, policy, SimOptions::default())
+}
+
+fn replay_with(
+    host: &Host,
+    trace: &Trace,
+    policy: &mut dyn Policy,
+    opts: SimOptions,
+) -> (SimMetrics, Vec<VmState>) {
+    let mut sim = Simulator::with_options(host, trace, opts);
     let mut hist = History::new();
     let n = trace.vms.len();
     while !sim.done() {
@@ -344,7 +353,11 @@ fn a_model_that_hurts_guests_is_rolled_back() {
         ..GuardConfig::default()
     };
     let mut e = engine(cfg);
-    let (m, _) = replay(&host, &trace, &mut e);
+    // Without deflate-on-OOM the guest is OOM-killed.
+    let no_deflate = SimOptions {
+        deflate_on_oom: false,
+    };
+    let (m, _) = replay_with(&host, &trace, &mut e, no_deflate);
     assert!(m.oom_events > 0, "the scenario does hurt the guest");
     assert_eq!(fired(&e, names::ROLLBACK), 1);
     assert!(
@@ -456,6 +469,7 @@ fn eval_runs_on_the_hand_written_trace() {
         report: None,
         mode: Mode::Active,
         audit: None,
+        no_deflate_on_oom: false,
         cpus_per_poller: 64,
     };
     kiln_policy::cli::eval(args).expect("eval on the hand-written trace");

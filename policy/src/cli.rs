@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// The learned engine runs at most one I/O polling thread per this many host CPUs.
     #[arg(long, default_value_t = 64)]
     pub cpus_per_poller: usize,
+    /// Shape mix of the held-out traces: `default`, `wide` (with the issue's
+    /// five kinds) or name=weight pairs as for gen-trace.
+    #[arg(long, default_value = "default")]
+    pub mix: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -260,6 +264,20 @@ fn make_policy(
             };
             Box::new(Engine::new(mode, cfg, models, log).with_name(label))
         }
+        // What the engine falls back to, with its guardrails: the engine
+        // without models (the bare rules are `policies::heuristic()`).
+        "heuristic" => Box::new(
+            Engine::new(
+                mode,
+                GuardConfig {
+                    cpus_per_poller: cpus_per_poller.max(1),
+                    ..GuardConfig::default()
+                },
+                Models::default(),
+                AuditLog::new(10_000),
+            )
+            .with_name("heuristic"),
+        ),
         n => match crate::policies::baseline(n) {
             Some(p) => Box::new(p),
             None => bail!(
@@ -279,6 +297,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             hours: a.hours,
             seed,
             split: Split::Eval,
+            mix: parse_mix(&a.mix)?,
             ..GenSpec::default()
         };
         let trace = generate(&spec)?;

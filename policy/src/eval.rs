@@ -177,6 +177,11 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
         lm.oom_events,
         verdict(lm.oom_events == 0)
     ));
+    out.push(format!(
+        "balloon: {} guest OOM-path entries answered by deflate-on-OOM (target 0): {}",
+        lm.oom_deflate_calls,
+        verdict(lm.oom_deflate_calls == 0)
+    ));
     let sw = lm.swap_in_pct_per_min();
     out.push(format!(
         "balloon: swap-ins {sw:.4}% of working set per minute (target <= 0.2%): {}",

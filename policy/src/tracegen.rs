@@ -147,8 +147,30 @@ pub const DEFAULT_MIX: [(Shape, f64); 5] = [
     (Shape::LatencyCritical, 6.0),
 ];
 
+/// The default mix widened with the five kinds (slow leak, step up,
+/// cache-heavy, small idle and large latency-critical guests): what the
+/// guardrails are validated on (`bench --mix wide`) and what the next training
+/// run should use. Never contains a `Shape::UNSEEN` kind.
+pub const WIDE_MIX: [(Shape, f64); 10] = [
+    (Shape::DiurnalService, 8.0),
+    (Shape::BatchBurst, 6.0),
+    (Shape::MemoryLeak, 4.0),
+    (Shape::IdleDesktop, 6.0),
+    (Shape::LatencyCritical, 4.0),
+    (Shape::SlowLeak, 4.0),
+    (Shape::StepUp, 4.0),
+    (Shape::CacheHeavy, 4.0),
+    (Shape::IdleSmall, 8.0),
+    (Shape::LcLarge, 2.0),
+];
+
 /// Parses `svc=14,batch=10,...` (names from [`Shape::short`]).
 pub fn parse_mix(s: &str) -> Result<Vec<(Shape, f64)>, GenError> {
+    match s.trim() {
+        "default" => return Ok(DEFAULT_MIX.to_vec()),
+        "wide" => return Ok(WIDE_MIX.to_vec()),
+        _ => {}
+    }
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
@@ -734,6 +756,8 @@ mod tests {
         );
         assert!(parse_mix("gpu=1").is_err());
         assert!(parse_mix("svc").is_err());
+        assert_eq!(parse_mix("wide").unwrap(), WIDE_MIX.to_vec());
+        assert!(WIDE_MIX.iter().all(|m| !m.0.unseen()));
     }
 
     #[test]

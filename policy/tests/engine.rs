@@ -474,3 +474,73 @@ fn eval_runs_on_the_hand_written_trace() {
     };
     kiln_policy::cli::eval(args).expect("eval on the hand-written trace");
 }
+
+/// The heuristic engine (no models) so the test does not depend on what a
+/// model predicts: the guardrails are the same.
+fn guarded_heuristic(cfg: GuardConfig) -> Engine {
+    Engine::new(Mode::Active, cfg, Models::default(), AuditLog::new(1000))
+}
+
+#[test]
+fn deflate_on_oom_is_pressure_and_the_guest_gets_its_memory_back_at_once() {
+    let host = host32();
+    // Quiet at 400 MiB for an hour (the balloon shrinks it), then the working
+    // set leaps to 3800 MiB of 4096 within one step: the guest deflates its
+    // balloon on OOM; the engine must answer with a full deflation and then
+    // keep it (no inflation during the hold), with no OOM kill.
+    let trace = one_vm(VmClass::Service, 4096.0, 256.0, 480, |s| {
+        (0.3, if s < 360 { 400.0 } else { 3800.0 }, 50.0)
+    });
+    let mut e = guarded_heuristic(GuardConfig {
+        warmup_s: 0.0,
+        ..GuardConfig::default()
+    });
+    let (m, state) = replay(&host, &trace, &mut e);
+    assert_eq!(m.oom_events, 0);
+    assert!(
+        m.oom_deflate_calls > 0,
+        "the scenario does reach the OOM path"
+    );
+    assert!(fired(&e, names::ESCAPE) > 0);
+    assert_eq!(
+        state[0].balloon_target_mib, 4096.0,
+        "fully deflated and held"
+    );
+    let escape = e
+        .audit
+        .query(&AuditQuery {
+            guardrail_only: true,
+            lever: Some(Lever::Balloon),
+            ..Default::default()
+        })
+        .into_iter()
+        .find(|r| r.reason.contains("OOM"))
+        .expect("an OOM-grade escape is audited");
+    assert!(
+        escape.t_s <= 361.0 * 10.0 + 20.0,
+        "within two intervals: {}",
+        escape.t_s
+    );
+}
+
+#[test]
+fn the_balloon_never_leaves_less_than_the_guest_says_it_needs() {
+    let host = host32();
+    // A steady 2000 MiB working set: whatever the rule proposes, the target
+    // stays at or above 2000 * 1.1 + 64 MiB.
+    let trace = one_vm(VmClass::Service, 8192.0, 256.0, 360, |_| {
+        (0.3, 2000.0, 50.0)
+    });
+    let cfg = GuardConfig {
+        warmup_s: 0.0,
+        // A looser rule than the default would go lower; the bound holds it.
+        balloon_need_margin: 0.10,
+        ..GuardConfig::default()
+    };
+    let mut e = guarded_heuristic(cfg);
+    let (m, state) = replay(&host, &trace, &mut e);
+    assert!(state[0].balloon_target_mib >= 2000.0 * 1.1 + 64.0 - 1e-6);
+    assert!(state[0].balloon_target_mib < 8192.0, "it still reclaims");
+    assert_eq!(m.oom_deflate_calls, 0);
+    assert_eq!(m.guest_swap_in_mib, 0.0);
+}

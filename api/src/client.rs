@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::models::{ActionResult, Event, EventType, Host, Ping};
+use crate::ndjson::NdjsonReader;
 use crate::spec::{VmInfo, VmList, VmSpec};
 
 /// Where the daemon answers.
@@ -191,32 +192,13 @@ impl EventQuery {
 
 /// Followed events, one at a time.
 pub struct EventStream {
-    body: Incoming,
-    buf: Vec<u8>,
+    lines: NdjsonReader<Event>,
 }
 
 impl EventStream {
     /// The next event; None when the daemon ended the stream.
     pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                return serde_json::from_slice(&line).map(Some).map_err(|e| {
-                    ClientError::Unexpected {
-                        status: 200,
-                        body: format!("{e}: {}", String::from_utf8_lossy(&line)),
-                    }
-                });
-            }
-            match self.body.frame().await {
-                None => return Ok(None),
-                Some(frame) => {
-                    if let Ok(data) = frame?.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
+        self.lines.next().await
     }
 }
 
@@ -367,7 +349,7 @@ impl Client {
         })
     }
 
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -377,7 +359,7 @@ impl Client {
         decode(raw)
     }
 
-    async fn call_json<B: Serialize, T: DeserializeOwned>(
+    pub(crate) async fn call_json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -521,8 +503,7 @@ impl Client {
             }));
         }
         Ok(EventStream {
-            body: resp.into_body(),
-            buf: Vec::new(),
+            lines: NdjsonReader::new(resp.into_body()),
         })
     }
 

@@ -3,11 +3,11 @@
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Method, StatusCode};
 
 use crate::client::{api_error, decode, segment, Client, ClientError, RawResponse};
 use crate::exec::{ExecLine, ExecRequest, ExecResult};
+use crate::ndjson::NdjsonReader;
 
 /// A Windows program to run with `apps/run`.
 #[derive(Debug, Clone)]
@@ -41,8 +41,7 @@ impl AppRun {
 
 /// The lines of a streamed answer, one at a time.
 pub struct ExecStream {
-    body: Incoming,
-    buf: Vec<u8>,
+    lines: NdjsonReader<ExecLine>,
     done: bool,
 }
 
@@ -50,29 +49,15 @@ impl ExecStream {
     /// The next line; None after the `exit` or `error` line, or when the
     /// daemon ended the answer.
     pub async fn next(&mut self) -> Result<Option<ExecLine>, ClientError> {
-        loop {
-            if self.done {
-                return Ok(None);
-            }
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                let parsed: ExecLine =
-                    serde_json::from_slice(&line).map_err(|e| ClientError::Unexpected {
-                        status: 200,
-                        body: format!("{e}: {}", String::from_utf8_lossy(&line)),
-                    })?;
-                self.done = matches!(parsed, ExecLine::Exit(_) | ExecLine::Error { .. });
-                return Ok(Some(parsed));
-            }
-            match self.body.frame().await {
-                None => return Ok(None),
-                Some(frame) => {
-                    if let Ok(data) = frame?.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
+        if self.done {
+            return Ok(None);
         }
+        let line = self.lines.next().await?;
+        self.done = matches!(
+            line,
+            None | Some(ExecLine::Exit(_) | ExecLine::Error { .. })
+        );
+        Ok(line)
     }
 }
 
@@ -150,8 +135,7 @@ impl Client {
             }));
         }
         Ok(ExecStream {
-            body: resp.into_body(),
-            buf: Vec::new(),
+            lines: NdjsonReader::new(resp.into_body()),
             done: false,
         })
     }

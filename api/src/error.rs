@@ -54,6 +54,10 @@ pub enum ErrorCode {
     AgentRefused,
     /// An uploaded file is not what the route takes (not a PE executable).
     InvalidUpload,
+    /// The policy engine drives that lever for this VM (its mode is
+    /// `active` and the VM has not opted out): a manual change would be
+    /// undone at the next round. The message names the lever.
+    PolicyActive,
 }
 
 impl ErrorCode {
@@ -64,7 +68,10 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::VmNotFound | ErrorCode::NotFound | ErrorCode::DeviceNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::NameTaken | ErrorCode::InvalidState | ErrorCode::AgentNotConfigured => 409,
+            ErrorCode::NameTaken
+            | ErrorCode::InvalidState
+            | ErrorCode::AgentNotConfigured
+            | ErrorCode::PolicyActive => 409,
             ErrorCode::EventsExpired => 410,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::InvalidRequest
@@ -79,7 +86,7 @@ impl ErrorCode {
     }
 
     /// Every code, for the contract test and the docs.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidQuery,
@@ -100,6 +107,7 @@ impl ErrorCode {
         ErrorCode::AgentTimeout,
         ErrorCode::AgentRefused,
         ErrorCode::InvalidUpload,
+        ErrorCode::PolicyActive,
     ];
 
     /// A gateway error: the guest agent behind the daemon failed, not the

@@ -5,17 +5,25 @@
 
 pub mod client;
 pub mod client_exec;
+pub mod client_policy;
 pub mod console;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod models;
+pub mod ndjson;
 pub mod policy;
 pub mod spec;
 pub mod tls;
 
 pub use client::{Client, ClientError, Endpoint, EventQuery};
 pub use client_exec::{AppRun, ExecStream};
+pub use client_policy::DecisionQuery;
 pub use console::{ConsoleInput, ConsoleOutput, ConsoleSession};
+pub use engine::{
+    Decision, DecisionInput, DecisionList, DecisionOutcome, Lever, LeverMode, LeverModes,
+    ModelStatus, PolicySettings, PolicyStatus, PolicyWindows, VmClassHint, VmPolicy,
+};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use exec::{AgentSpec, ExecExit, ExecLine, ExecRequest, ExecResult};
 pub use models::*;

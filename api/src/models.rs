@@ -206,10 +206,13 @@ pub enum EventType {
     /// A requested shutdown (or the shutdown half of a reboot) ended:
     /// the message says graceful or forced.
     Shutdown,
+    /// The policy engine decided something for the VM (the message is the
+    /// action and the reason; the audit has the rest).
+    EngineDecision,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::DaemonStarted,
         EventType::VmDefined,
         EventType::VmUpdated,
@@ -220,6 +223,7 @@ impl EventType {
         EventType::Restarted,
         EventType::Adopted,
         EventType::Shutdown,
+        EventType::EngineDecision,
     ];
 }
 

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use kiln_vmm::{HostLimits, VmConfig};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::engine::VmPolicy;
 use crate::error::{ApiError, ErrorCode};
 use crate::exec::AgentSpec;
 use crate::models::{Labels, VmStatus};
@@ -39,6 +40,14 @@ pub struct VmSpec {
     /// socket is in the VM's run directory (not with `machine.vsock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentSpec>,
+    /// What the policy engine may do with this VM (also
+    /// `GET|PUT /v1/vms/{id}/policy`, which works while it runs).
+    #[serde(default, skip_serializing_if = "is_default_policy")]
+    pub policy: VmPolicy,
+}
+
+fn is_default_policy(p: &VmPolicy) -> bool {
+    *p == VmPolicy::default()
 }
 
 /// `GET /v1/vms/{id}` and the items of `GET /v1/vms`.
@@ -96,6 +105,7 @@ impl VmSpec {
         causes.extend(name_problem(&self.name));
         causes.extend(label_problems(&self.labels));
         causes.extend(relative_paths(&self.machine));
+        causes.extend(self.policy.problems(self.machine.memory_mib));
         if let Some(agent) = &self.agent {
             causes.extend(agent.problem());
             if self.machine.vsock.is_some() {

@@ -243,20 +243,31 @@ fn parse_event_type(s: &str) -> Result<EventType, String> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    emit(&format!("{}\n", serde_json::to_string_pretty(value)?)).map(drop)
+}
+
+/// Writes to stdout; `Ok(false)` when the reader has gone (a closed pipe,
+/// as with `| head -1`), which is no error for a command's output.
+pub(crate) fn emit(text: &str) -> Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
 }
 
 /// The API's JSON with `--json`, else the human text.
-fn output<T: serde::Serialize>(
+pub(crate) fn output<T: serde::Serialize>(
     api: &ApiArgs,
     value: &T,
     human: impl FnOnce(&T) -> String,
@@ -264,8 +275,7 @@ fn output<T: serde::Serialize>(
     if api.json {
         return print_json(value);
     }
-    print!("{}", human(value));
-    Ok(())
+    emit(&human(value)).map(drop)
 }
 
 pub fn vm(api: &ApiArgs, cmd: VmCommand) -> Result<()> {
@@ -433,23 +443,27 @@ async fn events(client: &Client, api: &ApiArgs, args: EventsArgs) -> Result<()> 
         vm: args.vm,
         kind: args.kind,
     };
-    let print = |e: &Event| -> Result<()> {
+    // False once the reader has gone (`kiln vm events -f | grep -q ...`).
+    let print = |e: &Event| -> Result<bool> {
         if api.json {
-            println!("{}", serde_json::to_string(e)?);
+            emit(&format!("{}\n", serde_json::to_string(e)?))
         } else {
-            println!("{}", event_line(e));
+            emit(&format!("{}\n", event_line(e)))
         }
-        Ok(())
     };
     if !args.follow {
         for e in client.events(&query).await? {
-            print(&e)?;
+            if !print(&e)? {
+                return Ok(());
+            }
         }
         return Ok(());
     }
     let mut stream = client.follow_events(&query).await?;
     while let Some(e) = stream.next().await? {
-        print(&e)?;
+        if !print(&e)? {
+            return Ok(());
+        }
     }
     bail!("the daemon ended the event stream (resume with --since the last sequence number)")
 }
@@ -483,6 +497,7 @@ impl CreateArgs {
             autostart: self.autostart,
             labels: self.labels.into_iter().collect(),
             agent: self.agent.map(|port| kiln_api::AgentSpec { port }),
+            policy: kiln_api::VmPolicy::default(),
         })
     }
 }

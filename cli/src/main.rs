@@ -6,6 +6,7 @@
 mod api_cli;
 mod console_attach;
 mod exec_cli;
+mod policy_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,9 +35,10 @@ enum Command {
     /// Guest artifacts built from Debian packages.
     #[command(subcommand)]
     Guest(GuestCommand),
-    /// The policy engine: simulate, evaluate and train placement policies.
+    /// The policy engine: the daemon's live engine (status, set, vm,
+    /// decisions) and the offline tools (simulate, evaluate, train).
     #[command(subcommand)]
-    Policy(kiln_policy::cli::PolicyCommand),
+    Policy(policy_cli::PolicyCommand),
     /// The host daemon: the REST API on a Unix socket, one kiln-vmm per VM.
     Serve(kiln_daemon::ServeArgs),
     /// VMs of the daemon (through its REST API).
@@ -114,7 +116,7 @@ fn main() -> ExitCode {
         Command::Run(args) => args.run(),
         Command::Guest(GuestCommand::Fetch) => guest_fetch().map(|_| 0),
         Command::Guest(GuestCommand::Build(args)) => guest_build(args).map(|_| 0),
-        Command::Policy(cmd) => kiln_policy::cli::run(cmd).map(|_| 0),
+        Command::Policy(cmd) => policy_cli::run(cmd).map(|_| 0),
         Command::Serve(args) => serve(args).map(|_| 0),
         Command::Vm {
             api,

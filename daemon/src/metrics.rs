@@ -104,6 +104,7 @@ pub fn render_counters(out: &mut String, answers: &[(String, Option<Counters>)])
     let (mut run, mut wait, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut net: BTreeMap<&str, Vec<(String, f64)>> = BTreeMap::new();
     let (mut target, mut actual, mut inflated) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut guard_steps, mut guard_released) = (Vec::new(), Vec::new());
     for (name, counters) in answers {
         let vm = escape(name);
         up.push((
@@ -138,7 +139,9 @@ pub fn render_counters(out: &mut String, answers: &[(String, Option<Counters>)])
             let labels = format!("vm=\"{vm}\"");
             target.push((labels.clone(), b.target_mib as f64 * 1048576.0));
             actual.push((labels.clone(), b.actual_mib as f64 * 1048576.0));
-            inflated.push((labels, b.inflated_mib as f64 * 1048576.0));
+            inflated.push((labels.clone(), b.inflated_mib as f64 * 1048576.0));
+            guard_steps.push((labels.clone(), b.guard_deflations as f64));
+            guard_released.push((labels, b.guard_released_mib as f64 * 1048576.0));
         }
     }
     family(
@@ -199,6 +202,20 @@ pub fn render_counters(out: &mut String, answers: &[(String, Option<Counters>)])
         "Guest memory the balloon device has given back to the host.",
         &inflated,
     );
+    family(
+        out,
+        "kiln_vm_balloon_guard_deflations_total",
+        "counter",
+        "Times the VMM deflated the balloon by itself on guest memory pressure.",
+        &guard_steps,
+    );
+    family(
+        out,
+        "kiln_vm_balloon_guard_released_bytes_total",
+        "counter",
+        "Guest memory the VMM's pressure guard gave back to the guest.",
+        &guard_released,
+    );
 }
 
 /// Label values escape backslash, quote and newline.
@@ -238,7 +255,8 @@ mod tests {
             "vcpus": [{"index": 0, "tid": 7, "run_ns": 1_500_000_000u64, "wait_ns": 250_000_000u64}],
             "devices": [{"id": "net0", "busy_rounds": 9, "net": {"tx_frames": 3, "tx_bytes": 300,
                 "tx_dropped": 0, "rx_frames": 4, "rx_bytes": 400, "rx_dropped": 1, "bad_chains": 0}}],
-            "balloon": {"target_mib": 64, "actual_mib": 32, "inflated_mib": 32},
+            "balloon": {"target_mib": 64, "actual_mib": 32, "inflated_mib": 32,
+                "guard_deflations": 2, "guard_released_mib": 16},
         }))
         .unwrap();
         let mut text = String::new();
@@ -256,6 +274,8 @@ mod tests {
             "kiln_vm_net_rx_dropped_total{vm=\"a\",device=\"net0\"} 1\n",
             "kiln_vm_balloon_target_bytes{vm=\"a\"} 67108864\n",
             "kiln_vm_balloon_inflated_bytes{vm=\"a\"} 33554432\n",
+            "kiln_vm_balloon_guard_deflations_total{vm=\"a\"} 2\n",
+            "kiln_vm_balloon_guard_released_bytes_total{vm=\"a\"} 16777216\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

@@ -76,7 +76,9 @@ pub struct RunArgs {
     /// output to PATH, none discards it.
     #[arg(long = "virtio-console", value_name = "OPTIONS")]
     pub virtio_console: Option<String>,
-    /// A memory balloon: [deflate_on_oom=on][,stats=SECONDS][,free_page_reporting=on][,target_mib=N].
+    /// A memory balloon: [stats=SECONDS][,free_page_reporting=on][,target_mib=N]
+    /// [,deflate_on_oom=off][,pressure_guard=off] (both on by default; the
+    /// guard needs stats).
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     pub balloon: Option<String>,
     /// A virtio-rng device fed from the host's getrandom (`--rng` or `--rng on`).

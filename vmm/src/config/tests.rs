@@ -113,6 +113,41 @@ fn defaults_match_kiln_run() {
 }
 
 #[test]
+fn the_balloon_deflates_on_oom_and_guards_by_default_everywhere() {
+    let from_flags = flags(&["--kernel=/k", "--balloon"])
+        .unwrap()
+        .balloon
+        .unwrap();
+    let from_json = VmConfig::parse(r#"{"kernel": "/k", "balloon": {}}"#, SpecFormat::Json)
+        .unwrap()
+        .balloon
+        .unwrap();
+    let from_toml = VmConfig::parse("kernel = \"/k\"\nballoon = {}\n", SpecFormat::Toml)
+        .unwrap()
+        .balloon
+        .unwrap();
+    for b in [&from_flags, &from_json, &from_toml] {
+        assert!(b.deflate_on_oom && b.pressure_guard, "{b:?}");
+    }
+    let off = flags(&[
+        "--kernel=/k",
+        "--balloon=deflate_on_oom=off,pressure_guard=off",
+    ])
+    .unwrap()
+    .balloon
+    .unwrap();
+    assert!(!off.deflate_on_oom && !off.pressure_guard);
+    let off = VmConfig::parse(
+        r#"{"kernel": "/k", "balloon": {"deflate_on_oom": false, "pressure_guard": false}}"#,
+        SpecFormat::Json,
+    )
+    .unwrap()
+    .balloon
+    .unwrap();
+    assert!(!off.deflate_on_oom && !off.pressure_guard);
+}
+
+#[test]
 fn bad_keys_and_values_name_the_flag_and_the_known_keys() {
     let err = |args: &[&str]| flags(args).unwrap_err().to_string();
     let e = err(&["--kernel=/k", "--disk=path=/a,ro=on"]);

@@ -114,6 +114,11 @@ fn results_and_typed_errors() {
         panic!("{r:?}")
     };
     assert_eq!(b["target_mib"], 64);
+    assert_eq!(
+        (&b["guard_deflations"], &b["guard_released_mib"]),
+        (&0.into(), &0.into())
+    );
+    assert!(b.get("last_guard_reason").is_none());
     for (mib, needle) in [(512, "below the guest's memory (512 MiB)"), (4096, "below")] {
         let e = error_of(ask(
             &vm,
@@ -320,4 +325,26 @@ fn stop_request_ends_the_vm() {
     assert_eq!(vm.exit_reason(), Some(kiln_devices::ExitReason::Stopped));
     let e = error_of(ask(&vm, r#"{"id":2,"request":{"kind":"pause"}}"#));
     assert!(e.message.contains("stopping"), "{e}");
+}
+
+#[test]
+fn balloon_info_with_and_without_the_guard_fields_parses() {
+    // What a VMM from before the pressure guard sends.
+    let old: BalloonInfo =
+        serde_json::from_str(r#"{"target_mib":64,"actual_mib":60,"inflated_mib":60}"#).unwrap();
+    assert_eq!((old.guard_deflations, old.guard_released_mib), (0, 0));
+    assert_eq!(old.last_guard_reason, None);
+    let new: BalloonInfo = serde_json::from_str(
+        r#"{"target_mib":16,"actual_mib":20,"inflated_mib":20,"guard_deflations":3,"guard_released_mib":48,"last_guard_reason":"low_available"}"#,
+    )
+    .unwrap();
+    assert_eq!((new.guard_deflations, new.guard_released_mib), (3, 48));
+    assert_eq!(
+        new.last_guard_reason,
+        Some(kiln_devices::virtio::balloon::pressure::PressureReason::LowAvailable)
+    );
+    assert_eq!(
+        serde_json::from_str::<BalloonInfo>(&serde_json::to_string(&new).unwrap()).unwrap(),
+        new
+    );
 }

@@ -1,5 +1,6 @@
 //! Requests and their results.
 
+use kiln_devices::virtio::balloon::pressure::PressureReason;
 use kiln_devices::virtio::balloon::BalloonStats;
 use kiln_devices::virtio::net::NetStats;
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,15 @@ pub struct BalloonInfo {
     /// The guest's latest statistics (sizes in bytes), if it sent any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<BalloonStats>,
+    /// Times the VMM's pressure guard lowered the target by itself.
+    #[serde(default)]
+    pub guard_deflations: u64,
+    /// MiB those steps took off the target.
+    #[serde(default)]
+    pub guard_released_mib: u64,
+    /// Why the guard last stepped in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_guard_reason: Option<PressureReason>,
 }
 
 /// How an I/O worker waits for work.

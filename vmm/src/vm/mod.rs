@@ -286,11 +286,15 @@ impl Vm {
 
     pub fn balloon_stats(&self) -> Result<BalloonInfo, VmError> {
         let b = self.balloon()?;
+        let guard = b.guard_counters();
         Ok(BalloonInfo {
             target_mib: b.target_mib(),
             actual_mib: b.actual_mib(),
             inflated_mib: (b.inflated_pages() * 4096) >> 20,
             stats: b.stats(),
+            guard_deflations: guard.deflations,
+            guard_released_mib: guard.released_mib,
+            last_guard_reason: guard.last_reason,
         })
     }
 

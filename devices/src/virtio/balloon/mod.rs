@@ -14,10 +14,13 @@
 //! - Free page reporting (`VIRTIO_BALLOON_F_PAGE_REPORTING`): the guest
 //!   reports ranges of free pages, which are dropped like inflated pages but
 //!   stay the guest's (not counted as inflated).
-//! - `deflate_on_oom` is only the feature bit `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`:
-//!   with it, the Linux driver deflates by itself when the guest runs out of
-//!   memory instead of letting the OOM killer run; the device has nothing to
-//!   do but accept the deflate requests.
+//! - `deflate_on_oom` (on by default) is only the feature bit
+//!   `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`: with it, the Linux driver deflates by
+//!   itself when the guest runs out of memory instead of letting the OOM
+//!   killer run; the device has nothing to do but accept the deflate requests.
+//! - The pressure guard ([`pressure`], on by default when statistics are):
+//!   the device itself lowers the target when the guest's statistics show
+//!   memory pressure, so no guest depends on a daemon to get memory back.
 //!
 //! Not offered: `MUST_TELL_HOST` (we never need to know before the guest
 //! reuses a deflated page), `FREE_PAGE_HINT` (migration only), `PAGE_POISON`.
@@ -40,7 +43,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, QueueT};
@@ -48,6 +51,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
+use self::pressure::{GuardCounters, GuardRecord, WorkerGuard};
 use super::options::{from_options, OptionsError};
 use super::queue::{drain_queue, Served};
 use super::worker::{Placement, Worker, WorkerControl, WorkerHandler};
@@ -55,6 +59,8 @@ use super::{
     device_type, features, ActivateError, DeviceContext, Interrupt, Memory, QueueContext,
     VirtioDevice,
 };
+
+pub mod pressure;
 
 /// Feature bits (virtio 1.2, 5.5.3).
 pub mod feature {
@@ -110,8 +116,9 @@ pub enum BalloonError {
 }
 
 /// How the balloon is configured: `kiln run --balloon
-/// deflate_on_oom=on,stats=5,free_page_reporting=on,target_mib=0`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// stats=5,free_page_reporting=on,target_mib=0` (`deflate_on_oom` and
+/// `pressure_guard` are on unless turned off).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BalloonConfig {
     /// Offer `DEFLATE_ON_OOM`: the guest deflates by itself under OOM.
@@ -125,13 +132,29 @@ pub struct BalloonConfig {
     /// The target at boot, in MiB taken from the guest.
     #[serde(alias = "target_mib")]
     pub initial_target_mib: u64,
+    /// With statistics on: the device deflates by itself when they show
+    /// memory pressure (see [`pressure`]).
+    pub pressure_guard: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            deflate_on_oom: true,
+            stats_interval_s: 0,
+            free_page_reporting: false,
+            initial_target_mib: 0,
+            pressure_guard: true,
+        }
+    }
 }
 
 impl FromStr for BalloonConfig {
     type Err = OptionsError;
 
     /// Keys: `deflate_on_oom`, `stats` (seconds), `free_page_reporting`,
-    /// `target_mib`. An empty string is the default configuration.
+    /// `target_mib`, `pressure_guard`. An empty string is the default
+    /// configuration.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         from_options(s)
     }
@@ -288,8 +311,14 @@ struct Shared {
     /// Pages of guest RAM; 0 until the device is first activated.
     guest_ram_pages: AtomicU64,
     stats: Mutex<Option<BalloonStats>>,
-    /// Set while the device is active, for config-change interrupts.
+    /// Set while the device is active, for config-change interrupts. Also
+    /// what a target change holds, so the guard's and a client's do not
+    /// cross.
     interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    /// Targets set through [`BalloonControl`]: the pressure guard starts
+    /// afresh after each.
+    target_changes: AtomicU64,
+    guard: GuardRecord,
 }
 
 /// Changes and watches the balloon while the guest runs; cheap to clone.
@@ -324,6 +353,7 @@ impl BalloonControl {
         self.shared
             .target_pages
             .store(pages as u32, Ordering::SeqCst);
+        self.shared.target_changes.fetch_add(1, Ordering::SeqCst);
         if let Some(interrupt) = interrupt.as_ref() {
             interrupt.signal_config();
         }
@@ -356,6 +386,11 @@ impl BalloonControl {
     pub fn stats(&self) -> Option<BalloonStats> {
         lock(&self.shared.stats).clone()
     }
+
+    /// What the pressure guard has done.
+    pub fn guard_counters(&self) -> GuardCounters {
+        self.shared.guard.snapshot()
+    }
 }
 
 /// The virtio-balloon device.
@@ -387,6 +422,8 @@ impl VirtioBalloon {
             guest_ram_pages: AtomicU64::new(0),
             stats: Mutex::new(None),
             interrupt: Mutex::new(None),
+            target_changes: AtomicU64::new(0),
+            guard: GuardRecord::default(),
         });
         Ok(VirtioBalloon {
             stats_period: Duration::from_secs(u64::from(config.stats_interval_s)),
@@ -532,6 +569,8 @@ impl VirtioDevice for VirtioBalloon {
             deflate,
             stats,
             reporting,
+            guard: (self.config.pressure_guard && layout.stats.is_some())
+                .then(|| WorkerGuard::new(self.stats_period, &self.shared)),
             pages,
             polling: false,
             broken: false,
@@ -892,6 +931,8 @@ struct BalloonWorker {
     deflate: QueueContext,
     stats: Option<StatsQueue>,
     reporting: Option<QueueContext>,
+    /// Present with statistics and `pressure_guard` on.
+    guard: Option<WorkerGuard>,
     pages: PageBitmap,
     polling: bool,
     broken: bool,
@@ -955,7 +996,9 @@ impl BalloonWorker {
         let warned = &mut self.warned;
         let shared = &self.shared;
         let held = &mut sq.held;
-        drain_queue(&mut sq.ctx, mem, self.polling, &*self.interrupt, |chain| {
+        let guard = &mut self.guard;
+        let interrupt = &*self.interrupt;
+        drain_queue(&mut sq.ctx, mem, self.polling, interrupt, |chain| {
             let head = chain.head_index();
             match chain.reader(mem) {
                 Ok(mut reader) => {
@@ -967,6 +1010,9 @@ impl BalloonWorker {
                         warn_once(&mut warned.stats, || {
                             tracing::warn!("balloon0: odd stats buffer: {odd:?}")
                         });
+                    }
+                    if let Some(guard) = guard.as_mut() {
+                        guard.on_stats(shared, interrupt, &stats, Instant::now());
                     }
                     *lock(&shared.stats) = Some(stats);
                 }
@@ -1396,13 +1442,15 @@ mod tests {
                 deflate_on_oom: true,
                 stats_interval_s: 5,
                 free_page_reporting: true,
-                initial_target_mib: 0
+                initial_target_mib: 0,
+                pressure_guard: true,
             }
         );
-        assert_eq!(
-            "".parse::<BalloonConfig>().unwrap(),
-            BalloonConfig::default()
-        );
+        let default = "".parse::<BalloonConfig>().unwrap();
+        assert_eq!(default, BalloonConfig::default());
+        assert!(default.deflate_on_oom && default.pressure_guard);
+        let off: BalloonConfig = "deflate_on_oom=off,pressure_guard=off".parse().unwrap();
+        assert!(!off.deflate_on_oom && !off.pressure_guard);
         assert_eq!(
             "target_mib=512"
                 .parse::<BalloonConfig>()
@@ -1422,8 +1470,10 @@ mod tests {
     #[test]
     fn features_and_queues_follow_the_config() {
         let plain = VirtioBalloon::new(BalloonConfig::default()).unwrap();
-        assert_eq!(plain.features() & 0xff, 0);
+        assert_eq!(plain.features() & 0xff, feature::DEFLATE_ON_OOM);
         assert_eq!(plain.queue_max_sizes().len(), 2);
+        let bare = VirtioBalloon::new("deflate_on_oom=off".parse().unwrap()).unwrap();
+        assert_eq!(bare.features() & 0xff, 0);
         let all = VirtioBalloon::new(
             "deflate_on_oom,stats=1,free_page_reporting"
                 .parse()
@@ -1794,6 +1844,126 @@ mod tests {
         rig.send(2, 1, &[desc(BUF, 10, 0)]);
         wait_until("the older buffer back", || rig.used_idx(2) == 1);
         assert_eq!(rig.ring(2).used_elem(&rig.mem, 0), (0, 0));
+    }
+
+    /// Posts the driver's one stats buffer (descriptor 0) and waits until
+    /// the device hands it back: it has read the figures (and the guard
+    /// has acted on them) and asks for fresh ones.
+    fn post_stats(rig: &Rig, entries: &[(u16, u64)]) {
+        let bytes = stats_bytes(entries);
+        rig.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
+        let before = rig.used_idx(2);
+        rig.send(2, 0, &[desc(BUF, bytes.len() as u32, 0)]);
+        wait_until("the stats buffer back", || rig.used_idx(2) != before);
+    }
+
+    fn num_pages(dev: &VirtioBalloon) -> u32 {
+        let mut bytes = [0u8; 4];
+        dev.read_config(0, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    /// The driver reports what it holds, as Linux does after each change.
+    fn report_actual(dev: &mut VirtioBalloon, pages: u32) {
+        dev.write_config(ACTUAL_OFFSET, &pages.to_le_bytes());
+    }
+
+    fn guard_rig(options: &str) -> Rig {
+        let config: BalloonConfig = options.parse().unwrap();
+        Rig::with_period(config, feature::STATS_VQ, Some(Duration::from_millis(30)))
+    }
+
+    #[test]
+    fn the_guard_deflates_in_steps_when_the_guest_is_short_of_memory() {
+        // 16 MiB of guest RAM: the floor is a quarter, 4 MiB.
+        let mut rig = guard_rig("stats=1,target_mib=8");
+        let control = rig.dev.control();
+        report_actual(&mut rig.dev, 8 * 256);
+        let low = [(tag::AVAIL, MIB), (tag::MEMTOT, 8 * MIB)];
+        // 1 MiB available: the 3 MiB deficit beats a quarter of 8 MiB.
+        post_stats(&rig, &low);
+        assert_eq!(control.target_mib(), 5);
+        assert_eq!(num_pages(&rig.dev), 5 * 256);
+        assert!(rig.irq.config.load(Ordering::SeqCst) >= 1, "driver told");
+        assert_eq!(
+            control.guard_counters(),
+            GuardCounters {
+                deflations: 1,
+                released_mib: 3,
+                last_reason: Some(pressure::PressureReason::LowAvailable)
+            }
+        );
+        // The pressure lasts: a step per interval (the first answer may
+        // come within the same interval and be skipped) down to empty.
+        let mut seen = vec![5];
+        for _ in 0..20 {
+            let asked = num_pages(&rig.dev);
+            report_actual(&mut rig.dev, asked);
+            post_stats(&rig, &low);
+            let now = control.target_mib();
+            if now != *seen.last().unwrap() {
+                seen.push(now);
+            }
+        }
+        assert_eq!(seen, [5, 2, 0]);
+        assert_eq!(num_pages(&rig.dev), 0);
+        let counters = control.guard_counters();
+        assert_eq!((counters.deflations, counters.released_mib), (3, 8));
+        assert_eq!(rig.irq.needs_reset.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_guard_leaves_a_calm_guest_alone_and_can_be_turned_off() {
+        let calm = [(tag::AVAIL, 10 * MIB), (tag::MAJFLT, 5), (tag::SWAP_IN, 0)];
+        let rig = guard_rig("stats=1,target_mib=8");
+        for _ in 0..3 {
+            post_stats(&rig, &calm);
+        }
+        assert_eq!(rig.dev.control().target_mib(), 8);
+        let rig = guard_rig("stats=1,target_mib=8,pressure_guard=off");
+        for _ in 0..3 {
+            post_stats(&rig, &[(tag::AVAIL, 0)]);
+        }
+        assert_eq!(rig.dev.control().target_mib(), 8);
+        assert_eq!(rig.dev.control().guard_counters(), GuardCounters::default());
+        assert_eq!(rig.irq.config.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_target_set_after_the_guard_stepped_in_is_obeyed() {
+        let mut rig = guard_rig("stats=1,target_mib=8");
+        let control = rig.dev.control();
+        report_actual(&mut rig.dev, 8 * 256);
+        post_stats(&rig, &[(tag::AVAIL, MIB), (tag::MAJFLT, 0)]);
+        assert_eq!(control.target_mib(), 5);
+        // The daemon (or an operator) decides on 6 MiB.
+        control.set_target_mib(6).unwrap();
+        report_actual(&mut rig.dev, 6 * 256);
+        // Faults far above the old baseline, but the guard forgot it: the
+        // first figures after the change are only a new baseline.
+        let faults = |n: u64| [(tag::AVAIL, 10 * MIB), (tag::MAJFLT, n)];
+        post_stats(&rig, &faults(1000));
+        assert_eq!(control.target_mib(), 6);
+        assert_eq!(control.guard_counters().deflations, 1);
+        // New pressure after the change: it steps in again.
+        let mut n = 1000;
+        for _ in 0..20 {
+            n += 1000;
+            post_stats(&rig, &faults(n));
+            if control.target_mib() != 6 {
+                break;
+            }
+        }
+        // A quarter of 6 MiB, down to whole MiB.
+        assert_eq!(control.target_mib(), 4);
+        assert_eq!(
+            control.guard_counters(),
+            GuardCounters {
+                deflations: 2,
+                released_mib: 5,
+                last_reason: Some(pressure::PressureReason::MajorFaults)
+            }
+        );
     }
 
     #[test]

@@ -55,6 +55,12 @@ impl Tree {
     /// Copies a host binary and every shared library it loads.
     pub fn host_binary(&mut self, host: &Path) -> Result<(), RigError> {
         self.host_file(host, 0o755)?;
+        self.libraries_of(host)
+    }
+
+    /// Copies every shared library `host` (a binary or a library) loads,
+    /// once each.
+    pub fn libraries_of(&mut self, host: &Path) -> Result<(), RigError> {
         for lib in shared_libraries(host)? {
             if !self.dirs.contains(lib.trim_start_matches('/')) && !self.has_file(&lib) {
                 self.host_file(Path::new(&lib), 0o755)?;

@@ -21,6 +21,7 @@ pub mod host;
 pub mod initrd;
 pub mod nested;
 pub mod peer;
+pub mod policy_files;
 pub mod ports;
 pub mod qemu_release;
 pub mod running;

@@ -450,6 +450,7 @@ fn start_nested(
             .map_err(|e| RigError::Setup(format!("reading {}: {e}", kiln_vmm.display())))?;
         tree.file("usr/bin/kiln-vmm", 0o755, data);
     }
+    crate::policy_files::add(&mut tree)?;
     for bin in &scenario.binaries {
         tree.host_binary(bin)?;
     }

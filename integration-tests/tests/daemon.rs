@@ -131,6 +131,14 @@ k vm events --vm vm-a --since $seq0 --json | sed 's/^/EVENT: /'
 kill -0 $(pid_of vm-b) && echo OTHERS_RUN=yes
 "#;
 
+/// The models and ONNX Runtime the rig installs under /usr are found next to
+/// /usr/bin/kiln, with no variable set, and every model loads (the same
+/// search the daemon's policy engine makes).
+const POLICY_MODELS: &str = r#"
+env -u ORT_DYLIB_PATH -u KILN_MODELS_DIR "$KILN" policy models --check > pm.out 2>&1; echo POLICY_MODELS_EXIT=$?
+sed 's/^/POLICY_MODELS: /' pm.out
+"#;
+
 /// Stops every VM and the daemon (so the nested host ends cleanly).
 const CLEANUP: &str = r#"
 for v in vm-b vm-c; do k vm stop $v > /dev/null; done
@@ -320,6 +328,33 @@ fn verify_shutdown(out: &Outcome) {
     expect(out, "OTHERS_RUN", "yes", "the other VMs run on");
 }
 
+fn verify_policy_models(out: &Outcome) {
+    expect(out, "POLICY_MODELS_EXIT", "0", "kiln policy models --check");
+    let lines: Vec<&str> = out
+        .output
+        .lines()
+        .filter_map(|l| l.strip_prefix("POLICY_MODELS: "))
+        .collect();
+    let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(
+        has("models: /usr/share/kiln/models (installed next to the running binary)"),
+        "{}",
+        out.output
+    );
+    assert!(
+        has("onnx runtime: /usr/lib/kiln/libonnxruntime.so (installed next to the running binary)"),
+        "{}",
+        out.output
+    );
+    for name in ["balloon", "cpu", "device"] {
+        let row = lines
+            .iter()
+            .find(|l| l.contains(&format!(" {name}@")))
+            .unwrap_or_else(|| panic!("no {name} model listed\n{}", out.output));
+        assert!(row.split_whitespace().nth(4) == Some("yes"), "{row}");
+    }
+}
+
 fn verify_tcp(out: &Outcome) {
     let no_token = value(out, "TCP_NO_TOKEN");
     assert!(
@@ -340,6 +375,7 @@ fn kiln_serve_runs_guests_through_crashes_and_its_own_restart() {
         .check("bad_specs", &with_prelude(BAD_SPECS))
         .check("tcp", &with_prelude(TCP))
         .check("shutdown", &with_prelude(SHUTDOWN))
+        .check("policy_models", POLICY_MODELS)
         .check("cleanup", &with_prelude(CLEANUP));
     checks.scenario.binaries.push(probe.into());
     checks.scenario.binaries.push("/usr/bin/curl".into());
@@ -351,7 +387,8 @@ fn kiln_serve_runs_guests_through_crashes_and_its_own_restart() {
         .verify("readopt", verify_readopt)
         .verify("bad_specs", verify_bad_specs)
         .verify("tcp", verify_tcp)
-        .verify("shutdown", verify_shutdown);
+        .verify("shutdown", verify_shutdown)
+        .verify("policy_models", verify_policy_models);
     eprintln!(
         "kiln serve checks: {:?} mode, nested host ready after {:?}, all checks {:?}",
         results.outcome.mode, results.outcome.host_ready, results.outcome.elapsed

@@ -1,7 +1,7 @@
 //! `kiln policy ...`: the subcommands the `kiln` binary embeds.
 
 use crate::audit::{AuditLog, AuditQuery, Lever};
-use crate::engine::{Engine, Mode, Models};
+use crate::engine::{Engine, Mode};
 use crate::eval::{run_policy, table, targets, PolicyResult};
 use crate::guardrails::GuardConfig;
 use crate::host::Host;
@@ -28,6 +28,9 @@ pub enum PolicyCommand {
     /// The evaluation set (shapes and mixes training never sees): write its
     /// traces, check their SHA-256, or evaluate every policy on them.
     EvalSet(EvalSetArgs),
+    /// List the learned models (per lever: name@version, file, size, features,
+    /// whether it loads), the directory they come from and ONNX Runtime's.
+    Models(ModelsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,8 +50,9 @@ pub struct EvalSetArgs {
         default_value = "static,static-pin,mom,vpa,packspread,heuristic,learned"
     )]
     pub policies: Vec<String>,
-    #[arg(long, default_value = default_models_dir())]
-    pub models: PathBuf,
+    /// Directory with the learned models (default: as for `eval`).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
     /// Simulate balloons without VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln enables it).
     #[arg(long)]
     pub no_deflate_on_oom: bool,
@@ -60,6 +64,20 @@ pub struct EvalSetArgs {
     pub results: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub cpus_per_poller: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModelsArgs {
+    /// Directory with the models (default: $KILN_MODELS_DIR, then where Kiln
+    /// is installed, then the source tree).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
+    /// Print the listing as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 unless every model loads.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,8 +101,9 @@ pub struct BenchArgs {
         default_value = "static,static-pin,mom,vpa,packspread,learned"
     )]
     pub policies: Vec<String>,
-    #[arg(long, default_value = default_models_dir())]
-    pub models: PathBuf,
+    /// Directory with the learned models (default: searched, see `kiln policy models`).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
     /// Write the first trace's report (markdown + PNG) into this directory.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -161,9 +180,10 @@ pub struct EvalArgs {
         default_value = "static,static-pin,mom,vpa,packspread,learned"
     )]
     pub policies: Vec<String>,
-    /// Directory with the learned models and their schema files.
-    #[arg(long, default_value = default_models_dir())]
-    pub models: PathBuf,
+    /// Directory with the learned models and their schema files (default:
+    /// searched, see `kiln policy models`).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
     /// Write a markdown report with PNG plots into this directory.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -222,10 +242,6 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-pub const fn default_models_dir() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/models")
-}
-
 pub fn run(cmd: PolicyCommand) -> Result<()> {
     match cmd {
         PolicyCommand::Eval(a) => eval(a),
@@ -235,12 +251,13 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
         PolicyCommand::Host(a) => host(a),
         PolicyCommand::Bench(a) => bench(a),
         PolicyCommand::EvalSet(a) => eval_set(a),
+        PolicyCommand::Models(a) => models(a),
     }
 }
 
 fn make_policy(
     name: &str,
-    models_dir: &std::path::Path,
+    models_dir: Option<&std::path::Path>,
     mode: Mode,
     audit: Option<&std::path::Path>,
     cpus_per_poller: usize,
@@ -251,7 +268,7 @@ fn make_policy(
             if let Some(p) = audit {
                 log = log.with_file(p)?;
             }
-            let models = Models::load_or_heuristic(models_dir);
+            let models = crate::catalog::load_models(models_dir);
             let label =
                 if models.balloon.is_none() && models.cpu.is_none() && models.device.is_none() {
                     "learned(heuristic)"
@@ -273,7 +290,7 @@ fn make_policy(
                     cpus_per_poller: cpus_per_poller.max(1),
                     ..GuardConfig::default()
                 },
-                Models::default(),
+                crate::engine::Models::default(),
                 AuditLog::new(10_000),
             )
             .with_name("heuristic"),
@@ -304,7 +321,13 @@ fn bench(a: BenchArgs) -> Result<()> {
         let mut results = Vec::new();
         let mut notes = Vec::new();
         for name in &a.policies {
-            let mut p = make_policy(name, &a.models, Mode::Active, None, a.cpus_per_poller)?;
+            let mut p = make_policy(
+                name,
+                a.models.as_deref(),
+                Mode::Active,
+                None,
+                a.cpus_per_poller,
+            )?;
             let r = run_policy(&host, &trace, p.as_mut())?;
             if let Some(b) = p.intervention_breakdown() {
                 notes.push(format!("{}: {b}", r.name));
@@ -391,7 +414,13 @@ fn eval_set(a: EvalSetArgs) -> Result<()> {
         ] {
             let mut results = Vec::new();
             for name in &a.policies {
-                let mut p = make_policy(name, &a.models, Mode::Active, None, a.cpus_per_poller)?;
+                let mut p = make_policy(
+                    name,
+                    a.models.as_deref(),
+                    Mode::Active,
+                    None,
+                    a.cpus_per_poller,
+                )?;
                 results.push(crate::eval::run_policy_with(
                     &host,
                     &trace,
@@ -448,6 +477,30 @@ fn eval_set(a: EvalSetArgs) -> Result<()> {
             .with_context(|| format!("opening {}", path.display()))?;
         f.write_all(md.as_bytes())?;
         eprintln!("results appended to {}", path.display());
+    }
+    Ok(())
+}
+
+fn models(a: ModelsArgs) -> Result<()> {
+    let listing = crate::catalog::list(a.models.as_deref());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+    } else {
+        print!("{}", crate::catalog::render(&listing));
+    }
+    if a.check {
+        if listing.models.is_empty() {
+            bail!("no models to check");
+        }
+        let bad: Vec<String> = listing
+            .models
+            .iter()
+            .filter(|m| m.problem.is_some())
+            .map(|m| m.name.clone())
+            .collect();
+        if !bad.is_empty() {
+            bail!("not every model loads: {}", bad.join(", "));
+        }
     }
     Ok(())
 }
@@ -561,7 +614,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     for name in &a.policies {
         let mut policy = make_policy(
             name,
-            &a.models,
+            a.models.as_deref(),
             a.mode,
             a.audit.as_deref(),
             a.cpus_per_poller,

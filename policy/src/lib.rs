@@ -9,6 +9,7 @@
 //! the engine with baseline policies ([`policies`]) in [`eval`].
 
 pub mod audit;
+pub mod catalog;
 pub mod cli;
 pub mod dataset;
 pub mod decision;
@@ -18,6 +19,7 @@ pub mod evalset;
 pub mod features;
 pub mod guardrails;
 pub mod host;
+pub mod install;
 pub mod live;
 pub mod model;
 pub mod policies;

@@ -1,5 +1,6 @@
 //! ONNX inference through ONNX Runtime, loaded at run time from the library
-//! named by `ORT_DYLIB_PATH` (PyPI's onnxruntime wheel; see training/setup.sh).
+//! [`crate::install::runtime_library`] finds (`ORT_DYLIB_PATH`, else where
+//! Kiln is installed, else what training/setup.sh fetched from PyPI).
 //! Each model ships with a schema file (`<name>.schema.json`) naming its
 //! features, their training ranges and its output; both are checked at load.
 
@@ -45,6 +46,11 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// `name@version`, how the audit, the API and `kiln policy models` name a model.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
     pub fn load(path: &Path) -> Result<Schema, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read {
             path: path.display().to_string(),
@@ -107,11 +113,14 @@ impl Schema {
 
 static RUNTIME: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-/// Loads ONNX Runtime once per process from `ORT_DYLIB_PATH`.
+/// Loads ONNX Runtime once per process from where
+/// [`crate::install::runtime_library`] finds it.
 pub fn runtime() -> Result<&'static ort::environment::Environment, ModelError> {
-    let r = RUNTIME.get_or_init(|| match std::env::var_os("ORT_DYLIB_PATH") {
-        None => Err("ORT_DYLIB_PATH is not set (run policy/training/setup.sh and export the path it prints)".into()),
-        Some(p) => load_runtime(Path::new(&p)),
+    let r = RUNTIME.get_or_init(|| match crate::install::runtime_library() {
+        Err(e) => Err(format!(
+            "{e} (install Kiln with scripts/install.sh, or run policy/training/setup.sh)"
+        )),
+        Ok(found) => load_runtime(&found.path).map_err(|e| format!("{e} ({})", found.why)),
     });
     r.as_ref()
         .map_err(|e| ModelError::RuntimeUnavailable(e.clone()))

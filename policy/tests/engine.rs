@@ -465,7 +465,7 @@ fn eval_runs_on_the_hand_written_trace() {
         host: examples("host-32.toml"),
         trace: examples("hand-written.csv"),
         policies: vec!["static".into(), "mom".into(), "learned".into()],
-        models: models_dir(),
+        models: Some(models_dir()),
         report: None,
         mode: Mode::Active,
         audit: None,

@@ -17,13 +17,11 @@ pub fn examples(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Loads ONNX Runtime from ORT_DYLIB_PATH or fails the test saying how to get it.
+/// Loads ONNX Runtime (ORT_DYLIB_PATH, an installed Kiln's, or the one
+/// `policy/training/setup.sh` fetched) or fails the test saying how to get it.
 pub fn require_runtime() {
     if let Err(e) = kiln_policy::model::runtime() {
-        panic!(
-            "this test needs ONNX Runtime: {e}. Run `policy/training/setup.sh` and \
-             `export ORT_DYLIB_PATH=$(cat .cache/kiln-policy-venv/ort_dylib_path)`"
-        );
+        panic!("this test needs ONNX Runtime: {e}. Run `policy/training/setup.sh` first");
     }
 }
 

@@ -6,7 +6,7 @@ use crate::eval::{run_policy, table, targets, PolicyResult};
 use crate::guardrails::GuardConfig;
 use crate::host::Host;
 use crate::trace::Trace;
-use crate::tracegen::{generate, GenSpec, Split, DEFAULT_MIX};
+use crate::tracegen::{generate, parse_mix, GenSpec, Split, DEFAULT_MIX};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -25,9 +25,45 @@ pub enum PolicyCommand {
     /// Generate held-out traces (evaluation split, given seeds), evaluate every
     /// policy on each and print per-trace figures and their medians.
     Bench(BenchArgs),
+    /// The evaluation set (shapes and mixes training never sees): write its
+    /// traces, check their SHA-256, or evaluate every policy on them.
+    EvalSet(EvalSetArgs),
     /// List the learned models (per lever: name@version, file, size, features,
     /// whether it loads), the directory they come from and ONNX Runtime's.
     Models(ModelsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalSetArgs {
+    /// Write the traces as CSV files into this directory.
+    #[arg(long)]
+    pub write: Option<PathBuf>,
+    /// Also print the SHA-256 of each trace's first hour generated alone (what the unit test checks).
+    #[arg(long)]
+    pub first_hour_hashes: bool,
+    /// Evaluate the policies on every trace, on the roomy and the overcommitted host.
+    #[arg(long)]
+    pub run: bool,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "static,static-pin,mom,vpa,packspread,heuristic,learned"
+    )]
+    pub policies: Vec<String>,
+    /// Directory with the learned models (default: as for `eval`).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
+    /// Simulate balloons without VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln enables it).
+    #[arg(long)]
+    pub no_deflate_on_oom: bool,
+    /// Only these traces (names as printed), default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Append the per-run tables and the verdicts as markdown to this file.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub cpus_per_poller: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +110,10 @@ pub struct BenchArgs {
     /// The learned engine runs at most one I/O polling thread per this many host CPUs.
     #[arg(long, default_value_t = 64)]
     pub cpus_per_poller: usize,
+    /// Shape mix of the held-out traces: `default`, `wide` (with the issue's
+    /// five kinds) or name=weight pairs as for gen-trace.
+    #[arg(long, default_value = "default")]
+    pub mix: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +193,9 @@ pub struct EvalArgs {
     /// Append the learned engine's audit log to this JSON-lines file.
     #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// Simulate balloons without VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln enables it).
+    #[arg(long)]
+    pub no_deflate_on_oom: bool,
     /// The learned engine runs at most one I/O polling thread per this many host CPUs.
     #[arg(long, default_value_t = 64)]
     pub cpus_per_poller: usize,
@@ -171,9 +214,11 @@ pub struct GenTraceArgs {
     /// Which parameter ranges the shapes draw from (training and evaluation are disjoint).
     #[arg(long, value_enum, default_value_t = Split::Eval)]
     pub split: Split,
-    /// Shape weights: service,batch,leak,desktop,latency-critical.
-    #[arg(long, value_delimiter = ',', num_args = 5)]
-    pub mix: Option<Vec<f64>>,
+    /// Shape weights as name=weight, e.g. `svc=14,batch=10,leak=8,desk=12,lc=6`
+    /// (the default); names in policy/README.md. Evaluation-only shapes are
+    /// refused with `--split train`.
+    #[arg(long)]
+    pub mix: Option<String>,
     /// Output file.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -205,6 +250,7 @@ pub fn run(cmd: PolicyCommand) -> Result<()> {
         PolicyCommand::Audit(a) => audit(a),
         PolicyCommand::Host(a) => host(a),
         PolicyCommand::Bench(a) => bench(a),
+        PolicyCommand::EvalSet(a) => eval_set(a),
         PolicyCommand::Models(a) => models(a),
     }
 }
@@ -235,6 +281,20 @@ fn make_policy(
             };
             Box::new(Engine::new(mode, cfg, models, log).with_name(label))
         }
+        // What the engine falls back to, with its guardrails: the engine
+        // without models (the bare rules are `policies::heuristic()`).
+        "heuristic" => Box::new(
+            Engine::new(
+                mode,
+                GuardConfig {
+                    cpus_per_poller: cpus_per_poller.max(1),
+                    ..GuardConfig::default()
+                },
+                crate::engine::Models::default(),
+                AuditLog::new(10_000),
+            )
+            .with_name("heuristic"),
+        ),
         n => match crate::policies::baseline(n) {
             Some(p) => Box::new(p),
             None => bail!(
@@ -254,6 +314,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             hours: a.hours,
             seed,
             split: Split::Eval,
+            mix: parse_mix(&a.mix)?,
             ..GenSpec::default()
         };
         let trace = generate(&spec)?;
@@ -302,6 +363,120 @@ fn bench(a: BenchArgs) -> Result<()> {
     );
     for line in crate::eval::median_targets(&all) {
         println!("  {line}");
+    }
+    Ok(())
+}
+
+fn eval_set(a: EvalSetArgs) -> Result<()> {
+    use crate::evalset::{
+        judge, overcommitted_host, roomy_host, trace_sha256, verdict_table, SET_NAME, TRACES,
+    };
+    let opts = crate::sim::SimOptions {
+        deflate_on_oom: !a.no_deflate_on_oom,
+    };
+    let mut md = String::new();
+    let mut verdicts: Vec<(String, Vec<crate::evalset::Run>)> = Vec::new();
+    for t in TRACES
+        .iter()
+        .filter(|t| a.only.is_empty() || a.only.iter().any(|o| o == t.name))
+    {
+        let trace = t.generate()?;
+        let h = trace_sha256(&trace);
+        let alloc: f64 = trace.vms.iter().map(|v| v.mem_mib).sum();
+        let vcpus: u32 = trace.vms.iter().map(|v| v.vcpus).sum();
+        let ok = if h == t.sha256 { "ok" } else { "CHANGED" };
+        if h != t.sha256 && a.run {
+            bail!("evaluation trace {} hashes to {h}, not the recorded {}: the generator changed the evaluation set; make a new set (new name), do not edit this one", t.name, t.sha256);
+        }
+        println!(
+            "{SET_NAME}/{}: seed {}, {} VMs, {vcpus} vCPUs, {:.0} GiB allocated, sha256 {h} ({ok})",
+            t.name,
+            t.seed,
+            trace.vms.len(),
+            alloc / 1024.0
+        );
+        if a.first_hour_hashes {
+            println!("  first hour: {}", trace_sha256(&t.generate_first_hour()?));
+        }
+        if let Some(dir) = &a.write {
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join(format!("{SET_NAME}-{}.csv", t.name));
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            trace.write(f)?;
+        }
+        if !a.run {
+            continue;
+        }
+        for (kind, host) in [
+            ("roomy", roomy_host()),
+            ("overcommitted", overcommitted_host(&trace)),
+        ] {
+            let mut results = Vec::new();
+            for name in &a.policies {
+                let mut p = make_policy(
+                    name,
+                    a.models.as_deref(),
+                    Mode::Active,
+                    None,
+                    a.cpus_per_poller,
+                )?;
+                results.push(crate::eval::run_policy_with(
+                    &host,
+                    &trace,
+                    p.as_mut(),
+                    opts,
+                )?);
+            }
+            let header = format!(
+                "{SET_NAME}/{} on the {kind} host ({} CPUs, {:.0} GiB for guests: {:.2}x memory \
+                 overcommitted; deflate-on-OOM {})",
+                t.name,
+                host.cpus,
+                host.guest_memory_mib() / 1024.0,
+                alloc / host.guest_memory_mib(),
+                if opts.deflate_on_oom { "on" } else { "off" }
+            );
+            let mut extra =
+                String::from("policy      oom-notifier-calls  oom-deflate-MiB  refault-MiB\n");
+            for r in &results {
+                extra.push_str(&format!(
+                    "{:<11} {:>18} {:>16.0} {:>12.0}\n",
+                    r.name,
+                    r.metrics.oom_deflate_calls,
+                    r.metrics.oom_deflate_mib,
+                    r.metrics.refault_mib
+                ));
+            }
+            let tbl = table(&results);
+            println!("{header}\n{tbl}{extra}");
+            md.push_str(&format!("### {header}\n\n```\n{tbl}{extra}```\n\n"));
+            for r in &results {
+                if r.name.starts_with("learned") || r.name == "heuristic" {
+                    let run = format!("{} / {kind}", t.name);
+                    let v = judge(&results, &r.name);
+                    match verdicts.iter_mut().find(|x| x.0 == r.name) {
+                        Some(x) => x.1.push((run, v)),
+                        None => verdicts.push((r.name.clone(), vec![(run, v)])),
+                    }
+                }
+            }
+        }
+    }
+    for (engine, runs) in &verdicts {
+        let tbl = verdict_table(runs);
+        println!("targets for {engine}:\n{tbl}");
+        md.push_str(&format!("#### Targets for `{engine}`\n\n{tbl}\n"));
+    }
+    if let Some(path) = &a.results {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.write_all(md.as_bytes())?;
+        eprintln!("results appended to {}", path.display());
     }
     Ok(())
 }
@@ -404,10 +579,10 @@ fn host(a: HostArgs) -> Result<()> {
 }
 
 fn gen_trace(a: GenTraceArgs) -> Result<()> {
-    let mut mix = DEFAULT_MIX;
-    if let Some(m) = a.mix {
-        mix.copy_from_slice(&m);
-    }
+    let mix = match &a.mix {
+        Some(m) => parse_mix(m)?,
+        None => DEFAULT_MIX.to_vec(),
+    };
     let spec = GenSpec {
         vms: a.vms,
         hours: a.hours,
@@ -444,7 +619,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             a.audit.as_deref(),
             a.cpus_per_poller,
         )?;
-        let r = run_policy(&host, &trace, policy.as_mut())?;
+        let opts = crate::sim::SimOptions {
+            deflate_on_oom: !a.no_deflate_on_oom,
+        };
+        let r = crate::eval::run_policy_with(&host, &trace, policy.as_mut(), opts)?;
         eprintln!("{name}: simulated in {:.2} s", r.wall_s);
         if let Some(b) = policy.intervention_breakdown() {
             notes.push(format!("{}: {b}", r.name));

@@ -101,6 +101,25 @@ impl Models {
     }
 }
 
+/// True when the guest has taken memory back from its balloon on OOM
+/// (VIRTIO_BALLOON_F_DEFLATE_ON_OOM): the memory in force is above the target
+/// the host set and did not fall since the last sample (so it is not an
+/// inflation still under way).
+pub fn deflated_on_oom(ctx: &Ctx, v: usize) -> bool {
+    let (Some(h), Some(st)) = (ctx.hist.vms.get(v), ctx.state.get(v)) else {
+        return false;
+    };
+    let mut w = h.window(2);
+    let (Some(a), b) = (w.next(), w.next()) else {
+        return false;
+    };
+    let (prev, now) = match b {
+        Some(b) => (a.actual_mib, b.actual_mib),
+        None => (a.actual_mib, a.actual_mib),
+    };
+    now > st.balloon_target_mib + 1.0 && now >= prev
+}
+
 const LEVERS: [Lever; 3] = [Lever::Balloon, Lever::Vcpu, Lever::Device];
 
 fn lever_index(l: Lever) -> usize {
@@ -136,6 +155,9 @@ pub struct Engine {
     now_s: f64,
     last_balloon_change: Vec<Option<f64>>,
     last_escape: Vec<Option<f64>>,
+    last_oom: Vec<Option<f64>>,
+    /// Control intervals in a row each VM has been under memory pressure.
+    pressure_rounds: Vec<u32>,
     last_device_change: Vec<Option<f64>>,
     poll_cpu: Vec<Option<u32>>,
     node_of: Vec<Option<usize>>,
@@ -172,6 +194,8 @@ impl Engine {
             now_s: 0.0,
             last_balloon_change: Vec::new(),
             last_escape: Vec::new(),
+            last_oom: Vec::new(),
+            pressure_rounds: Vec::new(),
             last_device_change: Vec::new(),
             poll_cpu: Vec::new(),
             node_of: Vec::new(),
@@ -216,7 +240,8 @@ impl Engine {
             return;
         }
         let ws: f64 = lasts.iter().map(|(_, o)| o.ws_mib).sum();
-        let oom = lasts.iter().any(|(_, o)| o.oom_kills > 0);
+        let oom = lasts.iter().any(|(_, o)| o.oom_kills > 0)
+            || (0..hs.len()).any(|v| deflated_on_oom(ctx, v));
         let swap = 100.0
             * lasts
                 .iter()
@@ -392,20 +417,54 @@ impl Engine {
                 o.ws_mib
             );
         }
-        if o.swap_in_mib_per_min > 0.0 || o.oom_kills > 0 {
-            let escape = o.actual_mib + self.cfg.balloon_escape * mem;
+        // Pressure: swap-ins, major faults while the host has room, an OOM
+        // kill, or the guest took memory back from its balloon on OOM.
+        let oom_grade = o.oom_kills > 0 || deflated_on_oom(ctx, v);
+        let faulting = ctx.snap.host.psi_memory.some_avg10 < self.cfg.balloon_host_quiet_psi
+            && o.major_faults_per_s > self.cfg.balloon_fault_rate_per_s;
+        let pressure = oom_grade || o.swap_in_mib_per_min > 0.0 || faulting;
+        self.pressure_rounds[v] = if pressure {
+            self.pressure_rounds[v] + 1
+        } else {
+            0
+        };
+        if pressure {
+            // Never trade an OOM for reclaim: at OOM grade the guest gets all its
+            // memory back; otherwise the escape doubles each interval it is still short.
+            let share = if oom_grade {
+                1.0
+            } else {
+                g::escape_share(self.cfg.balloon_escape, self.pressure_rounds[v])
+            };
+            let escape = (o.actual_mib.max(cur) + share * mem).min(mem);
+            if oom_grade {
+                self.last_oom[v] = Some(ctx.snap.t_s);
+            }
             if proposal.is_none_or(|p| p < escape) {
                 proposal = Some(escape);
                 self.fire(names::ESCAPE);
                 guards.push(names::ESCAPE);
                 why = format!(
-                    "guest swapped in {:.1} MiB/min: giving back {:.0}% of its memory",
+                    "guest under memory pressure ({}swapped in {:.1} MiB/min, {:.0} major faults/s): giving back {:.0}% of its memory",
+                    if oom_grade { "OOM: " } else { "" },
                     o.swap_in_mib_per_min,
-                    self.cfg.balloon_escape * 100.0
+                    o.major_faults_per_s,
+                    share * 100.0
                 );
             }
         }
         let mut target = proposal?;
+        let (t, hit) = g::balloon_need_bound(
+            target,
+            o.ws_mib,
+            self.cfg.balloon_need_margin,
+            self.cfg.balloon_need_slack_mib,
+        );
+        if hit {
+            self.fire(names::GUEST_NEED);
+            guards.push(names::GUEST_NEED);
+        }
+        target = t;
         let (t, hit) = g::balloon_bounds(target, vm.floor_mib, mem);
         if hit && (target < vm.floor_mib) {
             self.fire(names::HARD_BOUND);
@@ -429,7 +488,10 @@ impl Engine {
             .unwrap_or(f64::INFINITY);
         if guards.contains(&names::ESCAPE) {
             self.last_escape[v] = Some(ctx.snap.t_s);
-        } else if target < cur && since_escape < self.cfg.balloon_escape_hold_s {
+        } else if target < cur
+            && (since_escape < self.cfg.balloon_escape_hold_s
+                || self.last_oom[v].is_some_and(|t| ctx.snap.t_s - t < self.cfg.balloon_oom_hold_s))
+        {
             // Right after the guest ran short, do not take memory again.
             self.fire(names::MIN_INTERVAL);
             return None;
@@ -895,6 +957,8 @@ impl Policy for Engine {
         if self.last_balloon_change.len() != n {
             self.last_balloon_change = vec![None; n];
             self.last_escape = vec![None; n];
+            self.last_oom = vec![None; n];
+            self.pressure_rounds = vec![0; n];
             self.last_device_change = vec![None; n];
             self.poll_cpu = vec![None; n];
             self.node_of = vec![None; n];

@@ -5,7 +5,7 @@ use crate::decision::Actions;
 use crate::features::History;
 use crate::host::Host;
 use crate::policies::{Ctx, Policy};
-use crate::sim::{SimError, SimMetrics, Simulator};
+use crate::sim::{SimError, SimMetrics, SimOptions, Simulator};
 use crate::telemetry::{TelemetryError, TelemetrySource};
 use crate::trace::Trace;
 use crate::util::percentile;
@@ -50,8 +50,17 @@ pub fn run_policy(
     trace: &Trace,
     policy: &mut dyn Policy,
 ) -> Result<PolicyResult, EvalError> {
+    run_policy_with(host, trace, policy, SimOptions::default())
+}
+
+pub fn run_policy_with(
+    host: &Host,
+    trace: &Trace,
+    policy: &mut dyn Policy,
+    opts: SimOptions,
+) -> Result<PolicyResult, EvalError> {
     let started = Instant::now();
-    let mut sim = Simulator::new(host, trace);
+    let mut sim = Simulator::with_options(host, trace, opts);
     let mut hist = History::new();
     let n = trace.vms.len();
     let mut decision_us = Vec::with_capacity(trace.steps * n);
@@ -167,6 +176,11 @@ pub fn targets(results: &[PolicyResult]) -> Vec<String> {
         "balloon: {} OOM events (target 0): {}",
         lm.oom_events,
         verdict(lm.oom_events == 0)
+    ));
+    out.push(format!(
+        "balloon: {} guest OOM-path entries answered by deflate-on-OOM (target 0): {}",
+        lm.oom_deflate_calls,
+        verdict(lm.oom_deflate_calls == 0)
     ));
     let sw = lm.swap_in_pct_per_min();
     out.push(format!(

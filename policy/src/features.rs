@@ -19,6 +19,8 @@ pub struct Obs {
     /// Run-queue wait per vCPU, ms per second.
     pub wait_ms: f64,
     pub swap_in_mib_per_min: f64,
+    /// Major page faults per second (swap-ins and refaults of dropped cache).
+    pub major_faults_per_s: f64,
     pub oom_kills: u64,
     pub iops: f64,
     pub io_latency_us: f64,
@@ -137,6 +139,7 @@ fn observe(prev: &VmTelemetry, now: &VmTelemetry, dt: f64, t_s: f64) -> Obs {
         cpu: cpu_ns as f64 / 1e9 / dt,
         wait_ms: wait_ns as f64 / 1e6 / dt / n,
         swap_in_mib_per_min: (b.swap_in_mib - prev.balloon.swap_in_mib).max(0.0) / dt * 60.0,
+        major_faults_per_s: b.major_faults.saturating_sub(prev.balloon.major_faults) as f64 / dt,
         oom_kills: b.oom_kills.saturating_sub(prev.balloon.oom_kills),
         iops: reqs as f64 / dt,
         io_latency_us: if reqs > 0 {

@@ -21,6 +21,21 @@ pub struct GuardConfig {
     pub balloon_escape: f64,
     /// After a pressure escape, no inflation of that balloon for this long, s.
     pub balloon_escape_hold_s: f64,
+    /// The balloon never leaves the guest less than what its own statistics
+    /// say it needs (memory in force minus MemAvailable: working set plus
+    /// caches it cannot drop) times (1 + this)...
+    pub balloon_need_margin: f64,
+    /// ...plus this, MiB.
+    pub balloon_need_slack_mib: f64,
+    /// Major faults per second above which a guest counts as short of memory
+    /// (refaults of squeezed cache, swap-ins), when the host itself is not
+    /// under memory pressure (host swapping shows up as guest faults too).
+    pub balloon_fault_rate_per_s: f64,
+    /// Host memory PSI (some, avg10, %) under which guest faults are the guest's own.
+    pub balloon_host_quiet_psi: f64,
+    /// After an OOM-grade event (an OOM kill, or the guest deflating its
+    /// balloon on OOM) the balloon is fully deflated and not inflated for this long, s.
+    pub balloon_oom_hold_s: f64,
     /// Least time between two CPU plans, s.
     pub cpu_min_interval_s: f64,
     /// Most VMs moved between NUMA nodes per plan.
@@ -60,6 +75,11 @@ impl Default for GuardConfig {
             balloon_min_interval_s: 30.0,
             balloon_escape: 0.15,
             balloon_escape_hold_s: 1800.0,
+            balloon_need_margin: 0.10,
+            balloon_need_slack_mib: 64.0,
+            balloon_fault_rate_per_s: 256.0,
+            balloon_host_quiet_psi: 1.0,
+            balloon_oom_hold_s: 7200.0,
             cpu_min_interval_s: 60.0,
             cpu_max_moves: 4,
             cpu_hysteresis: 0.1,
@@ -90,6 +110,7 @@ pub mod names {
     pub const TIME_BUDGET: &str = "time-budget";
     pub const ROLLBACK: &str = "rollback";
     pub const ESCAPE: &str = "pressure-escape";
+    pub const GUEST_NEED: &str = "guest-need";
     pub const MODEL_ERROR: &str = "model-error";
 }
 
@@ -105,6 +126,25 @@ pub fn validate_inputs(row: &[f32]) -> Result<(), String> {
 pub fn balloon_bounds(target: f64, floor: f64, mem: f64) -> (f64, bool) {
     let t = target.clamp(floor.min(mem), mem);
     (t, t != target)
+}
+
+/// The least memory a guest may be left with: what it needs by its own
+/// statistics plus a margin. Returns (bounded target, whether it bound).
+pub fn balloon_need_bound(target: f64, need: f64, margin: f64, slack: f64) -> (f64, bool) {
+    let least = need * (1.0 + margin) + slack;
+    if target < least {
+        (least, true)
+    } else {
+        (target, false)
+    }
+}
+
+/// How much memory a pressure escape gives back, as a share of the VM's
+/// memory: the base share, doubled for each further interval in a row under
+/// pressure, so a guest still short after one escape has most of its memory
+/// back within two control intervals.
+pub fn escape_share(base: f64, rounds_in_a_row: u32) -> f64 {
+    (base * 2f64.powi(rounds_in_a_row.saturating_sub(1).min(8) as i32)).min(1.0)
 }
 
 /// Limits one decision's change: inflation (taking memory) by `max_inflate`,
@@ -257,6 +297,23 @@ mod tests {
         assert_eq!(balloon_bounds(100.0, 512.0, 4096.0), (512.0, true));
         assert_eq!(balloon_bounds(9000.0, 512.0, 4096.0), (4096.0, true));
         assert_eq!(balloon_bounds(2000.0, 512.0, 4096.0), (2000.0, false));
+    }
+
+    #[test]
+    fn need_bound_and_escalating_escape_fire() {
+        // Needs 2000 MiB: never below 2000 * 1.1 + 64.
+        assert_eq!(
+            balloon_need_bound(1500.0, 2000.0, 0.1, 64.0),
+            (2264.0, true)
+        );
+        assert_eq!(
+            balloon_need_bound(3000.0, 2000.0, 0.1, 64.0),
+            (3000.0, false)
+        );
+        assert_eq!(escape_share(0.15, 1), 0.15);
+        assert_eq!(escape_share(0.15, 2), 0.30);
+        assert_eq!(escape_share(0.15, 3), 0.60);
+        assert_eq!(escape_share(0.15, 9), 1.0);
     }
 
     #[test]

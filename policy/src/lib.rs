@@ -15,6 +15,7 @@ pub mod dataset;
 pub mod decision;
 pub mod engine;
 pub mod eval;
+pub mod evalset;
 pub mod features;
 pub mod guardrails;
 pub mod host;

@@ -92,6 +92,10 @@ pub struct Trace {
     pub ws: Vec<f64>,
     /// I/O requests per second.
     pub iops: Vec<f64>,
+    /// Page cache the guest keeps hot, MiB (optional `cache_mib` column): it is
+    /// droppable, but dropping it costs refaults. None = not given (the
+    /// simulator's default cache model applies).
+    pub cache: Vec<Option<f32>>,
 }
 
 /// Limits on what a trace file may ask of us (hostile input).
@@ -132,6 +136,7 @@ impl Trace {
         let (c_cpu, c_ws, c_io) = (col("cpu_demand")?, col("ws_mib")?, col("io_iops")?);
         let c_class = col("class").ok();
         let c_floor = col("floor_mib").ok();
+        let c_cache = col("cache_mib").ok();
 
         struct Row {
             t: f64,
@@ -139,6 +144,7 @@ impl Trace {
             cpu: f64,
             ws: f64,
             io: f64,
+            cache: Option<f32>,
         }
         let mut vm_index: HashMap<String, usize> = HashMap::new();
         let mut vms: Vec<VmInfo> = Vec::new();
@@ -215,6 +221,10 @@ impl Trace {
                 cpu,
                 ws: num(c_ws, "ws_mib")?,
                 io: num(c_io, "io_iops")?,
+                cache: match c_cache {
+                    Some(i) if !field(i).is_empty() => Some(num(i, "cache_mib")?.min(mem) as f32),
+                    _ => None,
+                },
             });
             if rows.len() > MAX_CELLS {
                 return Err(TraceError::Invalid(format!("more than {MAX_CELLS} rows")));
@@ -251,6 +261,7 @@ impl Trace {
             cpu: vec![0.0; steps * n],
             ws: vec![0.0; steps * n],
             iops: vec![0.0; steps * n],
+            cache: vec![None; steps * n],
         };
         for r in rows {
             let step = ((r.t - start_s) / step_s).round() as usize;
@@ -265,6 +276,7 @@ impl Trace {
             trace.cpu[i] = r.cpu;
             trace.ws[i] = r.ws;
             trace.iops[i] = r.io;
+            trace.cache[i] = r.cache;
         }
         if let Some(i) = seen.iter().position(|s| !s) {
             return Err(TraceError::Invalid(format!(
@@ -280,14 +292,14 @@ impl Trace {
         let mut out = std::io::BufWriter::new(w);
         writeln!(
             out,
-            "t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class,floor_mib"
+            "t_s,vm,vcpus,mem_mib,cpu_demand,ws_mib,io_iops,class,floor_mib,cache_mib"
         )?;
         for s in 0..self.steps {
             for (v, vm) in self.vms.iter().enumerate() {
                 let i = self.at(s, v);
-                writeln!(
+                write!(
                     out,
-                    "{},{},{},{},{:.3},{:.1},{:.1},{},{}",
+                    "{},{},{},{},{:.3},{:.1},{:.1},{},{},",
                     self.time(s),
                     vm.name,
                     vm.vcpus,
@@ -298,6 +310,10 @@ impl Trace {
                     vm.class.name(),
                     vm.floor_mib
                 )?;
+                match self.cache[i] {
+                    None => writeln!(out)?,
+                    Some(c) => writeln!(out, "{c:.1}")?,
+                }
             }
         }
         out.flush()?;

@@ -13,14 +13,23 @@ use kiln_policy::guardrails::{check_exclusive, names, GuardConfig};
 use kiln_policy::host::Host;
 use kiln_policy::model::{Model, ModelError};
 use kiln_policy::policies::{baseline, Ctx, Policy};
-use kiln_policy::sim::{SimMetrics, Simulator};
+use kiln_policy::sim::{SimMetrics, SimOptions, Simulator};
 use kiln_policy::telemetry::TelemetrySource;
 use kiln_policy::trace::{Trace, VmClass, VmInfo};
 use kiln_policy::tracegen::{generate, GenSpec, Split};
 
 /// Replays `trace` under `policy`, returning the metrics and the final actuator state.
 fn replay(host: &Host, trace: &Trace, policy: &mut dyn Policy) -> (SimMetrics, Vec<VmState>) {
-    let mut sim = Simulator::new(host, trace);
+    replay_with(host, trace, policy, SimOptions::default())
+}
+
+fn replay_with(
+    host: &Host,
+    trace: &Trace,
+    policy: &mut dyn Policy,
+    opts: SimOptions,
+) -> (SimMetrics, Vec<VmState>) {
+    let mut sim = Simulator::with_options(host, trace, opts);
     let mut hist = History::new();
     let n = trace.vms.len();
     while !sim.done() {
@@ -60,6 +69,7 @@ fn trace_of(step_s: f64, vms: Vec<VmSpec>) -> Trace {
         cpu: vec![0.0; steps * n],
         ws: vec![0.0; steps * n],
         iops: vec![0.0; steps * n],
+        cache: vec![None; steps * n],
     };
     for (v, (class, vcpus, mem, floor, series)) in vms.into_iter().enumerate() {
         t.vms.push(VmInfo {
@@ -344,7 +354,11 @@ fn a_model_that_hurts_guests_is_rolled_back() {
         ..GuardConfig::default()
     };
     let mut e = engine(cfg);
-    let (m, _) = replay(&host, &trace, &mut e);
+    // Without deflate-on-OOM the guest is OOM-killed.
+    let no_deflate = SimOptions {
+        deflate_on_oom: false,
+    };
+    let (m, _) = replay_with(&host, &trace, &mut e, no_deflate);
     assert!(m.oom_events > 0, "the scenario does hurt the guest");
     assert_eq!(fired(&e, names::ROLLBACK), 1);
     assert!(
@@ -456,7 +470,78 @@ fn eval_runs_on_the_hand_written_trace() {
         report: None,
         mode: Mode::Active,
         audit: None,
+        no_deflate_on_oom: false,
         cpus_per_poller: 64,
     };
     kiln_policy::cli::eval(args).expect("eval on the hand-written trace");
+}
+
+/// The heuristic engine (no models) so the test does not depend on what a
+/// model predicts: the guardrails are the same.
+fn guarded_heuristic(cfg: GuardConfig) -> Engine {
+    Engine::new(Mode::Active, cfg, Models::default(), AuditLog::new(1000))
+}
+
+#[test]
+fn deflate_on_oom_is_pressure_and_the_guest_gets_its_memory_back_at_once() {
+    let host = host32();
+    // Quiet at 400 MiB for an hour (the balloon shrinks it), then the working
+    // set leaps to 3800 MiB of 4096 within one step: the guest deflates its
+    // balloon on OOM; the engine must answer with a full deflation and then
+    // keep it (no inflation during the hold), with no OOM kill.
+    let trace = one_vm(VmClass::Service, 4096.0, 256.0, 480, |s| {
+        (0.3, if s < 360 { 400.0 } else { 3800.0 }, 50.0)
+    });
+    let mut e = guarded_heuristic(GuardConfig {
+        warmup_s: 0.0,
+        ..GuardConfig::default()
+    });
+    let (m, state) = replay(&host, &trace, &mut e);
+    assert_eq!(m.oom_events, 0);
+    assert!(
+        m.oom_deflate_calls > 0,
+        "the scenario does reach the OOM path"
+    );
+    assert!(fired(&e, names::ESCAPE) > 0);
+    assert_eq!(
+        state[0].balloon_target_mib, 4096.0,
+        "fully deflated and held"
+    );
+    let escape = e
+        .audit
+        .query(&AuditQuery {
+            guardrail_only: true,
+            lever: Some(Lever::Balloon),
+            ..Default::default()
+        })
+        .into_iter()
+        .find(|r| r.reason.contains("OOM"))
+        .expect("an OOM-grade escape is audited");
+    assert!(
+        escape.t_s <= 361.0 * 10.0 + 20.0,
+        "within two intervals: {}",
+        escape.t_s
+    );
+}
+
+#[test]
+fn the_balloon_never_leaves_less_than_the_guest_says_it_needs() {
+    let host = host32();
+    // A steady 2000 MiB working set: whatever the rule proposes, the target
+    // stays at or above 2000 * 1.1 + 64 MiB.
+    let trace = one_vm(VmClass::Service, 8192.0, 256.0, 360, |_| {
+        (0.3, 2000.0, 50.0)
+    });
+    let cfg = GuardConfig {
+        warmup_s: 0.0,
+        // A looser rule than the default would go lower; the bound holds it.
+        balloon_need_margin: 0.10,
+        ..GuardConfig::default()
+    };
+    let mut e = guarded_heuristic(cfg);
+    let (m, state) = replay(&host, &trace, &mut e);
+    assert!(state[0].balloon_target_mib >= 2000.0 * 1.1 + 64.0 - 1e-6);
+    assert!(state[0].balloon_target_mib < 8192.0, "it still reclaims");
+    assert_eq!(m.oom_deflate_calls, 0);
+    assert_eq!(m.guest_swap_in_mib, 0.0);
 }

@@ -1,5 +1,6 @@
 //! Device placement heuristic: the I/O worker sleeps (notify) on the shared
-//! CPUs of the cache group where the VM's vCPUs run.
+//! CPUs of the cache group where the VM's vCPUs run, or of their node (or the
+//! host) when that group is too busy to have an idle CPU for it.
 
 use super::{Ctx, DeviceRule};
 use crate::decision::{DevicePlacement, IoMode, VcpuPlacement};
@@ -33,6 +34,9 @@ pub fn home_group(host: &Host, vcpus: &[VcpuPlacement]) -> usize {
         .unwrap_or(0)
 }
 
+/// A set whose chance of having no idle CPU for a woken worker exceeds this is "busy".
+pub const BUSY_NO_IDLE_CPU: f64 = 0.25;
+
 #[derive(Debug, Default)]
 pub struct LocalNotify;
 
@@ -46,7 +50,7 @@ impl DeviceRule for LocalNotify {
         ctx: &Ctx,
         _v: usize,
         vcpus: &[VcpuPlacement],
-        _load: &[f64],
+        load: &[f64],
     ) -> Option<DevicePlacement> {
         let host = ctx.host;
         let excl = exclusive_cpus(ctx).union(&CpuSet::new(
@@ -56,15 +60,31 @@ impl DeviceRule for LocalNotify {
                 .flat_map(|p| p.cpus.cpus().to_vec())
                 .collect(),
         ));
+        // Nearest first (the vCPUs' cache group, their node, the host), but a
+        // set so busy that a woken worker rarely finds an idle CPU is passed
+        // over for the next wider one: waiting for a CPU costs more than distance.
         let g = home_group(host, vcpus);
-        let mut set = host.cache_groups[g].minus(&excl);
-        if set.is_empty() {
-            let node = host.group_node[g];
-            set = host.numa_nodes[node].minus(&excl);
-        }
-        if set.is_empty() {
-            set = host.all_cpus().minus(&excl);
-        }
+        let node = host.group_node[g];
+        let cands = [
+            host.cache_groups[g].minus(&excl),
+            host.numa_nodes[node].minus(&excl),
+            host.all_cpus().minus(&excl),
+        ];
+        let busy = |s: &CpuSet| {
+            let avg = s
+                .cpus()
+                .iter()
+                .map(|&c| load.get(c as usize).copied().unwrap_or(0.0))
+                .sum::<f64>()
+                / s.len().max(1) as f64;
+            avg.clamp(0.0, 1.0).powi(s.len().min(8) as i32) > BUSY_NO_IDLE_CPU
+        };
+        let set = cands
+            .iter()
+            .find(|s| !s.is_empty() && !busy(s))
+            .or_else(|| cands.iter().find(|s| !s.is_empty()))
+            .cloned()
+            .unwrap_or_default();
         (!set.is_empty()).then_some(DevicePlacement {
             cpus: set,
             mode: IoMode::Notify,

@@ -31,6 +31,12 @@ pub struct SimMetrics {
     pub reclaimed_mib_steps: f64,
     pub ws_mib_steps: f64,
     pub oom_events: u64,
+    /// Calls of the guests' OOM notifier that took memory back from a balloon
+    /// (deflate-on-OOM), and the memory they took, MiB.
+    pub oom_deflate_calls: u64,
+    pub oom_deflate_mib: f64,
+    /// Hot page cache read back after the balloon squeezed it, MiB.
+    pub refault_mib: f64,
     pub guest_swap_in_mib: f64,
     pub host_swap_in_mib: f64,
     /// Run-queue wait of latency-critical vCPUs, ms per second, one per vCPU per step.
@@ -106,8 +112,29 @@ struct SetInfo {
     node_dist: Vec<f64>,
 }
 
+/// How the simulated devices behave.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    /// The balloon offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM (Kiln's default):
+    /// a guest about to OOM takes memory back from the balloon first.
+    pub deflate_on_oom: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            deflate_on_oom: true,
+        }
+    }
+}
+
 pub struct Simulator<'a> {
     host: &'a Host,
+    opts: SimOptions,
+    /// The guest deflated its balloon on OOM and has not been given a target
+    /// since: its driver does not move toward the old target again until the
+    /// host writes one (a config change), as Linux's virtio_balloon behaves.
+    held: Vec<bool>,
     trace: &'a Trace,
     step: usize,
     state: Vec<VmState>,
@@ -125,6 +152,10 @@ pub const DISK: &str = "disk0";
 impl<'a> Simulator<'a> {
     /// Starts every VM unpinned, balloon deflated, I/O worker unplaced.
     pub fn new(host: &'a Host, trace: &'a Trace) -> Self {
+        Simulator::with_options(host, trace, SimOptions::default())
+    }
+
+    pub fn with_options(host: &'a Host, trace: &'a Trace, opts: SimOptions) -> Self {
         let all = host.all_cpus();
         let state = trace
             .vms
@@ -151,6 +182,8 @@ impl<'a> Simulator<'a> {
         let n = trace.vms.len();
         Simulator {
             host,
+            opts,
+            held: vec![false; n],
             trace,
             step: 0,
             state,
@@ -252,6 +285,8 @@ impl<'a> Simulator<'a> {
                     )));
                 }
                 self.state[i].balloon_target_mib = t;
+                // A target written is a config change: the driver moves toward it again.
+                self.held[i] = false;
             }
             for (name, d) in &a.devices {
                 check_set(&d.cpus)?;
@@ -429,9 +464,25 @@ impl<'a> Simulator<'a> {
             let i = trace.at(s, v);
             let target = self.state[v].balloon_target_mib;
             let max_move = BALLOON_MIB_PER_S * dt;
-            let a = self.actual[v] + (target - self.actual[v]).clamp(-max_move, max_move);
-            self.actual[v] = a;
+            let mut a = self.actual[v];
+            if !self.held[v] {
+                a += (target - a).clamp(-max_move, max_move);
+            }
             let w = trace.ws[i];
+            let (given, calls, killed) = deflate_on_oom(
+                a,
+                vm.mem_mib,
+                w,
+                GUEST_SWAP_SHARE * vm.mem_mib,
+                self.opts.deflate_on_oom,
+            );
+            if calls > 0 {
+                self.held[v] = true;
+                self.metrics.oom_deflate_calls += calls;
+                self.metrics.oom_deflate_mib += given - a;
+            }
+            a = given;
+            self.actual[v] = a;
             let d = (w - a).max(0.0);
             let b = &mut self.balloon[v];
             b.actual_mib = a;
@@ -444,16 +495,28 @@ impl<'a> Simulator<'a> {
                 b.swap_in_mib += swap_in;
                 b.major_faults += (swap_in * 256.0) as u64;
                 self.metrics.guest_swap_in_mib += swap_in;
-                if d > GUEST_SWAP_SHARE * vm.mem_mib {
+                if killed {
                     b.oom_kills += 1;
                     self.metrics.oom_events += 1;
                 }
             } else {
-                let cache = CACHE_FILL * (a - w);
+                let room = a - w;
+                let cache = match trace.cache[i] {
+                    // A guest that keeps a hot cache fills what it can and
+                    // reads back what the balloon squeezed out.
+                    Some(want) => {
+                        let want = want as f64;
+                        let refault = (want - room).max(0.0) * REFAULT_TOUCH_PER_MIN * dt / 60.0;
+                        b.major_faults += (refault * 256.0) as u64;
+                        self.metrics.refault_mib += refault;
+                        want.min(room)
+                    }
+                    None => CACHE_FILL * room,
+                };
                 resident[v] = w + cache;
                 b.caches_mib = cache;
-                b.free_mib = a - w - cache;
-                b.available_mib = a - w;
+                b.free_mib = room - cache;
+                b.available_mib = room;
             }
             b.swap_out_mib += (d - self.deficit[v]).max(0.0);
             b.minor_faults += (trace.cpu[i] * dt * 1000.0) as u64;

@@ -10,6 +10,19 @@ pub const GUEST_SWAP_SHARE: f64 = 0.10;
 pub const SWAPPED_TOUCH_PER_MIN: f64 = 0.5;
 /// How fast a balloon inflates or deflates, MiB per second.
 pub const BALLOON_MIB_PER_S: f64 = 1024.0;
+/// What one call of the guest's OOM notifier takes back from the balloon with
+/// VIRTIO_BALLOON_F_DEFLATE_ON_OOM: Linux's virtio_balloon leaks
+/// VIRTIO_BALLOON_OOM_NR_PAGES = 256 balloon pages of 4 KiB per call
+/// (`virtio_balloon_oom_notify`; older kernels: module parameter `oom_pages`,
+/// default 256), i.e. 1 MiB. This is a fact of the driver, not a choice.
+pub const OOM_DEFLATE_MIB: f64 = OOM_NR_PAGES * PAGE_KIB / 1024.0;
+/// `VIRTIO_BALLOON_OOM_NR_PAGES`: balloon pages leaked per OOM-notifier call.
+pub const OOM_NR_PAGES: f64 = 256.0;
+/// The balloon's page size (VIRTIO_BALLOON_PFN_SHIFT = 12), KiB.
+pub const PAGE_KIB: f64 = 4.0;
+/// A hot page cache squeezed below what the guest keeps hot is read back
+/// (refaulted) at this share of the missing part per minute.
+pub const REFAULT_TOUCH_PER_MIN: f64 = 0.5;
 
 /// Wakeups per second per vCPU's worth of demand (interactive threads sleep often).
 pub const WAKEUPS_PER_DEMAND: f64 = 200.0;
@@ -69,9 +82,76 @@ pub fn io_excess_latency_us(x: &IoInputs) -> f64 {
     dispatch + queue + locality
 }
 
+/// The guest's memory after its OOM notifier has run as often as the
+/// allocation path needs: each call takes [`OOM_DEFLATE_MIB`] back from the
+/// balloon (never more than is in it). Returns (memory the guest has now,
+/// notifier calls, OOM kill). The kernel calls the notifier only once reclaim,
+/// swap included, has failed, so only the deficit beyond the guest's swap
+/// counts; the OOM killer runs only when the notifier freed nothing, i.e. the
+/// balloon is empty, or always when the feature is off.
+pub fn deflate_on_oom(
+    actual_mib: f64,
+    mem_mib: f64,
+    ws_mib: f64,
+    swap_mib: f64,
+    enabled: bool,
+) -> (f64, u64, bool) {
+    let short = ws_mib - actual_mib - swap_mib;
+    if short <= 0.0 {
+        return (actual_mib, 0, false);
+    }
+    if !enabled {
+        return (actual_mib, 0, true);
+    }
+    let in_balloon = (mem_mib - actual_mib).max(0.0);
+    let calls_needed = (short / OOM_DEFLATE_MIB).ceil();
+    let calls_possible = (in_balloon / OOM_DEFLATE_MIB).ceil();
+    let calls = calls_needed.min(calls_possible);
+    let given = (calls * OOM_DEFLATE_MIB).min(in_balloon);
+    // One more allocation failure with an empty balloon reaches the OOM killer.
+    let killed = calls_needed > calls_possible;
+    (actual_mib + given, calls as u64, killed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deflate_on_oom_gives_back_1_mib_per_call_before_any_kill() {
+        assert_eq!(OOM_DEFLATE_MIB, 1.0, "256 pages of 4 KiB");
+        // 4096 MiB guest, balloon holds 2048 MiB, working set 2300 + 100 MiB swap:
+        // 152 MiB short -> 152 notifier calls, no kill.
+        assert_eq!(
+            deflate_on_oom(2048.0, 4096.0, 2300.0, 100.0, true),
+            (2200.0, 152, false)
+        );
+        // Within swap: the notifier is never called.
+        assert_eq!(
+            deflate_on_oom(2048.0, 4096.0, 2100.0, 100.0, true),
+            (2048.0, 0, false)
+        );
+        // Short more than the balloon holds: it empties, then the OOM killer runs.
+        assert_eq!(
+            deflate_on_oom(3996.0, 4096.0, 4500.0, 100.0, true),
+            (4096.0, 100, true)
+        );
+        // A fraction of a call's worth left in the balloon still comes back.
+        assert_eq!(
+            deflate_on_oom(4095.5, 4096.0, 4300.0, 100.0, true),
+            (4096.0, 1, true)
+        );
+        // Feature off: the OOM killer, balloon untouched.
+        assert_eq!(
+            deflate_on_oom(2048.0, 4096.0, 2300.0, 100.0, false),
+            (2048.0, 0, true)
+        );
+        // Empty balloon: nothing to give.
+        assert_eq!(
+            deflate_on_oom(4096.0, 4096.0, 4300.0, 100.0, true),
+            (4096.0, 0, true)
+        );
+    }
 
     #[test]
     fn io_latency_moves_the_right_way() {

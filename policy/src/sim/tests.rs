@@ -50,10 +50,16 @@ fn two_busy_vcpus_on_one_cpu_share_it_and_wait() {
 }
 
 #[test]
-fn balloon_below_working_set_swaps_then_kills() {
+fn without_deflate_on_oom_a_balloon_below_working_set_swaps_then_kills() {
     let h = host();
     let t = trace("0,a,1,2048,0.1,1000,0,general\n10,a,1,2048,0.1,1000,0,general\n");
-    let mut sim = Simulator::new(&h, &t);
+    let mut sim = Simulator::with_options(
+        &h,
+        &t,
+        SimOptions {
+            deflate_on_oom: false,
+        },
+    );
     sim.apply(&Actions {
         vms: vec![VmActions {
             balloon_target_mib: Some(950.0),
@@ -127,4 +133,67 @@ fn rejects_actions_no_actuator_could_do() {
         sim.apply(&Actions::none(2)),
         Err(SimError::NoSuchVm(1, 1))
     ));
+}
+
+fn balloon_to(sim: &mut Simulator, t: f64) {
+    sim.apply(&Actions {
+        vms: vec![VmActions {
+            balloon_target_mib: Some(t),
+            ..Default::default()
+        }],
+    })
+    .unwrap();
+}
+
+#[test]
+fn deflate_on_oom_gives_memory_back_in_1_mib_calls_and_holds_until_a_new_target() {
+    let h = host();
+    let rows: String = (0..4)
+        .map(|k| format!("{},a,1,2048,0.1,1000,0,general\n", k * 10))
+        .collect();
+    let t = trace(&rows);
+    let mut sim = Simulator::new(&h, &t);
+    balloon_to(&mut sim, 700.0);
+    sim.advance();
+    // 1000 MiB working set, 700 MiB in force, 204.8 MiB swap: 95.2 MiB short,
+    // 96 notifier calls of 1 MiB, and no OOM kill.
+    assert_eq!(sim.metrics.oom_events, 0);
+    assert_eq!(sim.metrics.oom_deflate_calls, 96);
+    let snap = sim.sample().unwrap();
+    assert_eq!(snap.vms[0].balloon.actual_mib, 796.0);
+    assert_eq!(snap.vms[0].balloon.oom_kills, 0);
+    // The host's target is unchanged; the device's actual is above it.
+    assert_eq!(sim.state()[0].balloon_target_mib, 700.0);
+    sim.advance();
+    assert_eq!(
+        sim.sample().unwrap().vms[0].balloon.actual_mib,
+        796.0,
+        "held"
+    );
+    assert_eq!(sim.metrics.oom_deflate_calls, 96);
+    // Writing the target again is a config change: the driver inflates to it
+    // and the guest deflates on OOM again.
+    balloon_to(&mut sim, 700.0);
+    sim.advance();
+    assert_eq!(sim.metrics.oom_deflate_calls, 192);
+    assert_eq!(sim.metrics.oom_events, 0);
+    // A target that leaves room is followed again.
+    balloon_to(&mut sim, 1500.0);
+    sim.advance();
+    assert_eq!(sim.sample().unwrap().vms[0].balloon.actual_mib, 1500.0);
+}
+
+#[test]
+fn with_an_empty_balloon_the_oom_killer_runs() {
+    let h = host();
+    let t = trace("0,a,1,1024,0.1,1020,0,general\n");
+    // Demand beyond the whole guest: the balloon has nothing, a kill is counted.
+    let t = Trace {
+        ws: vec![1200.0],
+        ..t
+    };
+    let mut sim = Simulator::new(&h, &t);
+    sim.advance();
+    assert_eq!(sim.metrics.oom_events, 1);
+    assert_eq!(sim.metrics.oom_deflate_calls, 0);
 }

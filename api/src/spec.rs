@@ -152,12 +152,16 @@ impl VmSpec {
         if self.agent != other.agent {
             changed.insert("agent");
         }
+        if self.policy != other.policy {
+            changed.insert("policy");
+        }
         changed
     }
 }
 
-/// Fields of a spec that a running VM takes without a restart.
-pub const LIVE_FIELDS: [&str; 3] = ["restart", "autostart", "labels"];
+/// Fields of a spec that a running VM takes without a restart (the policy
+/// engine reads `policy` every round).
+pub const LIVE_FIELDS: [&str; 4] = ["restart", "autostart", "labels", "policy"];
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -346,10 +350,12 @@ mod tests {
         let mut b = a.clone();
         b.labels.insert("x".into(), "y".into());
         b.autostart = true;
+        b.policy.memory_floor_mib = Some(64);
         assert_eq!(
             a.changed_fields(&b).into_iter().collect::<Vec<_>>(),
-            ["autostart", "labels"]
+            ["autostart", "labels", "policy"]
         );
+        assert!(a.changed_fields(&b).iter().all(|f| LIVE_FIELDS.contains(f)));
         b.machine.cpus = 3;
         assert!(a.changed_fields(&b).contains("machine"));
     }

@@ -389,7 +389,7 @@ impl Manager {
     }
 
     /// Replaces a VM's spec: any field when it does not run, only the live
-    /// fields (restart policy, autostart, labels) when it does.
+    /// fields (restart policy, autostart, labels, the engine policy) when it does.
     pub async fn replace(&self, name: &str, spec: VmSpec) -> Result<VmInfo, Failure> {
         if spec.name != name {
             return Err(Failure::new(
